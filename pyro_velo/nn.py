@@ -1,0 +1,83 @@
+"""Neural networks: the amortized encoder h(u, s) (and, later, the rate decoder g(c))."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+# Lower bound on predicted standard deviations: keeps q from collapsing to a point.
+MIN_SCALE = 1e-4
+
+
+def mlp(n_input: int, hidden: Sequence[int], dropout: float, batch_norm: bool = True) -> nn.Sequential:
+    """Fully connected body: ``Linear -> [BatchNorm] -> ReLU -> Dropout`` per hidden layer."""
+    layers: list[nn.Module] = []
+    width = n_input
+    for n_out in hidden:
+        layers.append(nn.Linear(width, n_out))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(n_out))
+        layers.append(nn.ReLU())
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = n_out
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """Amortized encoder ``h(u, s)`` of the paper (section 3.3, Figure 3).
+
+    An MLP ``2G -> 500 -> 250`` with batch normalisation and dropout whose bottleneck gives
+    the mean and standard deviation of ``q(t | u, s)`` and, when ``latent_dim > 0``, of
+    ``q(c | u, s)``.
+
+    Parameters
+    ----------
+    n_genes
+        Number of genes ``G``; the input is ``[u, s]`` of width ``2G``.
+    hidden
+        Hidden layer widths.
+    dropout
+        Dropout probability after each hidden layer.
+    t_max
+        Length of the model's time axis: the posterior mean of t is
+        ``t_max * sigmoid(.)``, so it starts inside ``[0, t_max]`` and cannot run away.
+    latent_dim
+        Dimension of the cell state c (0 for the basic model).
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        hidden: Sequence[int] = (500, 250),
+        dropout: float = 0.2,
+        t_max: float = 20.0,
+        latent_dim: int = 0,
+    ) -> None:
+        super().__init__()
+        self.t_max = float(t_max)
+        self.latent_dim = int(latent_dim)
+        self.body = mlp(2 * n_genes, hidden, dropout)
+        width = hidden[-1] if len(hidden) else 2 * n_genes
+        self.t_head = nn.Linear(width, 2)
+        self.c_head = nn.Linear(width, 2 * latent_dim) if latent_dim > 0 else None
+
+    @torch.no_grad()
+    def mirror_time(self) -> None:
+        """Reverse the direction of the encoded time: ``t -> t_max - t`` exactly."""
+        self.t_head.weight[0].neg_()
+        self.t_head.bias[0].neg_()
+
+    def forward(self, u: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Return ``t_loc, t_scale, c_loc, c_scale`` (the last two None when no cell state)."""
+        h = self.body(torch.cat([u, s], dim=-1))
+        t_out = self.t_head(h)
+        t_loc = self.t_max * torch.sigmoid(t_out[..., 0])
+        t_scale = nn.functional.softplus(t_out[..., 1] - 2.0) + MIN_SCALE
+        if self.c_head is None:
+            return t_loc, t_scale, None, None
+        c_out = self.c_head(h)
+        c_loc, c_raw = c_out.split(self.latent_dim, dim=-1)
+        return t_loc, t_scale, c_loc, nn.functional.softplus(c_raw - 2.0) + MIN_SCALE
