@@ -1,3 +1,12 @@
-"""pyro_velo: variational mixtures of ODEs (VeloVAE) for RNA velocity, in Pyro."""
+"""pyro_velo: variational mixtures of ODEs (VeloVAE) for RNA velocity, in Pyro.
+
+Namespaces follow scanpy: :mod:`pyro_velo.pp` (preprocessing), :mod:`pyro_velo.pl`
+(plots), :mod:`pyro_velo.datasets` (simulator), and the model class :class:`VeloVAE`.
+"""
 
 __version__ = "0.1.0"
+
+from . import datasets, kinetics, pl, pp  # noqa: E402
+from .velovae import VeloVAE  # noqa: E402
+
+__all__ = ["VeloVAE", "datasets", "kinetics", "pl", "pp", "__version__"]

@@ -17,7 +17,7 @@ from .data import SPLIT_NAMES, VelocityData
 from .guides import AmortizedGuide
 from .initialize import steady_state_init, time_informed_init
 from .model import BasicModel
-from .train import TrainingHistory, evaluate_loss, fit, local_params, set_seed
+from .train import TrainingHistory, cpu_threads, evaluate_loss, fit, local_params, set_seed
 
 MODELS = ("basic",)
 PREFIX = "pyro_velo_"
@@ -124,6 +124,7 @@ class VeloVAE:
         patience: int = 30,
         warmup_epochs: int | None = None,
         progress_bar: bool = True,
+        num_threads: int | None = 1,
     ) -> TrainingHistory:
         """Fit by minibatch SVI with early stopping on the validation ELBO.
 
@@ -153,6 +154,9 @@ class VeloVAE:
             0 skips the warm-up and the re-initialisation).
         progress_bar
             Show tqdm progress bars with the current losses.
+        num_threads
+            CPU threads torch may use while training (restored afterwards). Minibatches
+            are small, so one thread is fastest on CPU; ``None`` keeps torch's setting.
 
         Returns
         -------
@@ -172,12 +176,13 @@ class VeloVAE:
         set_seed(seed)
         common = dict(batch_size=batch_size, lr=lr, lr_ode=lr_ode, progress_bar=progress_bar,
                       history=self.history)
-        if warmup_epochs > 0:
-            fit(self.model, self.guide, self.data, warmup_epochs, early_stopping=False,
-                description="Warm-up", **common)
-            self._reinitialize_rates()
-        fit(self.model, self.guide, self.data, max_epochs, early_stopping=early_stopping,
-            patience=patience, description="Training", **common)
+        with cpu_threads(num_threads if self.device.type == "cpu" else None):
+            if warmup_epochs > 0:
+                fit(self.model, self.guide, self.data, warmup_epochs, early_stopping=False,
+                    description="Warm-up", **common)
+                self._reinitialize_rates()
+            fit(self.model, self.guide, self.data, max_epochs, early_stopping=early_stopping,
+                patience=patience, description="Training", **common)
         self.is_trained = True
         return self.history
 

@@ -1,0 +1,485 @@
+"""The built-in simulator: output format, ground truth, noise model, scale."""
+
+import tracemalloc
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from scipy import stats
+
+from pyro_velo import kinetics
+from pyro_velo.datasets import BEHAVIOURS, DEFAULT_BEHAVIOURS, expected_state, simulate
+
+T_MAX = 20.0
+
+
+@pytest.fixture(scope="module")
+def bif():
+    return simulate(n_cells=3000, n_genes=300, seed=1, n_capture_times=4)
+
+
+@pytest.fixture(scope="module")
+def lin():
+    return simulate(n_cells=2000, n_genes=150, topology="linear", seed=2)
+
+
+def _normalised(adata, layer="spliced"):
+    """Dense counts divided by the true size factor."""
+    x = adata.layers[layer].toarray().astype(np.float64)
+    return x / adata.obs["size_factor"].to_numpy()[:, None]
+
+
+def _assert_same(a, b):
+    for key in ("spliced", "unspliced"):
+        assert (a.layers[key] != b.layers[key]).nnz == 0
+    for key in ("true_velocity", "true_velocity_u"):
+        np.testing.assert_array_equal(a.layers[key], b.layers[key])
+    pd.testing.assert_frame_equal(a.obs, b.obs)
+    pd.testing.assert_frame_equal(a.var, b.var)
+
+
+# --------------------------------------------------------------------------------------
+# format
+# --------------------------------------------------------------------------------------
+
+
+def test_shapes_dtypes_and_annotations(bif):
+    n, g = 3000, 300
+    assert bif.shape == (n, g)
+    for key in ("spliced", "unspliced"):
+        m = bif.layers[key]
+        assert sp.issparse(m) and m.format == "csr"
+        assert m.dtype == np.int32
+        assert m.data.min() >= 0
+    assert sp.issparse(bif.X) and bif.X.format == "csr"
+    np.testing.assert_array_equal(bif.X.toarray(), bif.layers["spliced"].toarray())
+    for key in ("true_velocity", "true_velocity_u"):
+        v = bif.layers[key]
+        assert isinstance(v, np.ndarray) and v.dtype == np.float32 and v.shape == (n, g)
+        assert np.isfinite(v).all()
+
+    assert bif.obs_names[0] == "cell_00000" and bif.obs_names[-1] == "cell_02999"
+    assert bif.var_names[0] == "gene_0000" and bif.var_names[-1] == "gene_0299"
+    obs = bif.obs
+    assert obs["true_t"].dtype == np.float64
+    assert obs["true_t"].between(0, T_MAX).all()
+    assert isinstance(obs["branch"].dtype, pd.CategoricalDtype)
+    assert list(obs["branch"].cat.categories) == ["root", "branch_1", "branch_2"]
+    assert isinstance(obs["cell_type"].dtype, pd.CategoricalDtype)
+    assert (obs["size_factor"] > 0).all()
+
+    var = bif.var
+    for col in ("true_alpha", "true_beta", "true_gamma"):
+        assert (var[col] > 0).all()
+    assert isinstance(var["behaviour"].dtype, pd.CategoricalDtype)
+    assert set(var["behaviour"].cat.categories) == set(BEHAVIOURS)
+    assert var["branch_specific"].dtype == bool
+    assert set(bif.uns) >= {"transitions", "simulation", "true_schedule"}
+    assert bif.uns["simulation"]["topology"] == "bifurcation"
+    assert bif.uns["simulation"]["branch_time"] == pytest.approx(0.35 * T_MAX)
+
+
+def test_bifurcation_branches_and_cell_types(bif):
+    bt = bif.uns["simulation"]["branch_time"]
+    t = bif.obs["true_t"].to_numpy()
+    branch = bif.obs["branch"].astype(str).to_numpy()
+    assert (branch[t < bt] == "root").all()
+    assert (branch[t >= bt] != "root").all()
+    sizes = pd.Series(branch[t >= bt]).value_counts()
+    assert set(sizes.index) == {"branch_1", "branch_2"} and sizes.min() > 100
+
+    types = bif.obs["cell_type"].astype(str).to_numpy()
+    expected_types = {"root_early", "root_late", "branch_1_early", "branch_1_late",
+                      "branch_2_early", "branch_2_late"}
+    assert set(bif.obs["cell_type"].cat.categories) == expected_types
+    # consecutive time segments: root halves split at bt / 2, branches at their midpoint
+    assert t[types == "root_early"].max() < 0.5 * bt <= t[types == "root_late"].min()
+    mid = bt + 0.5 * (T_MAX - bt)
+    for k in (1, 2):
+        early, late = t[types == f"branch_{k}_early"], t[types == f"branch_{k}_late"]
+        assert bt <= early.min() and early.max() < mid <= late.min()
+        assert (branch[types == f"branch_{k}_late"] == f"branch_{k}").all()
+    transitions = {tuple(p) for p in bif.uns["transitions"]}
+    assert transitions == {
+        ("root_early", "root_late"), ("root_late", "branch_1_early"),
+        ("branch_1_early", "branch_1_late"), ("root_late", "branch_2_early"),
+        ("branch_2_early", "branch_2_late"),
+    }
+
+
+def test_linear_topology(lin):
+    assert (lin.obs["branch"] == "root").all()
+    assert list(lin.obs["cell_type"].cat.categories) == [f"stage_{k}" for k in range(1, 5)]
+    t = lin.obs["true_t"].to_numpy()
+    types = lin.obs["cell_type"].astype(str).to_numpy()
+    for k in range(1, 4):
+        assert t[types == f"stage_{k}"].max() < k * T_MAX / 4 <= t[types == f"stage_{k + 1}"].min()
+    assert [list(p) for p in lin.uns["transitions"]] == [
+        ["stage_1", "stage_2"], ["stage_2", "stage_3"], ["stage_3", "stage_4"]
+    ]
+    assert not lin.var["branch_specific"].any()
+    assert np.isnan(lin.uns["simulation"]["branch_time"])
+
+
+def test_three_branches():
+    adata = simulate(n_cells=1500, n_genes=60, n_branches=3, seed=3, branch_time=5.0)
+    t = adata.obs["true_t"].to_numpy()
+    branch = adata.obs["branch"].astype(str)
+    assert set(branch[t >= 5.0]) == {"branch_1", "branch_2", "branch_3"}
+    assert len(adata.uns["transitions"]) == 1 + 2 * 3
+    assert set(adata.var.loc[adata.var["branch_specific"], "specific_branch"]) <= {
+        "branch_1", "branch_2", "branch_3"
+    }
+
+
+def test_time_density_is_not_uniform():
+    for seed in range(3):
+        t = simulate(n_cells=3000, n_genes=5, seed=seed).obs["true_t"].to_numpy()
+        assert stats.kstest(t / T_MAX, "uniform").pvalue < 1e-3
+        # but the whole trajectory is covered
+        assert np.histogram(t, bins=10, range=(0, T_MAX))[0].min() > 0.02 * 3000
+
+
+# --------------------------------------------------------------------------------------
+# determinism
+# --------------------------------------------------------------------------------------
+
+
+def test_same_seed_same_output_and_chunking_does_not_matter():
+    kw = dict(n_cells=500, n_genes=40, seed=7, n_capture_times=3)
+    a = simulate(**kw)
+    _assert_same(a, simulate(**kw))
+    _assert_same(a, simulate(**kw, chunk_size=37))
+    b = simulate(**{**kw, "seed": 8})
+    assert not np.array_equal(a.obs["true_t"], b.obs["true_t"])
+    assert (a.layers["spliced"] != b.layers["spliced"]).nnz > 0
+    assert not np.allclose(a.var["true_alpha"], b.var["true_alpha"])
+
+
+# --------------------------------------------------------------------------------------
+# ground truth
+# --------------------------------------------------------------------------------------
+
+
+def test_expected_state_matches_piecewise_solve(bif):
+    """The fast evaluation equals kinetics.piecewise_solve over the whole schedule."""
+    sched = bif.uns["true_schedule"]
+    beta = torch.tensor(bif.var["true_beta"].to_numpy())
+    gamma = torch.tensor(bif.var["true_gamma"].to_numpy())
+    t = np.linspace(0, T_MAX, 41)
+    for lin, name in enumerate(sched["lineages"]):
+        u, s, du, ds = expected_state(bif, t, name)
+        ru, rs, ra = kinetics.piecewise_solve(
+            torch.tensor(t)[:, None], torch.tensor(sched["starts"][lin]),
+            torch.tensor(sched["alphas"][lin]), beta, gamma,
+            torch.tensor(sched["u0"]), torch.tensor(sched["s0"]),
+        )
+        rdu, rds = kinetics.velocity(ru, rs, ra, beta, gamma)
+        for mine, ref in ((u, ru), (s, rs), (du, rdu), (ds, rds)):
+            np.testing.assert_allclose(mine, ref.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_true_velocity_is_derivative_of_expected_abundance(bif):
+    cells = np.random.default_rng(0).choice(bif.n_obs, 200, replace=False)
+    t = bif.obs["true_t"].to_numpy()[cells]
+    branch = bif.obs["branch"].astype(str).to_numpy()[cells]
+    h = 1e-4
+    # stay on one side of the split
+    bt = bif.uns["simulation"]["branch_time"]
+    t = np.where(np.abs(t - bt) < 2 * h, t + 4 * h * np.sign(t - bt + 1e-12), t)
+    u_hi, s_hi, _, _ = expected_state(bif, t + h, branch)
+    u_lo, s_lo, _, _ = expected_state(bif, t - h, branch)
+    _, _, du, ds = expected_state(bif, t, branch)
+    fd_s = (s_hi - s_lo) / (2 * h)
+    scale = np.abs(ds).max(axis=0) + 1e-3
+    assert np.all(np.abs(fd_s - ds) <= 1e-4 * scale)
+    # the stored layer is this derivative at the cells' true times
+    v = bif.layers["true_velocity"][cells]
+    vu = bif.layers["true_velocity_u"][cells]
+    np.testing.assert_allclose(v, ds.astype(np.float32), rtol=1e-5, atol=1e-6 * scale.max())
+    # du/dt jumps at switches: compare away from them (switch times of each cell's lineage)
+    fd_u = (u_hi - u_lo) / (2 * h)
+    lineage = np.array([0 if b == "root" else int(b.split("_")[1]) - 1 for b in branch])
+    starts = bif.uns["true_schedule"]["starts"][lineage]  # (cells, genes, segments)
+    ok = ~(np.abs(t[:, None, None] - starts) < 2 * h).any(axis=-1)
+    assert np.all(np.abs(fd_u - vu)[ok] <= 1e-3 * (np.abs(vu).max() + 1e-3))
+
+
+def test_counts_are_unbiased_for_the_scaled_expected_abundance(bif):
+    _, s, _, _ = expected_state(bif)
+    u, _, _, _ = expected_state(bif)
+    sf = bif.obs["size_factor"].to_numpy()[:, None]
+    for layer, mean in (("spliced", s), ("unspliced", u)):
+        observed = np.asarray(bif.layers[layer].sum(axis=0)).ravel()
+        expected = (mean * sf).sum(axis=0)
+        big = expected > 2000  # relative noise of the sum is a few percent at most
+        assert big.sum() > 30
+        ratio = observed[big] / expected[big]
+        assert np.median(np.abs(ratio - 1)) < 0.05 and np.all(np.abs(ratio - 1) < 0.3)
+
+
+def test_rates_are_varied_and_unspliced_is_lower(bif):
+    var = bif.var
+    level = var["true_alpha"] / var["true_gamma"]
+    assert np.quantile(level, 0.95) / np.quantile(level, 0.05) > 10
+    ratio = var["true_beta"] / var["true_gamma"]
+    assert np.median(ratio) > 1.5
+    assert (np.abs(np.log(ratio)) < 0.1).mean() > 0.05  # some genes with beta ~ gamma
+    assert bif.layers["unspliced"].sum() < 0.6 * bif.layers["spliced"].sum()
+
+
+def test_behaviour_mix(bif):
+    counts = bif.var["behaviour"].value_counts()
+    for name, frac in DEFAULT_BEHAVIOURS.items():
+        assert abs(counts[name] - frac * 300) <= 1
+    only = simulate(n_cells=50, n_genes=20, behaviours={"late_induction": 0.5, "constant": 0.5})
+    assert only.var["behaviour"].value_counts()[["late_induction", "constant"]].tolist() == [
+        10, 10
+    ]
+
+
+def _not_specific(adata, behaviour):
+    var = adata.var
+    return np.flatnonzero((var["behaviour"] == behaviour) & ~var["branch_specific"])
+
+
+def test_early_repression_decreases(lin):
+    genes = _not_specific(lin, "early_repression")
+    assert genes.size >= 10
+    var = lin.var.iloc[genes]
+    assert var["true_t_on"].isna().all()
+    assert var["true_t_off"].between(0, 0.35 * T_MAX).all()
+    _, s, _, _ = expected_state(lin, np.array([0.0, T_MAX]))
+    alpha, gamma = var["true_alpha"].to_numpy(), var["true_gamma"].to_numpy()
+    # starts near its steady state, ends far below
+    assert np.all(s[0, genes] > 0.9 * alpha / gamma)
+    assert np.all(s[1, genes] < 0.5 * s[0, genes])
+    x = _normalised(lin)
+    rho = [stats.spearmanr(lin.obs["true_t"], x[:, g])[0] for g in genes]
+    assert np.median(rho) < -0.3 and np.mean(np.array(rho) < 0) > 0.9
+
+
+def test_late_induction_low_early_high_late(lin):
+    genes = _not_specific(lin, "late_induction")
+    assert genes.size >= 10
+    var = lin.var.iloc[genes]
+    assert var["true_t_off"].isna().all()
+    assert var["true_t_on"].between(0.4 * T_MAX, 0.8 * T_MAX).all()
+    _, s, _, _ = expected_state(lin, np.array([0.0, 0.3 * T_MAX, T_MAX]))
+    assert np.allclose(s[0, genes], s[1, genes])  # flat before the switch
+    assert np.all(s[2, genes] > 2 * s[0, genes])
+    x = _normalised(lin)
+    t = lin.obs["true_t"].to_numpy()
+    early, late = x[t < 0.3 * T_MAX][:, genes].mean(0), x[t > 0.9 * T_MAX][:, genes].mean(0)
+    assert np.mean(late > early) > 0.9
+
+
+def test_transcriptional_boost_rate_rises(bif):
+    genes = _not_specific(bif, "transcriptional_boost")
+    assert genes.size >= 10
+    sched = bif.uns["true_schedule"]
+    for g in genes:
+        starts, rates = sched["starts"][0, g], sched["alphas"][0, g]
+        inside = starts <= T_MAX
+        assert np.all(np.diff(rates) >= 0)
+        assert np.count_nonzero(np.diff(rates[inside]) > 0) >= 2
+        assert rates[inside][-1] == pytest.approx(bif.var["true_alpha"].iloc[g])
+    _, s, _, _ = expected_state(bif, np.array([0.0, T_MAX]), "branch_1")
+    assert np.all(s[1, genes] > s[0, genes])
+
+
+def test_induction_repression_and_constant_genes(bif):
+    var = bif.var
+    ir = var[var["behaviour"] == "induction_repression"]
+    assert (ir["true_t_on"] > 0).all() and (ir["true_t_off"] < T_MAX).all()
+    assert (ir["true_t_off"] - ir["true_t_on"] >= 0.15 * T_MAX - 1e-9).all()
+    const = np.flatnonzero(var["behaviour"] == "constant")
+    assert var.iloc[const][["true_t_on", "true_t_off"]].isna().all().all()
+    v = bif.layers["true_velocity"][:, const]
+    assert np.abs(v).max() < 1e-4 * var["true_alpha"].iloc[const].max()
+    # asynchronous switches
+    assert ir["true_t_on"].std() > 0.1 * T_MAX
+
+
+def test_branch_specific_genes_differ_between_branches(bif):
+    var = bif.var
+    spec = np.flatnonzero(var["branch_specific"])
+    assert spec.size == 90  # 30% of 300 genes
+    assert set(var["behaviour"].iloc[spec]) <= {
+        "induction_repression", "late_induction", "transcriptional_boost"
+    }
+    bt = bif.uns["simulation"]["branch_time"]
+    late_start = bt + 0.25 * (T_MAX - bt)  # switches of these genes lie after this
+    late_t = np.linspace(late_start, T_MAX, 40)
+    s1 = expected_state(bif, late_t, "branch_1")[1].mean(0)
+    s2 = expected_state(bif, late_t, "branch_2")[1].mean(0)
+    rel = (np.abs(s1 - s2) / np.maximum(s1, s2))[spec]
+    assert rel.min() > 0.1 and np.quantile(rel, 0.1) > 0.4
+    others = np.setdiff1d(np.arange(bif.n_vars), spec)
+    np.testing.assert_array_equal(s1[others], s2[others])
+    # before the split the branches agree for every gene
+    early_t = np.linspace(0, bt - 1e-6, 20)
+    np.testing.assert_array_equal(expected_state(bif, early_t, "branch_1")[1],
+                                  expected_state(bif, early_t, "branch_2")[1])
+    # and it shows in the counts of late cells
+    x = _normalised(bif)
+    t = bif.obs["true_t"].to_numpy()
+    branch = bif.obs["branch"].astype(str).to_numpy()
+    late = t > late_start
+    a, b = x[late & (branch == "branch_1")], x[late & (branch == "branch_2")]
+    p_spec = stats.ttest_ind(a[:, spec], b[:, spec], equal_var=False).pvalue
+    p_other = stats.ttest_ind(a[:, others], b[:, others], equal_var=False).pvalue
+    p_other = p_other[np.isfinite(p_other)]
+    assert np.mean(p_spec < 0.01) > 0.7
+    assert np.mean(p_other < 0.01) < 0.1
+
+
+# --------------------------------------------------------------------------------------
+# noise and library size
+# --------------------------------------------------------------------------------------
+
+
+def test_negative_binomial_is_overdispersed_compared_to_poisson():
+    kw = dict(n_cells=4000, n_genes=40, behaviours={"constant": 1.0}, library_size_cv=0.0,
+              topology="linear", seed=5)
+    pois, nb = simulate(noise="poisson", **kw), simulate(noise="nb", dispersion=0.3, **kw)
+    np.testing.assert_array_equal(pois.var["true_alpha"], nb.var["true_alpha"])
+    assert (pois.var["true_dispersion"] == 0).all()
+    for adata in (pois, nb):
+        assert np.allclose(adata.obs["size_factor"], 1.0)
+    x_p = pois.layers["spliced"].toarray().astype(float)
+    x_n = nb.layers["spliced"].toarray().astype(float)
+    mean_p, mean_n = x_p.mean(0), x_n.mean(0)
+    ok = mean_p > 1
+    assert ok.sum() > 10
+    np.testing.assert_allclose(mean_n[ok], mean_p[ok], rtol=0.2)
+    fano_p, fano_n = x_p.var(0)[ok] / mean_p[ok], x_n.var(0)[ok] / mean_n[ok]
+    assert np.all(np.abs(fano_p - 1) < 0.15)
+    assert np.all(fano_n > fano_p)
+    # excess variance matches Var = mu + phi mu^2
+    phi_hat = (x_n.var(0)[ok] - mean_n[ok]) / mean_n[ok] ** 2
+    phi = nb.var["true_dispersion"].to_numpy()[ok]
+    assert np.median(np.abs(np.log(phi_hat / phi))) < 0.2
+
+
+def test_library_sizes_vary():
+    adata = simulate(n_cells=3000, n_genes=100, library_size_cv=0.5, seed=4)
+    sf = adata.obs["size_factor"].to_numpy()
+    assert sf.std() / sf.mean() == pytest.approx(0.5, rel=0.15)
+    assert sf.mean() == pytest.approx(1.0, rel=0.05)
+    total = np.asarray(adata.layers["spliced"].sum(axis=1)).ravel()
+    assert stats.spearmanr(sf, total)[0] > 0.5
+
+
+# --------------------------------------------------------------------------------------
+# capture times
+# --------------------------------------------------------------------------------------
+
+
+def test_capture_time_is_coarse_and_overlapping(bif, lin):
+    assert "capture_time" not in lin.obs
+    cap = bif.obs["capture_time"].to_numpy()
+    t = bif.obs["true_t"].to_numpy()
+    assert cap.dtype == np.float64
+    values = np.linspace(0, T_MAX, 4)
+    assert set(np.unique(cap)) == set(values)
+    # 5% and 95% quantiles and mean of the true times of each capture batch
+    ranges = [(*np.quantile(t[cap == v], [0.05, 0.95]), t[cap == v].mean()) for v in values]
+    assert np.all(np.diff([r[2] for r in ranges]) > 0)
+    for (lo, hi, _), (lo_next, _, _) in zip(ranges[:-1], ranges[1:], strict=True):
+        assert hi - lo > 0.2 * T_MAX  # each batch spans a wide range
+        assert hi > lo_next + 0.05 * T_MAX  # consecutive batches overlap
+    assert 0.5 < stats.spearmanr(cap, t)[0] < 0.95  # informative, but coarse and noisy
+
+
+# --------------------------------------------------------------------------------------
+# arguments
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(topology="tree"), "topology"),
+        (dict(noise="zinb"), "noise"),
+        (dict(n_branches=1), "n_branches"),
+        (dict(n_cells=0), "n_cells"),
+        (dict(n_genes=-3), "n_genes"),
+        (dict(n_cells=10.5), "n_cells"),
+        (dict(dispersion=0.0), "dispersion"),
+        (dict(library_size_cv=-0.1), "library_size_cv"),
+        (dict(t_max=0.0), "t_max"),
+        (dict(branch_time=20.0), "branch_time"),
+        (dict(branch_time=-1.0), "branch_time"),
+        (dict(topology="linear", branch_time=5.0), "branch_time"),
+        (dict(behaviours={"constant": 0.5, "late_induction": 0.4}), "sum to 1"),
+        (dict(behaviours={"oscillation": 1.0}), "oscillation"),
+        (dict(behaviours={"constant": 1.5, "late_induction": -0.5}), "late_induction"),
+        (dict(n_capture_times=1), "n_capture_times"),
+        (dict(chunk_size=0), "chunk_size"),
+        (dict(branch_specific_fraction=1.5), "branch_specific_fraction"),
+        (dict(seed=-1), "seed"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        simulate(**{"n_cells": 10, "n_genes": 5, **kwargs})
+
+
+def test_expected_state_rejects_unknown_branch(lin):
+    with pytest.raises(ValueError, match="branch_7"):
+        expected_state(lin, np.array([1.0]), "branch_7")
+
+
+# --------------------------------------------------------------------------------------
+# I/O and scale
+# --------------------------------------------------------------------------------------
+
+
+def test_h5ad_round_trip(bif, tmp_path):
+    path = tmp_path / "sim.h5ad"
+    bif.write_h5ad(path)
+    back = anndata.read_h5ad(path)
+    assert [list(map(str, p)) for p in back.uns["transitions"]] == [
+        list(p) for p in bif.uns["transitions"]
+    ]
+    _assert_same(bif, back)
+    assert back.uns["simulation"]["behaviours"] == pytest.approx(DEFAULT_BEHAVIOURS)
+    assert back.uns["simulation"]["n_capture_times"] == 4
+    t = np.array([1.0, 15.0])
+    for a, b in zip(expected_state(bif, t, "branch_2"), expected_state(back, t, "branch_2"),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_t_max_rescales_rates():
+    a = simulate(n_cells=200, n_genes=30, t_max=20.0, seed=9)
+    b = simulate(n_cells=200, n_genes=30, t_max=2.0, seed=9)
+    np.testing.assert_allclose(b.var["true_gamma"], 10 * a.var["true_gamma"])
+    np.testing.assert_allclose(b.obs["true_t"], a.obs["true_t"] / 10)
+    # same trajectory in rescaled time: same expected abundance, velocity x 10
+    np.testing.assert_allclose(b.layers["true_velocity"], 10 * a.layers["true_velocity"],
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_large_run_stays_in_memory_budget():
+    n_cells, n_genes = 100_000, 100
+    simulate(n_cells=10, n_genes=5)  # warm up imports outside the trace
+    tracemalloc.start()
+    try:
+        adata = simulate(n_cells=n_cells, n_genes=n_genes, seed=11)
+        current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert adata.shape == (n_cells, n_genes)
+    assert adata.obs_names[-1] == "cell_99999"
+    dense64 = n_cells * n_genes * 8
+    nnz = adata.layers["spliced"].nnz + adata.layers["unspliced"].nnz + adata.X.nnz
+    result = 2 * n_cells * n_genes * 4 + 8 * nnz
+    # what is kept is the result; the transient overhead is far below one dense
+    # float64 cells x genes matrix (numpy allocations only: torch's are not traced)
+    assert current < 1.2 * result + 20e6
+    assert peak - current < 0.75 * dense64
