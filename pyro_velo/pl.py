@@ -100,7 +100,7 @@ def summary(
     ax_gene.set_title(f"phase portrait: {gene}")
     ax_gene.legend()
 
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.07, right=0.97, bottom=0.07, top=0.95, wspace=0.3, hspace=0.3)
     if save is not None:
         fig.savefig(save, dpi=120)
     if show:

@@ -167,9 +167,14 @@ def fit(
                 if len(batch) < 2 and n_train >= 2:
                     continue  # batch norm needs two cells
                 batch_dev = batch.to(data.u.device)
-                loss = elbo(data.u[batch_dev], data.s[batch_dev], batch_dev, n_train)
+                try:
+                    loss = elbo(data.u[batch_dev], data.s[batch_dev], batch_dev, n_train)
+                except ValueError as err:  # distribution validation of NaN parameters
+                    if _all_finite(model) and _all_finite(guide):
+                        raise
+                    raise DivergenceError(_divergence_message(model, guide, epoch, lr, lr_ode)) from err
                 if not torch.isfinite(loss):
-                    raise DivergenceError(_divergence_message(model, epoch, lr, lr_ode))
+                    raise DivergenceError(_divergence_message(model, guide, epoch, lr, lr_ode))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -180,7 +185,7 @@ def fit(
             history.validation.append(evaluate_loss(model, guide, data, val_idx))
             monitored = history.validation[-1]
         if not math.isfinite(monitored):
-            raise DivergenceError(_divergence_message(model, epoch, lr, lr_ode))
+            raise DivergenceError(_divergence_message(model, guide, epoch, lr, lr_ode))
         bar.set_postfix(train=f"{history.train[-1]:.3f}",
                         val=f"{history.validation[-1]:.3f}" if len(val_idx) else "-")
         if monitored < best_loss - min_delta * abs(best_loss if math.isfinite(best_loss) else 1):
@@ -207,8 +212,15 @@ def _is_ode_param(name: str) -> bool:
     return "." not in name and (name.startswith("log_") or name.startswith("t_"))
 
 
-def _divergence_message(model: torch.nn.Module, epoch: int, lr: float, lr_ode: float) -> str:
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+def _all_finite(module: torch.nn.Module) -> bool:
+    return all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def _divergence_message(
+    model: torch.nn.Module, guide: torch.nn.Module, epoch: int, lr: float, lr_ode: float
+) -> str:
+    bad = [f"{owner}.{n}" for owner, module in (("model", model), ("guide", guide))
+           for n, p in module.named_parameters() if not torch.isfinite(p).all()]
     where = f"non-finite parameters: {', '.join(bad)}" if bad else "the loss itself"
     return (
         f"training diverged at epoch {epoch}: the ELBO became NaN/inf ({where}). "

@@ -1,0 +1,65 @@
+"""The pyro-velo command line: demo, fit, and its errors and exit codes."""
+
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import pytest
+
+import pyro_velo as pv
+from pyro_velo import cli
+
+
+def test_demo_writes_h5ad_and_figure(tmp_path, capsys):
+    code = cli.main(["demo", "-o", str(tmp_path), "--n-cells", "300", "--n-genes", "40",
+                     "--max-epochs", "15", "--quiet"])
+    assert code == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert "Spearman" in out and "MSE train / test" in out
+    adata = ad.read_h5ad(tmp_path / "demo.h5ad")
+    assert "latent_time" in adata.obs and "velocity" in adata.layers
+    assert (tmp_path / "summary.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def raw_h5ad(tmp_path_factory):
+    path = tmp_path_factory.mktemp("in") / "raw.h5ad"
+    pv.datasets.simulate(n_cells=200, n_genes=40, topology="linear", seed=2).write_h5ad(path)
+    return path
+
+
+def test_fit_runs_on_a_users_file(raw_h5ad, tmp_path):
+    out = tmp_path / "out.h5ad"
+    code = cli.main(["fit", str(raw_h5ad), "-o", str(out), "--max-epochs", "5", "--quiet",
+                     "--n-neighbors", "15", "--save-model", str(tmp_path / "model")])
+    assert code == cli.EXIT_OK
+    adata = ad.read_h5ad(out)
+    assert adata.uns["velocity_params"]["mode"] == "pyro_velo"
+    assert np.isfinite(adata.obs["latent_time"]).all()
+    assert (tmp_path / "model" / "model.pt").exists()
+    # an existing output is not overwritten silently
+    assert cli.main(["fit", str(raw_h5ad), "-o", str(out), "--quiet"]) == cli.EXIT_USAGE
+
+
+def test_fit_errors_have_exit_codes(raw_h5ad, tmp_path, capsys):
+    missing = tmp_path / "nope.h5ad"
+    assert cli.main(["fit", str(missing), "-o", str(tmp_path / "o.h5ad")]) == cli.EXIT_USAGE
+    assert "not found" in capsys.readouterr().err
+    garbage = tmp_path / "garbage.h5ad"
+    garbage.write_text("not an h5ad file")
+    assert cli.main(["fit", str(garbage), "-o", str(tmp_path / "o.h5ad")]) == cli.EXIT_BAD_INPUT
+    assert "cannot read" in capsys.readouterr().err
+    code = cli.main(["fit", str(raw_h5ad), "-o", str(tmp_path / "o.h5ad"),
+                     "--spliced-layer", "exonic"])
+    assert code == cli.EXIT_BAD_INPUT
+    assert "exonic" in capsys.readouterr().err
+    code = cli.main(["fit", str(raw_h5ad), "-o", str(tmp_path / "no_dir" / "o.h5ad")])
+    assert code == cli.EXIT_USAGE
+
+
+def test_console_script_help():
+    result = subprocess.run([sys.executable, "-m", "pyro_velo.cli", "--help"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0
+    assert "demo" in result.stdout and "fit" in result.stdout

@@ -1,0 +1,166 @@
+"""The basic model and guide: trace shapes, log densities, ELBO, gradients."""
+
+import math
+
+import numpy as np
+import pyro
+import pyro.poutine as poutine
+import pytest
+import torch
+
+from pyro_velo import kinetics
+from pyro_velo.guides import AmortizedGuide
+from pyro_velo.initialize import RateInit, steady_state_init, time_informed_init
+from pyro_velo.model import BasicModel
+from pyro_velo.train import local_params, loss_module
+
+N_CELLS, N_GENES, BATCH = 40, 6, 8
+
+
+@pytest.fixture
+def pair():
+    torch.manual_seed(0)
+    u = torch.rand(N_CELLS, N_GENES) * 2
+    s = torch.rand(N_CELLS, N_GENES) * 3
+    with local_params():
+        model = BasicModel(steady_state_init(u, s, t_max=20.0), t_max=20.0)
+        guide = AmortizedGuide(N_GENES, hidden=(16, 8), dropout=0.0, t_max=20.0)
+    return model, guide, u, s
+
+
+def _traces(model, guide, u, s, idx, n_obs):
+    with local_params():
+        guide_trace = poutine.trace(guide).get_trace(u[idx], s[idx], idx, n_obs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            u[idx], s[idx], idx, n_obs
+        )
+    return model_trace, guide_trace
+
+
+def test_trace_shapes_and_plate_scale(pair):
+    model, guide, u, s = pair
+    idx = torch.arange(BATCH)
+    model_trace, guide_trace = _traces(model, guide, u, s, idx, N_CELLS)
+    model_trace.compute_log_prob()
+    assert model_trace.nodes["t"]["value"].shape == (BATCH,)
+    assert model_trace.nodes["u"]["fn"].batch_shape == (BATCH,)
+    assert model_trace.nodes["u"]["fn"].event_shape == (N_GENES,)
+    assert model_trace.nodes["s"]["log_prob"].shape == (BATCH,)
+    assert model_trace.nodes["u"]["scale"] == pytest.approx(N_CELLS / BATCH)
+    assert guide_trace.nodes["t"]["value"].shape == (BATCH,)
+    assert model_trace.nodes["cells"]["value"].tolist() == idx.tolist()
+
+
+def test_model_log_density_matches_hand_written(pair):
+    model, guide, u, s = pair
+    idx = torch.tensor([3, 7, 11, 19])
+    model_trace, _ = _traces(model, guide, u, s, idx, len(idx))
+    model_trace.compute_log_prob()
+    t = model_trace.nodes["t"]["value"].detach().double()
+    r = {k: v.detach().double() for k, v in model.rates().items()}
+    expected = 0.0
+    for i, cell in enumerate(idx.tolist()):
+        ti = t[i].item()
+        expected += _normal_logpdf(ti, 10.0, 5.0)
+        for g in range(N_GENES):
+            if ti <= r["t_on"][g]:
+                uh = sh = 0.0
+            else:
+                tau_on = min(ti, r["t_off"][g].item()) - r["t_on"][g].item()
+                uh, sh = kinetics.solve(torch.tensor(tau_on, dtype=torch.float64), 0.0, 0.0,
+                                        r["alpha"][g], r["beta"][g], r["gamma"][g])
+                if ti > r["t_off"][g]:
+                    uh, sh = kinetics.solve(torch.tensor(ti - r["t_off"][g].item(),
+                                                         dtype=torch.float64),
+                                            uh, sh, 0.0, r["beta"][g], r["gamma"][g])
+                uh, sh = float(uh), float(sh)
+            expected += _normal_logpdf(u[cell, g].item(), r["scale_u"][g].item() * uh,
+                                       r["sigma_u"][g].item())
+            expected += _normal_logpdf(s[cell, g].item(), sh, r["sigma_s"][g].item())
+    assert model_trace.log_prob_sum().item() == pytest.approx(expected, rel=1e-4)
+
+
+def _normal_logpdf(x, mu, sigma):
+    return -0.5 * ((x - mu) / sigma) ** 2 - math.log(sigma) - 0.5 * math.log(2 * math.pi)
+
+
+def test_elbo_equals_mean_of_log_weights(pair):
+    """Trace_ELBO's loss is -(log p(x, t) - log q(t | x)) for a single particle."""
+    model, guide, u, s = pair
+    idx = torch.arange(10)
+    pyro.set_rng_seed(3)
+    with local_params():
+        loss = loss_module(model, guide)(u[idx], s[idx], idx, N_CELLS).item()
+    pyro.set_rng_seed(3)
+    model_trace, guide_trace = _traces(model, guide, u, s, idx, N_CELLS)
+    log_w = model_trace.log_prob_sum() - guide_trace.log_prob_sum()
+    assert loss == pytest.approx(-log_w.item(), rel=1e-5)
+
+
+def test_gradients_reach_every_parameter(pair):
+    model, guide, u, s = pair
+    idx = torch.arange(16)
+    with local_params():
+        elbo = loss_module(model, guide)
+        elbo(u[idx], s[idx], idx, N_CELLS).backward()
+        params = dict(elbo.named_parameters())
+    assert {"model.log_alpha", "model.t_on", "model.log_sigma_s"} <= set(params)
+    assert any(name.startswith("guide.encoder") for name in params)
+    for name, p in params.items():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_time_dist_override_changes_the_prior(pair):
+    """The prior is one overridable method (extension point for modellers)."""
+    _, _, u, s = pair
+
+    class LateModel(BasicModel):
+        def time_dist(self, idx):
+            return pyro.distributions.Normal(torch.full(idx.shape, 15.0), 1.0)
+
+    with local_params():
+        model = LateModel(steady_state_init(u, s, 20.0))
+        trace = poutine.trace(model).get_trace(u[:5], s[:5], torch.arange(5), N_CELLS)
+    assert trace.nodes["t"]["fn"].loc.tolist() == [15.0] * 5
+
+
+def test_steady_state_init_recovers_gamma_and_falls_back():
+    torch.manual_seed(1)
+    t = torch.rand(500) * 30
+    gamma_true = torch.tensor([0.3, 1.5, 0.8])
+    u, s = kinetics.solve(t[:, None], 0.0, 0.0, torch.tensor([2.0, 1.0, 3.0]), 1.0, gamma_true)
+    u = torch.cat([u, torch.zeros(500, 1)], dim=1)  # a gene without unspliced signal
+    s = torch.cat([s, torch.rand(500, 1)], dim=1)
+    init = steady_state_init(u, s, t_max=20.0)
+    np.testing.assert_allclose(init.gamma[:3].numpy(), gamma_true.numpy(), rtol=0.1)
+    assert torch.isfinite(init.gamma).all() and (init.gamma > 0).all()
+    assert init.gamma[3] == pytest.approx(float(init.gamma[:3].median()), rel=1e-5)
+    assert torch.isfinite(init.alpha).all()
+
+
+def test_time_informed_init_finds_switch_times_and_direction():
+    torch.manual_seed(2)
+    t = torch.rand(800) * 20
+    beta, gamma = torch.tensor([1.0, 1.0]), torch.tensor([0.5, 0.3])
+    alpha = torch.tensor([2.0, 1.0])
+    t_on, t_off = torch.tensor([3.0, -30.0]), torch.tensor([12.0, 6.0])
+    u, s, _ = kinetics.switching_solve(t[:, None], alpha, beta, gamma, t_on, t_off)
+    on, off, a, err = time_informed_init(u, s, t, beta, gamma, torch.ones(2), n_grid=41)
+    assert on[0].item() == pytest.approx(3.0, abs=1.0)
+    assert off[0].item() == pytest.approx(12.0, abs=1.0)
+    assert off[1].item() == pytest.approx(6.0, abs=1.0)  # early repression: on before t=0
+    assert on[1].item() < 0
+    assert a[0].item() == pytest.approx(2.0, rel=0.2)
+    *_, err_reversed = time_informed_init(u, s, 20 - t, beta, gamma, torch.ones(2), n_grid=41)
+    assert err < err_reversed
+
+
+def test_load_rates_keeps_switch_order(pair):
+    model, *_ = pair
+    model.load_rates(t_on=torch.full((N_GENES,), 2.0), t_off=torch.full((N_GENES,), 9.0))
+    r = model.rates()
+    assert torch.allclose(r["t_on"], torch.tensor(2.0))
+    assert torch.allclose(r["t_off"], torch.tensor(9.0))
+    init = RateInit(*(torch.ones(3) for _ in range(8)))
+    with pytest.raises(ValueError, match="time_prior_scale"):
+        BasicModel(init, time_prior_scale=0.0)

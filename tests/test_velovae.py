@@ -1,0 +1,154 @@
+"""End to end: simulate, preprocess, fit the basic model, export, scVelo on the export."""
+
+import anndata as ad
+import numpy as np
+import pytest
+import scvelo as scv
+from scipy.stats import spearmanr
+
+import pyro_velo as pv
+from pyro_velo._checks import InputError
+from pyro_velo.train import DivergenceError
+
+
+@pytest.fixture(scope="module")
+def linear_adata():
+    adata = pv.datasets.simulate(n_cells=1000, n_genes=120, topology="linear", noise="nb",
+                                 seed=11)
+    pv.pp.preprocess(adata, random_state=0)
+    return adata
+
+
+@pytest.fixture(scope="module")
+def fitted(linear_adata):
+    vae = pv.VeloVAE(linear_adata, model="basic", seed=0)
+    vae.train(progress_bar=False, seed=0)
+    return vae
+
+
+@pytest.mark.slow
+def test_latent_time_recovers_true_time(fitted, linear_adata):
+    rho = spearmanr(fitted.get_latent_time(), linear_adata.obs["true_t"])[0]
+    assert rho >= 0.9, rho
+
+
+@pytest.mark.slow
+def test_elbo_decreases_and_test_fit_generalises(fitted):
+    history = fitted.history
+    assert history.train[-1] < history.train[0]
+    assert min(history.validation) < history.validation[0]
+    assert np.isfinite(fitted.elbo("test"))
+    assert fitted.mse("test") < 1.5 * fitted.mse("train")
+    # the fit explains most of the (unit-variance-scaled) signal
+    assert fitted.mse("train") < 0.5
+
+
+@pytest.mark.slow
+def test_velocity_points_along_true_velocity(fitted, linear_adata):
+    vs, vu = fitted.get_velocity()
+    fit = linear_adata.var["velocity_genes"].to_numpy() if "velocity_genes" in \
+        linear_adata.var else fitted.get_rates()["fitted"].to_numpy()
+    a, b = vs[:, fit], linear_adata.layers["true_velocity"][:, fit]
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    assert np.nanmean(cos) > 0.5
+    assert vs.shape == vu.shape == linear_adata.shape
+
+
+@pytest.mark.slow
+def test_export_contract_and_scvelo_consumers(fitted, linear_adata, tmp_path):
+    adata = linear_adata.copy()
+    before = set(adata.var.columns)
+    fitted.export_to_anndata(adata)
+    t = adata.obs["latent_time"].to_numpy()
+    assert t.min() == 0.0 and t.max() == 1.0
+    fitted_genes = adata.var["velocity_genes"].to_numpy()
+    assert adata.layers["velocity"].shape == adata.shape
+    assert np.isfinite(adata.layers["velocity"][:, fitted_genes]).all()
+    assert np.isnan(adata.layers["velocity"][:, ~fitted_genes]).all()
+    assert "velocity_u" in adata.layers and "pyro_velo_s" in adata.layers
+    assert adata.uns["velocity_params"]["mode"] == "pyro_velo"
+    assert not any(c.startswith("fit_") for c in set(adata.var.columns) - before)
+    assert set(adata.obs["pyro_velo_split"].unique()) == {"train", "validation", "test"}
+    scv.tl.velocity_graph(adata, show_progress_bar=False)
+    scv.tl.velocity_embedding(adata, basis="pca")
+    assert np.isfinite(adata.obsm["velocity_pca"]).all()
+    scv.pl.velocity_embedding_stream(adata, basis="pca", show=False)
+    path = tmp_path / "fit.h5ad"
+    adata.write_h5ad(path)
+    back = ad.read_h5ad(path)
+    np.testing.assert_array_equal(back.obs["latent_time"], adata.obs["latent_time"])
+    np.testing.assert_array_equal(back.layers["velocity"], adata.layers["velocity"])
+    assert back.uns["velocity_params"]["mode"] == "pyro_velo"
+
+
+@pytest.mark.slow
+def test_rates_table(fitted, linear_adata):
+    rates = fitted.get_rates()
+    assert list(rates.index) == list(linear_adata.var_names)
+    ok = rates["fitted"]
+    assert (rates.loc[ok, ["alpha", "beta", "gamma", "sigma_u", "sigma_s"]] > 0).all().all()
+    assert (rates.loc[ok, "t_off"] > rates.loc[ok, "t_on"]).all()
+
+
+@pytest.mark.slow
+def test_save_and_load_round_trip(fitted, linear_adata, tmp_path):
+    fitted.save(tmp_path / "m")
+    with pytest.raises(FileExistsError):
+        fitted.save(tmp_path / "m")
+    loaded = pv.VeloVAE.load(tmp_path / "m", linear_adata)
+    np.testing.assert_allclose(loaded.get_latent_time(), fitted.get_latent_time(), rtol=1e-6)
+    assert loaded.history.train == fitted.history.train
+    np.testing.assert_array_equal(loaded.get_split().values, fitted.get_split().values)
+
+
+def test_same_seed_same_fit_and_models_do_not_share_parameters(linear_adata):
+    a = pv.VeloVAE(linear_adata, hidden=(32, 16), seed=1)
+    b = pv.VeloVAE(linear_adata, hidden=(32, 16), seed=1)
+    c = pv.VeloVAE(linear_adata, hidden=(32, 16), seed=1)
+    for vae in (a, b):
+        vae.train(max_epochs=3, warmup_epochs=2, progress_bar=False, seed=5)
+    np.testing.assert_array_equal(a.get_latent_time(), b.get_latent_time())
+    c.train(max_epochs=3, warmup_epochs=2, progress_bar=False, seed=6)
+    assert not np.array_equal(a.get_latent_time(), c.get_latent_time())
+
+
+def test_bad_inputs_give_clear_errors(linear_adata):
+    with pytest.raises(InputError, match="Mx"):
+        pv.VeloVAE(linear_adata, spliced_layer="Mx")
+    with pytest.raises(InputError, match="unknown model"):
+        pv.VeloVAE(linear_adata, model="nope")
+    bad = linear_adata.copy()
+    bad.layers["Ms"][0, 0] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        pv.VeloVAE(bad)
+    bad.layers["Ms"][0, 0] = -1.0
+    with pytest.raises(InputError, match="negative"):
+        pv.VeloVAE(bad)
+    with pytest.raises(InputError, match="split_fractions"):
+        pv.VeloVAE(linear_adata, split_fractions=(0.5, 0.1, 0.1))
+    vae = pv.VeloVAE(linear_adata, hidden=(8,))
+    with pytest.raises(RuntimeError, match="not trained"):
+        vae.get_latent_time()
+    with pytest.raises(InputError, match="cuda"):
+        if not __import__("torch").cuda.is_available():
+            vae.train(device="cuda")
+        else:  # pragma: no cover - CI has no GPU
+            raise InputError("cuda")
+
+
+def test_export_refuses_other_cells_and_writes_nothing(linear_adata):
+    vae = pv.VeloVAE(linear_adata, hidden=(8,))
+    vae.train(max_epochs=1, warmup_epochs=0, progress_bar=False)
+    other = linear_adata[:10].copy()
+    keys = set(other.obs.columns), set(other.layers.keys())
+    with pytest.raises(InputError, match="obs_names"):
+        vae.export_to_anndata(other)
+    assert (set(other.obs.columns), set(other.layers.keys())) == keys
+
+
+def test_divergence_is_reported(linear_adata):
+    vae = pv.VeloVAE(linear_adata, hidden=(8,))
+    with __import__("torch").no_grad():
+        vae.model.log_alpha[0] = float("nan")
+    with pytest.raises(DivergenceError, match="log_alpha"):
+        vae.train(max_epochs=1, warmup_epochs=0, progress_bar=False)
