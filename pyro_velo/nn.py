@@ -11,7 +11,9 @@ from torch import Tensor, nn
 MIN_SCALE = 1e-4
 
 
-def mlp(n_input: int, hidden: Sequence[int], dropout: float, batch_norm: bool = True) -> nn.Sequential:
+def mlp(
+    n_input: int, hidden: Sequence[int], dropout: float, batch_norm: bool = True
+) -> nn.Sequential:
     """Fully connected body: ``Linear -> [BatchNorm] -> ReLU -> Dropout`` per hidden layer."""
     layers: list[nn.Module] = []
     width = n_input

@@ -154,6 +154,9 @@ def fit(
     optimizer = torch.optim.Adam(
         [{"params": net_params, "lr": lr}, {"params": ode_params, "lr": lr_ode}]
     )
+    def diverged(epoch: int) -> str:
+        return _divergence_message(model, guide, epoch, lr, lr_ode)
+
     best_loss, best_state, since_best = math.inf, None, 0
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,)).item()))
     bar = tqdm(range(max_epochs), desc=description, disable=not progress_bar, leave=True)
@@ -172,9 +175,9 @@ def fit(
                 except ValueError as err:  # distribution validation of NaN parameters
                     if _all_finite(model) and _all_finite(guide):
                         raise
-                    raise DivergenceError(_divergence_message(model, guide, epoch, lr, lr_ode)) from err
+                    raise DivergenceError(diverged(epoch)) from err
                 if not torch.isfinite(loss):
-                    raise DivergenceError(_divergence_message(model, guide, epoch, lr, lr_ode))
+                    raise DivergenceError(diverged(epoch))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -185,7 +188,7 @@ def fit(
             history.validation.append(evaluate_loss(model, guide, data, val_idx))
             monitored = history.validation[-1]
         if not math.isfinite(monitored):
-            raise DivergenceError(_divergence_message(model, guide, epoch, lr, lr_ode))
+            raise DivergenceError(diverged(epoch))
         bar.set_postfix(train=f"{history.train[-1]:.3f}",
                         val=f"{history.validation[-1]:.3f}" if len(val_idx) else "-")
         if monitored < best_loss - min_delta * abs(best_loss if math.isfinite(best_loss) else 1):

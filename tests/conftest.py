@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +10,6 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-# Let a plain ``pytest`` (not only ``python -m pytest``) import the package when it is
-# not installed.
-if importlib.util.find_spec("pyro_velo") is None:
-    sys.path.insert(0, str(REPO_ROOT))
 
 
 @pytest.fixture(scope="session")
