@@ -62,7 +62,9 @@ _CLOSE_RATES_RANGE = (0.25, 1.2)  # their shared range
 _DISPERSION_LOG_SD = 0.5  # per-gene spread of the NB dispersion around its median
 _BRANCH_TIME_FRACTION = 0.35
 _N_CELL_TYPES_LINEAR = 4
-_MAX_CHUNK_ENTRIES = 4_000_000  # default chunk: about this many cell x gene entries
+# default chunk: about this many cell x gene entries (8 MB per float64 buffer, small
+# enough for the allocator to reuse memory instead of mapping fresh pages every chunk)
+_MAX_CHUNK_ENTRIES = 1 << 20
 _EVAL_BLOCK_ENTRIES = 1 << 18  # cell x gene entries per kinetics evaluation block
 
 
@@ -129,8 +131,8 @@ def simulate(
         Seed of :func:`numpy.random.default_rng`; the same seed gives identical output
         (independently of ``chunk_size``).
     chunk_size
-        Cells per chunk (positive); default about 4 million cell x gene entries per
-        chunk (between 256 and 20000 cells).
+        Cells per chunk (positive); default about one million cell x gene entries per
+        chunk (between 64 and 10000 cells).
     branch_specific_fraction
         Fraction of all genes (in ``[0, 1]``) that are branch-specific in a bifurcation,
         chosen among the induction_repression, late_induction and transcriptional_boost
@@ -242,17 +244,20 @@ def simulate(
     schedule = _schedule_tensors(genes)
     phi = genes["dispersion"]
     nb = cfg["noise"] == "nb"
-    chunk = cfg["chunk_size"] or int(np.clip(_MAX_CHUNK_ENTRIES // n_genes, 256, 20000))
+    chunk = cfg["chunk_size"] or int(np.clip(_MAX_CHUNK_ENTRIES // n_genes, 64, 10000))
+    chunk = min(chunk, n_cells)
+    buffers = [np.empty((chunk, n_genes)) for _ in range(4)]  # reused u, s, du, ds
     velocity_s = np.empty((n_cells, n_genes), dtype=np.float32)
     velocity_u = np.empty((n_cells, n_genes), dtype=np.float32)
     spliced_chunks: list[sp.csr_matrix] = []
     unspliced_chunks: list[sp.csr_matrix] = []
     for start in range(0, n_cells, chunk):
         stop = min(start + chunk, n_cells)
-        u, s, du, ds = _evaluate(schedule, t[start:stop], lineage[start:stop])
+        u, s, du, ds = _evaluate(
+            schedule, t[start:stop], lineage[start:stop], [b[: stop - start] for b in buffers]
+        )
         velocity_s[start:stop] = ds
         velocity_u[start:stop] = du
-        del du, ds
         sf = size_factor[start:stop, None]
         for mean, rng_g, rng_p, out in (
             (s, rng_gamma_s, rng_pois_s, spliced_chunks),
@@ -261,11 +266,12 @@ def simulate(
             mean *= sf
             np.maximum(mean, 0.0, out=mean)  # guard against round-off below zero
             if nb:
-                mean = rng_g.gamma(1.0 / phi, mean * phi)
+                mean *= phi
+                mean = rng_g.gamma(1.0 / phi, mean)
             counts = rng_p.poisson(mean)
             out.append(sp.csr_matrix(counts.astype(np.int32)))
             del counts, mean
-        del u, s
+        del u, s, du, ds
 
     spliced = _stack(spliced_chunks)
     unspliced = _stack(unspliced_chunks)
@@ -659,7 +665,10 @@ def _schedule_tensors(genes: dict) -> dict[str, torch.Tensor]:
 
 
 def _evaluate(
-    schedule: dict[str, torch.Tensor], t: np.ndarray, lineage: np.ndarray
+    schedule: dict[str, torch.Tensor],
+    t: np.ndarray,
+    lineage: np.ndarray,
+    out: list[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Noise-free ``(u, s, du, ds)`` (float64, cells x genes) at times ``t``.
 
@@ -670,7 +679,8 @@ def _evaluate(
     beta = schedule["beta"][:, None]
     gamma = schedule["gamma"][:, None]
     n_genes = beta.shape[0]
-    out = [np.empty((t.shape[0], n_genes)) for _ in range(4)]
+    if out is None:
+        out = [np.empty((t.shape[0], n_genes)) for _ in range(4)]
     # small blocks keep the ~30 temporaries of kinetics.solve in cache (several x faster)
     block = max(1, _EVAL_BLOCK_ENTRIES // n_genes)
     for first in range(0, t.shape[0], block):

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from . import kinetics
 from .initialize import RateInit
+from .nn import Decoder
 
 CELL_PLATE = "cells"
 
@@ -112,8 +113,8 @@ class BasicModel(PyroModule):
         loc = torch.full(idx.shape, self.time_prior_loc, device=idx.device)
         return dist.Normal(loc, self.time_prior_scale)
 
-    def kinetic(self, t: Tensor) -> dict[str, Tensor]:
-        """Expected state at times ``t`` of shape ``(..., B)``.
+    def kinetic(self, t: Tensor, idx: Tensor | None = None) -> dict[str, Tensor]:
+        """Expected state at times ``t`` of shape ``(..., B)`` (``idx`` is unused here).
 
         Returns a dict with ``u`` (on the observed unspliced scale, i.e. times
         ``scale_u``), ``s``, and the ODE velocities ``du`` (observed unspliced scale) and
@@ -134,8 +135,12 @@ class BasicModel(PyroModule):
         """Likelihood of the spliced abundances given their expected value."""
         return dist.Normal(s_hat, self.log_sigma_s.exp()).to_event(1)
 
+    def sample_latent(self, idx: Tensor) -> dict[str, Tensor]:
+        """Sample the per-cell latent variables (inside the cell plate)."""
+        return {"t": pyro.sample("t", self.time_dist(idx))}
+
     # ---- the model -------------------------------------------------------------------
-    def forward(self, u: Tensor, s: Tensor, idx: Tensor, n_obs: int) -> Tensor:
+    def forward(self, u: Tensor, s: Tensor, idx: Tensor, n_obs: int) -> dict[str, Tensor]:
         """Score a minibatch.
 
         Parameters
@@ -148,9 +153,111 @@ class BasicModel(PyroModule):
             Size of the data set the ELBO is scaled to.
         """
         with pyro.plate(CELL_PLATE, n_obs, subsample=idx):
-            t = pyro.sample("t", self.time_dist(idx))
-            expected = self.kinetic(t)
+            latent = self.sample_latent(idx)
+            expected = self.kinetic(**latent, idx=idx)
             pyro.sample("u", self.u_dist(expected["u"]), obs=u)
             pyro.sample("s", self.s_dist(expected["s"]), obs=s)
-        return t
+        return latent
 
+
+class FullModel(BasicModel):
+    """The variational mixture of ODEs (paper section 3.4).
+
+    Adds a cell state ``c_i ~ Normal(0, c_prior_scale^2 I)`` of dimension ``latent_dim`` and a
+    decoder ``rho_i = g(c_i)`` giving each cell and gene a relative transcription rate in
+    ``(0, 1)``; the cell's ODE uses the rate ``rho_ig * alpha_g``::
+
+        t_i ~ Normal(t0, sigma0),  c_i ~ Normal(0, I)
+        rho_i = g(c_i)
+        (u_hat, s_hat) = ODE solution at t_i with rate rho_i * alpha, beta, gamma
+        u, s ~ Normal(scale_u * u_hat, sigma_u), Normal(s_hat, sigma_s)
+
+    The ODE keeps the basic model's per-gene switch-on and switch-off times, with the
+    cell's rate ``rho_i * alpha`` while a gene is on: with ``rho = 1`` it is exactly the
+    basic model, so a fit initialised from the basic model can only improve on it, and
+    ``rho`` carries what a single ODE cannot (branch-specific rates, boosts).
+
+    After :meth:`set_initial_conditions` each cell instead starts at its own observed
+    initial state ``(u0, s0)`` at time ``t0`` and evolves under the rate active at its
+    time (paper, "Initial Conditions").
+
+    Parameters
+    ----------
+    init, t_max, time_prior_loc, time_prior_scale
+        As for :class:`BasicModel`.
+    latent_dim
+        Dimension of c (paper: 5).
+    c_prior_scale
+        Standard deviation of the cell-state prior (paper: 1).
+    decoder_hidden
+        Hidden widths of the decoder (paper: 250, 500).
+    """
+
+    def __init__(
+        self,
+        init: RateInit,
+        t_max: float = 20.0,
+        time_prior_loc: float | None = None,
+        time_prior_scale: float | None = None,
+        latent_dim: int = 5,
+        c_prior_scale: float = 1.0,
+        decoder_hidden: tuple[int, ...] = (250, 500),
+    ) -> None:
+        super().__init__(init, t_max, time_prior_loc, time_prior_scale)
+        if latent_dim < 1:
+            raise ValueError(f"latent_dim must be at least 1, got {latent_dim}")
+        if c_prior_scale <= 0:
+            raise ValueError(f"c_prior_scale must be positive, got {c_prior_scale}")
+        self.latent_dim = int(latent_dim)
+        self.c_prior_scale = float(c_prior_scale)
+        self.decoder = Decoder(self.latent_dim, self.n_genes, decoder_hidden)
+        self.register_buffer("initial_time", None)
+        self.register_buffer("initial_u", None)
+        self.register_buffer("initial_s", None)
+
+    def c_dist(self, idx: Tensor) -> dist.Distribution:
+        """Prior of the cell state (batch shape ``(B,)``, event shape ``(d,)``)."""
+        loc = torch.zeros(idx.shape + (self.latent_dim,), device=idx.device)
+        return dist.Normal(loc, self.c_prior_scale).to_event(1)
+
+    def sample_latent(self, idx: Tensor) -> dict[str, Tensor]:
+        return {"t": pyro.sample("t", self.time_dist(idx)),
+                "c": pyro.sample("c", self.c_dist(idx))}
+
+    def transcription_rate(self, c: Tensor) -> Tensor:
+        """Relative transcription rate ``rho = g(c)``, shape ``(..., G)``."""
+        return self.decoder(c)
+
+    @property
+    def has_initial_conditions(self) -> bool:
+        return self.initial_time is not None
+
+    def set_initial_conditions(self, t0: Tensor, u0: Tensor, s0: Tensor) -> None:
+        """Give every cell its own initial state ``(u0, s0)`` (observed scale) at ``t0``."""
+        self.initial_time = t0.detach().clone()
+        self.initial_u = u0.detach().clone()
+        self.initial_s = s0.detach().clone()
+
+    def kinetic(self, t: Tensor, c: Tensor, idx: Tensor | None = None) -> dict[str, Tensor]:
+        """Expected state and velocities at ``t`` for cell states ``c`` (see BasicModel).
+
+        ``idx`` selects the cells' initial conditions once they are set; without it (or
+        before they are set) every gene starts from zero at its switch-on time.
+        """
+        r = self.rates()
+        rate = self.transcription_rate(c) * r["alpha"]
+        u, s, alpha_t = kinetics.switching_solve(
+            t.unsqueeze(-1), rate, r["beta"], r["gamma"], r["t_on"], r["t_off"]
+        )
+        if self.has_initial_conditions and idx is not None:
+            # cells with an initial state evolve from it under the rate active at t;
+            # the others (t0 = nan, at the start of time) keep the zero start
+            t0 = self.initial_time[idx]
+            has_start = ~torch.isnan(t0)
+            tau = (t - t0.nan_to_num(0.0)).clamp(min=0.0).unsqueeze(-1)
+            u_w, s_w = kinetics.solve(tau, self.initial_u[idx] / r["scale_u"],
+                                      self.initial_s[idx], alpha_t, r["beta"], r["gamma"])
+            u = torch.where(has_start.unsqueeze(-1), u_w, u)
+            s = torch.where(has_start.unsqueeze(-1), s_w, s)
+        du, ds = kinetics.velocity(u, s, alpha_t, r["beta"], r["gamma"])
+        return {"u": r["scale_u"] * u, "s": s, "du": r["scale_u"] * du, "ds": ds}

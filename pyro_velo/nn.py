@@ -83,3 +83,43 @@ class Encoder(nn.Module):
         c_out = self.c_head(h)
         c_loc, c_raw = c_out.split(self.latent_dim, dim=-1)
         return t_loc, t_scale, c_loc, nn.functional.softplus(c_raw - 2.0) + MIN_SCALE
+
+
+class Decoder(nn.Module):
+    """Rate decoder ``g(c)``: cell state to relative transcription rate ``rho`` in (0, 1).
+
+    The mirror image of the encoder (``d -> 250 -> 500 -> G``, paper section 3.4) with a
+    sigmoid output, one ``rho`` per gene. It has no batch normalisation: it is part of the
+    generative model, whose prediction for a cell must not depend on its minibatch.
+
+    Parameters
+    ----------
+    latent_dim, n_genes
+        Input (cell state) and output (genes) widths.
+    hidden
+        Hidden layer widths.
+    initial_rho
+        The network starts near this constant output (small last-layer weights), so a
+        model initialised from a fitted basic model (``rho = 1``) starts close to it.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        n_genes: int,
+        hidden: Sequence[int] = (250, 500),
+        initial_rho: float = 0.9,
+    ) -> None:
+        super().__init__()
+        self.body = mlp(latent_dim, hidden, dropout=0.0, batch_norm=False)
+        width = hidden[-1] if len(hidden) else latent_dim
+        self.out = nn.Linear(width, n_genes)
+        with torch.no_grad():
+            self.out.weight.mul_(0.1)
+            self.out.bias.fill_(float(torch.logit(torch.tensor(initial_rho))))
+
+    def forward(self, c: Tensor) -> Tensor:
+        """``rho`` of shape ``(..., G)`` for cell states ``c`` of shape ``(..., d)``."""
+        batch = c.shape[:-1]
+        h = self.body(c.reshape(-1, c.shape[-1]))
+        return torch.sigmoid(self.out(h)).reshape(*batch, -1)

@@ -14,12 +14,14 @@ from anndata import AnnData
 from . import __version__
 from ._checks import InputError
 from .data import SPLIT_NAMES, VelocityData
-from .guides import AmortizedGuide
-from .initialize import steady_state_init, time_informed_init
-from .model import BasicModel
+from .guides import AmortizedGuide, FixedLatentGuide
+from .initialize import steady_state_init, time_informed_init, window_initial_conditions
+from .model import BasicModel, FullModel
 from .train import TrainingHistory, cpu_threads, evaluate_loss, fit, local_params, set_seed
 
-MODELS = ("basic",)
+MODELS = ("full", "basic")
+# rho is exported as a dense layer only below this many bytes (float32)
+MAX_DENSE_RHO_BYTES = 2 * 1024**3
 PREFIX = "pyro_velo_"
 
 
@@ -32,8 +34,10 @@ class VeloVAE:
         Preprocessed AnnData (see :func:`pyro_velo.pp.preprocess`) with first-order
         moments in ``layers['Mu']`` and ``layers['Ms']``. Not modified.
     model
-        ``'basic'``: one latent time per cell and fixed per-gene rates with switch-on and
-        switch-off times (paper section 3.3).
+        ``'full'`` (default): the variational mixture of ODEs (paper section 3.4): a
+        latent cell state c per cell and a decoder giving each cell and gene its relative
+        transcription rate rho. ``'basic'``: one latent time per cell and fixed per-gene
+        rates with switch-on and switch-off times (paper section 3.3).
     unspliced_layer, spliced_layer
         Layers holding the unspliced / spliced abundances.
     t_max
@@ -43,6 +47,10 @@ class VeloVAE:
         ``t_max/4``).
     hidden, dropout
         Encoder architecture (paper: ``(500, 250)`` with batch norm and dropout).
+    latent_dim
+        Dimension of the cell state c (full model; paper: 5).
+    c_prior_scale
+        Standard deviation of the Normal prior of c (paper: 1, i.e. ``N(0, I)``).
     split_fractions
         Fractions of cells for train, validation (early stopping) and test (held out).
     seed
@@ -53,7 +61,7 @@ class VeloVAE:
     >>> import pyro_velo as pv
     >>> adata = pv.datasets.simulate(n_cells=1000, n_genes=100, topology="linear")
     >>> pv.pp.preprocess(adata)
-    >>> vae = pv.VeloVAE(adata, model="basic")
+    >>> vae = pv.VeloVAE(adata)
     >>> vae.train()
     >>> vae.export_to_anndata(adata)
     """
@@ -61,7 +69,7 @@ class VeloVAE:
     def __init__(
         self,
         adata: AnnData,
-        model: str = "basic",
+        model: str = "full",
         unspliced_layer: str = "Mu",
         spliced_layer: str = "Ms",
         t_max: float = 20.0,
@@ -69,6 +77,8 @@ class VeloVAE:
         time_prior_scale: float | None = None,
         hidden: Sequence[int] = (500, 250),
         dropout: float = 0.2,
+        latent_dim: int = 5,
+        c_prior_scale: float = 1.0,
         split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
         seed: int = 0,
         _split: np.ndarray | None = None,
@@ -86,6 +96,8 @@ class VeloVAE:
             "time_prior_scale": time_prior_scale,
             "hidden": list(hidden),
             "dropout": float(dropout),
+            "latent_dim": int(latent_dim),
+            "c_prior_scale": float(c_prior_scale),
             "split_fractions": list(split_fractions),
             "seed": int(seed),
         }
@@ -96,13 +108,27 @@ class VeloVAE:
         self.var_names = np.asarray(adata.var_names)
         set_seed(seed)
         train = self.data.indices("train")
-        init = steady_state_init(self.data.u[train], self.data.s[train], t_max)
-        with local_params():
-            self.model = BasicModel(init, t_max, time_prior_loc, time_prior_scale)
-            self.guide = AmortizedGuide(self.data.n_genes, hidden, dropout, t_max)
+        self._init = steady_state_init(self.data.u[train], self.data.s[train], t_max)
+        self.model, self.guide = self._make_pair(model)
         self.history = TrainingHistory()
         self.is_trained = False
         self.device = torch.device("cpu")
+
+    def _make_pair(self, kind: str):
+        """A fresh (model, guide) of ``kind`` from the steady-state initialisation."""
+        cfg = self.config
+        common = (self._init, cfg["t_max"], cfg["time_prior_loc"], cfg["time_prior_scale"])
+        with local_params():
+            if kind == "basic":
+                model = BasicModel(*common)
+                latent_dim = 0
+            else:
+                model = FullModel(*common, latent_dim=cfg["latent_dim"],
+                                  c_prior_scale=cfg["c_prior_scale"])
+                latent_dim = cfg["latent_dim"]
+            guide = AmortizedGuide(self.data.n_genes, cfg["hidden"], cfg["dropout"],
+                                   cfg["t_max"], latent_dim=latent_dim)
+        return model, guide
 
     def __repr__(self) -> str:
         state = "trained" if self.is_trained else "not trained"
@@ -123,22 +149,29 @@ class VeloVAE:
         early_stopping: bool = True,
         patience: int = 30,
         warmup_epochs: int | None = None,
+        refine_epochs: int | None = None,
         progress_bar: bool = True,
         num_threads: int | None = 1,
     ) -> TrainingHistory:
         """Fit by minibatch SVI with early stopping on the validation ELBO.
 
-        Training has two stages. A warm-up trains encoder and rates from the
-        steady-state initialisation; then every gene's switch times and transcription
-        rate are re-initialised by a grid search given the warm-up's cell times
-        (:func:`~pyro_velo.initialize.time_informed_init`) and training continues until
-        the validation ELBO stops improving (or ``max_epochs``).
+        Stages (recorded in ``history.stages``):
+
+        1. ``warm-up``: encoder and rates from the steady-state initialisation; then every
+           gene's switch times and rate are re-initialised by a grid search given the
+           warm-up's cell times (:func:`~pyro_velo.initialize.time_informed_init`), which
+           also picks the direction of time the ODE supports.
+        2. ``basic``: the basic model until the validation ELBO stops improving.
+        3. ``full`` (full model only): the mixture of ODEs, initialised from the basic fit
+           (same rates and time encoder, ``rho`` near 1), trained jointly with c.
+        4. ``refine`` (full model only, ``refine_epochs > 0``): initial-condition
+           refinement, see :meth:`refine_initial_conditions`.
 
         Parameters
         ----------
         max_epochs
-            Upper bound on epochs after warm-up; default scales with data size
-            (``clip(400_000 / n_cells, 100, 1000)``).
+            Upper bound on epochs of each stage after warm-up; default scales with data
+            size (``clip(400_000 / n_cells, 100, 1000)``).
         batch_size, lr, lr_ode
             Minibatch size, learning rate of the networks (paper: 2e-4) and of the
             per-gene ODE parameters.
@@ -152,6 +185,9 @@ class VeloVAE:
         warmup_epochs
             Epochs before the re-initialisation (default ``max(20, max_epochs // 10)``;
             0 skips the warm-up and the re-initialisation).
+        refine_epochs
+            Epochs of the initial-condition refinement (full model; default
+            ``max_epochs // 4``; 0 skips it).
         progress_bar
             Show tqdm progress bars with the current losses.
         num_threads
@@ -172,21 +208,103 @@ class VeloVAE:
             max_epochs = int(np.clip(400_000 / self.data.n_cells, 100, 1000))
         if warmup_epochs is None:
             warmup_epochs = max(20, max_epochs // 10)
+        if refine_epochs is None:
+            refine_epochs = max_epochs // 4
+        full = self.config["model"] == "full"
         self._to(device)
         set_seed(seed)
-        common = dict(batch_size=batch_size, lr=lr, lr_ode=lr_ode, progress_bar=progress_bar,
-                      history=self.history)
+        opts = dict(batch_size=batch_size, lr=lr, lr_ode=lr_ode, progress_bar=progress_bar,
+                    history=self.history, patience=patience)
         with cpu_threads(num_threads if self.device.type == "cpu" else None):
+            if full:
+                basic_model, basic_guide = self._make_pair("basic")
+                basic_model.to(self.device)
+                basic_guide.to(self.device)
+            else:
+                basic_model, basic_guide = self.model, self.guide
             if warmup_epochs > 0:
-                fit(self.model, self.guide, self.data, warmup_epochs, early_stopping=False,
-                    description="Warm-up", **common)
-                self._reinitialize_rates()
-            fit(self.model, self.guide, self.data, max_epochs, early_stopping=early_stopping,
-                patience=patience, description="Training", **common)
+                self.history.stages.append(("warm-up", len(self.history.train)))
+                fit(basic_model, basic_guide, self.data, warmup_epochs, early_stopping=False,
+                    description="Warm-up", **opts)
+                self._reinitialize_rates(basic_model, basic_guide)
+            self.history.stages.append(("basic", len(self.history.train)))
+            fit(basic_model, basic_guide, self.data, max_epochs,
+                early_stopping=early_stopping, description="Basic model", **opts)
+            if full:
+                self._start_from_basic(basic_model, basic_guide)
+                self.history.stages.append(("full", len(self.history.train)))
+                fit(self.model, self.guide, self.data, max_epochs,
+                    early_stopping=early_stopping, description="Mixture of ODEs", **opts)
+                self.is_trained = True
+                if refine_epochs > 0:
+                    self.refine_initial_conditions(
+                        epochs=refine_epochs, early_stopping=early_stopping, **{
+                            k: v for k, v in opts.items() if k != "history"})
         self.is_trained = True
         return self.history
 
-    def _reinitialize_rates(self) -> None:
+    def _start_from_basic(self, basic_model: BasicModel, basic_guide: AmortizedGuide) -> None:
+        """Initialise the full model from a fitted basic model (same ODE, rho near 1)."""
+        self.model.load_state_dict(basic_model.state_dict(), strict=False)
+        self.guide.encoder.load_state_dict(basic_guide.encoder.state_dict(), strict=False)
+        with torch.no_grad():
+            rho0 = self.model.transcription_rate(
+                torch.zeros(1, self.config["latent_dim"], device=self.device)).mean()
+            self.model.log_alpha.sub_(rho0.log())
+
+    def refine_initial_conditions(
+        self,
+        epochs: int = 100,
+        delta1: float | None = None,
+        delta2: float | None = None,
+        n_clusters: int = 10,
+        **fit_options,
+    ) -> TrainingHistory:
+        """Initial-condition refinement of the full model (paper, "Initial Conditions").
+
+        Each cell gets an initial state ``(u0, s0)`` at ``t0 = t - (delta1 + delta2)/2``:
+        the mean observed state of the training cells in the preceding window
+        ``[t - delta1, t - delta2]`` within the cell's cell-state cluster
+        (:func:`~pyro_velo.initialize.window_initial_conditions`; vectorised, no
+        per-cell neighbour search). Cells at the start of time, whose window is empty,
+        keep the zero initial state at their genes' switch-on times. The ODE parameters
+        and the decoder are then fine-tuned with every cell's t and c held at their
+        posterior means.
+
+        Parameters
+        ----------
+        epochs
+            Fine-tuning epochs (early stopping on the validation loss applies).
+        delta1, delta2
+            Window before each cell, in the model's time units; default 10% and 2% of
+            the span of the inferred times.
+        n_clusters
+            k-means clusters of c defining "close in cell state".
+        fit_options
+            Passed to :func:`pyro_velo.train.fit` (``lr``, ``lr_ode``, ``batch_size``...).
+        """
+        self._check_trained()
+        if self.config["model"] != "full":
+            raise RuntimeError("initial-condition refinement applies to the full model only")
+        latent = self._encode()
+        t, c = latent["t"], latent["c"]
+        span = float(t.max() - t.min())
+        delta1 = 0.1 * span if delta1 is None else float(delta1)
+        delta2 = 0.02 * span if delta2 is None else float(delta2)
+        train_mask = torch.as_tensor(self.data.split == 0, device=self.device)
+        t0, u0, s0 = window_initial_conditions(
+            t, c, self.data.u, self.data.s, delta1, delta2, reference=train_mask,
+            n_clusters=n_clusters, seed=self.config["seed"])
+        self.model.set_initial_conditions(t0, u0, s0)
+        self.config.update(refine_delta1=delta1, refine_delta2=delta2)
+        with local_params():
+            guide = FixedLatentGuide(t=t, c=c)
+        self.history.stages.append(("refine", len(self.history.train)))
+        fit_options.setdefault("history", self.history)
+        fit_options.setdefault("description", "Refining initial conditions")
+        return fit(self.model, guide, self.data, epochs, **fit_options)
+
+    def _reinitialize_rates(self, model: BasicModel, guide: AmortizedGuide) -> None:
         """Re-fit every gene's switch times and rate to the warm-up's cell times.
 
         The warm-up orders cells but may run time backwards (the encoder is free to).
@@ -195,8 +313,8 @@ class VeloVAE:
         mirrored when the reverse wins.
         """
         train = self.data.indices("train").to(self.device)
-        t = self._encode(train)[0].cpu()
-        rates = {k: v.detach().cpu() for k, v in self.model.rates().items()}
+        t = self._encode(train, guide)["t"].cpu()
+        rates = {k: v.detach().cpu() for k, v in model.rates().items()}
         u, s = self.data.u[train].cpu(), self.data.s[train].cpu()
         t_max = self.config["t_max"]
         fits = {
@@ -208,9 +326,9 @@ class VeloVAE:
         }
         reverse = fits[True][3] < fits[False][3]
         if reverse:
-            self.guide.encoder.mirror_time()
+            guide.encoder.mirror_time()
         t_on, t_off, alpha, _ = fits[reverse]
-        self.model.load_rates(t_on=t_on.to(self.device), t_off=t_off.to(self.device),
+        model.load_rates(t_on=t_on.to(self.device), t_off=t_off.to(self.device),
                               alpha=alpha.to(self.device))
 
     def _to(self, device: str | torch.device) -> None:
@@ -221,16 +339,19 @@ class VeloVAE:
 
     # ---- posterior summaries ---------------------------------------------------------
     @torch.no_grad()
-    def _encode(self, idx: torch.Tensor | None = None, batch_size: int = 4096):
-        """Posterior mean and std of t for the cells ``idx`` (default: all)."""
+    def _encode(self, idx: torch.Tensor | None = None, guide: AmortizedGuide | None = None,
+                batch_size: int = 4096) -> dict[str, torch.Tensor]:
+        """Posterior means (``t``, ``c``) and standard deviations (``t_std``, ``c_std``)."""
         idx = torch.arange(self.data.n_cells, device=self.device) if idx is None else idx
-        self.guide.eval()
-        locs, scales = [], []
+        guide = self.guide if guide is None else guide
+        guide.eval()
+        parts: dict[str, list[torch.Tensor]] = {"t": [], "t_std": [], "c": [], "c_std": []}
         for batch in idx.split(batch_size):
-            loc, scale, _, _ = self.guide.encoder(self.data.u[batch], self.data.s[batch])
-            locs.append(loc)
-            scales.append(scale)
-        return torch.cat(locs), torch.cat(scales)
+            out = guide.encoder(self.data.u[batch], self.data.s[batch])
+            for name, value in zip(parts, out, strict=True):
+                if value is not None:
+                    parts[name].append(value)
+        return {name: torch.cat(values) for name, values in parts.items() if values}
 
     def _check_trained(self) -> None:
         if not self.is_trained:
@@ -245,23 +366,56 @@ class VeloVAE:
             Rescale to ``[0, 1]`` (as exported to ``obs['latent_time']``).
         """
         self._check_trained()
-        t = self._encode()[0].cpu().numpy().astype(np.float64)
+        t = self._encode()["t"].cpu().numpy().astype(np.float64)
         if scaled:
             t = (t - t.min()) / max(t.max() - t.min(), 1e-12)
         return t
 
+    def get_cell_state(self) -> np.ndarray:
+        """Posterior mean cell state c, ``(n_cells, latent_dim)`` (full model)."""
+        self._check_trained()
+        self._require_full("get_cell_state")
+        return self._encode()["c"].cpu().numpy()
+
+    def get_transcription_rate(self) -> np.ndarray:
+        """Relative transcription rate ``rho = g(c)`` of every cell and gene.
+
+        Returns a dense ``(n_cells, n_vars)`` float32 array (NaN for genes not fitted).
+        """
+        self._check_trained()
+        self._require_full("get_transcription_rate")
+        c = self._encode()["c"]
+        with torch.no_grad():
+            rho = torch.cat([self.model.transcription_rate(b) for b in c.split(4096)])
+        return self._full_width(rho.cpu().numpy())
+
+    def _require_full(self, what: str) -> None:
+        if self.config["model"] != "full":
+            raise RuntimeError(f"{what} needs the full model (model='full'), this is "
+                               f"{self.config['model']!r}")
+
     @torch.no_grad()
-    def _expected(self) -> dict[str, np.ndarray]:
-        """Model's u, s, du/dt, ds/dt at each cell's posterior mean time, on data scales."""
-        t = self._encode()[0]
-        out = {k: [] for k in ("u", "s", "du", "ds")}
-        for batch in t.split(4096):
-            for k, v in self.model.kinetic(batch).items():
+    def _expected(self, delta_t: float = 0.0, idx: torch.Tensor | None = None,
+                  scale: bool = True) -> dict[str, torch.Tensor]:
+        """Model's u, s, du/dt, ds/dt at each cell's posterior mean time + ``delta_t``.
+
+        ``(cells, fitted genes)`` tensors, on the data scales when ``scale``.
+        """
+        idx = torch.arange(self.data.n_cells, device=self.device) if idx is None else idx
+        latent = self._encode(idx)
+        latent = {k: latent[k] for k in ("t", "c") if k in latent}
+        latent["t"] = latent["t"] + delta_t
+        out: dict[str, list[torch.Tensor]] = {k: [] for k in ("u", "s", "du", "ds")}
+        for pos in torch.arange(len(idx), device=self.device).split(4096):
+            batch = {k: v[pos] for k, v in latent.items()}
+            for k, v in self.model.kinetic(**batch, idx=idx[pos]).items():
                 out[k].append(v)
-        scale = {"u": self.data.gene_scale_u, "du": self.data.gene_scale_u,
-                 "s": self.data.gene_scale_s, "ds": self.data.gene_scale_s}
-        return {k: self._full_width((torch.cat(v) * scale[k]).cpu().numpy()) for k, v in
-                out.items()}
+        result = {k: torch.cat(v) for k, v in out.items()}
+        if scale:
+            for k in result:
+                result[k] = result[k] * (
+                    self.data.gene_scale_u if k in ("u", "du") else self.data.gene_scale_s)
+        return result
 
     def _full_width(self, x: np.ndarray) -> np.ndarray:
         """Embed a ``(cells, fitted genes)`` array into ``(cells, n_vars)`` with NaN."""
@@ -269,18 +423,18 @@ class VeloVAE:
         full[:, self.data.fitted] = x
         return full
 
+    def _numpy(self, expected: dict[str, torch.Tensor], *keys: str) -> list[np.ndarray]:
+        return [self._full_width(expected[k].cpu().numpy()) for k in keys]
+
     def get_velocity(self) -> tuple[np.ndarray, np.ndarray]:
         """RNA velocity ``(ds/dt, du/dt)`` at each cell's inferred state.
 
-        Returns
-        -------
-        velocity_s, velocity_u
-            ``(n_cells, n_vars)`` float32 arrays on the scale of ``Ms`` and ``Mu``; columns
-            of genes that are not fitted are NaN.
+        For the full model after refinement, each cell's ODE starts from its own
+        initial condition. Returns ``(n_cells, n_vars)`` float32 arrays on the scale of
+        ``Ms`` and ``Mu``; columns of genes that are not fitted are NaN.
         """
         self._check_trained()
-        expected = self._expected()
-        return expected["ds"], expected["du"]
+        return tuple(self._numpy(self._expected(), "ds", "du"))
 
     def get_expression_fit(self) -> tuple[np.ndarray, np.ndarray]:
         """Fitted (expected) unspliced and spliced abundances ``(u, s)`` of every cell.
@@ -289,16 +443,27 @@ class VeloVAE:
         genes not fitted).
         """
         self._check_trained()
-        expected = self._expected()
-        return expected["u"], expected["s"]
+        return tuple(self._numpy(self._expected(), "u", "s"))
+
+    def predict_future(self, delta_t: float) -> tuple[np.ndarray, np.ndarray]:
+        """Expected ``(u, s)`` of every cell at ``t + delta_t`` under its own ODE.
+
+        ``delta_t`` is in the model's time units (the time axis has length ``t_max``);
+        each cell keeps its cell state (so its ``rho``) and, after refinement, its
+        initial condition. Returns ``(n_cells, n_vars)`` arrays on the ``Mu`` / ``Ms``
+        scale.
+        """
+        self._check_trained()
+        return tuple(self._numpy(self._expected(delta_t=float(delta_t)), "u", "s"))
 
     def get_rates(self) -> pd.DataFrame:
         """Per-gene ODE parameters on the data scale (NaN rows for genes not fitted).
 
-        Columns: ``alpha`` (transcription rate, in ``Ms`` units per unit time), ``beta``,
-        ``gamma`` (splicing and degradation rates), ``t_on``, ``t_off`` (switch times on
-        the model's time axis), ``scaling`` (``Mu`` per model unspliced unit),
-        ``sigma_u``, ``sigma_s`` (noise standard deviations), ``fitted``.
+        Columns: ``alpha`` (transcription rate, in ``Ms`` units per unit time; the full
+        model's cells use ``rho * alpha``), ``beta``, ``gamma`` (splicing and
+        degradation rates), ``t_on``, ``t_off`` (switch times on the model's time axis),
+        ``scaling`` (``Mu`` per model unspliced unit), ``sigma_u``, ``sigma_s`` (noise
+        standard deviations), ``fitted``.
         """
         r = {k: v.detach().cpu().numpy().astype(np.float64) for k, v in
              self.model.rates().items()}
@@ -331,16 +496,43 @@ class VeloVAE:
         self._check_trained()
         return -evaluate_loss(self.model, self.guide, self.data, self.data.indices(split))
 
-    def mse(self, split: str = "test") -> float:
-        """Mean squared error of the fit on one split, on the scaled abundances."""
-        self._check_trained()
+    @torch.no_grad()
+    def _reconstruction(self, split: str) -> dict[str, float]:
         idx = self.data.indices(split).to(self.device)
-        with torch.no_grad():
-            t = self._encode(idx)[0]
-            expected = self.model.kinetic(t)
-            err = ((expected["u"] - self.data.u[idx]) ** 2).mean() + (
-                (expected["s"] - self.data.s[idx]) ** 2).mean()
-        return float(err / 2)
+        if len(idx) == 0:
+            return {"mse": np.nan, "mae": np.nan, "log_likelihood": np.nan}
+        expected = self._expected(idx=idx, scale=False)
+        u, s = self.data.u[idx], self.data.s[idx]
+        residual = torch.cat([expected["u"] - u, expected["s"] - s], dim=1)
+        log_lik = (self.model.u_dist(expected["u"]).log_prob(u)
+                   + self.model.s_dist(expected["s"]).log_prob(s))
+        return {"mse": float((residual ** 2).mean()), "mae": float(residual.abs().mean()),
+                "log_likelihood": float(log_lik.mean())}
+
+    def evaluate(self) -> pd.DataFrame:
+        """Reconstruction metrics of the paper's Appendix C on train and held-out test cells.
+
+        Every cell is encoded (test cells were never trained on) and reconstructed at its
+        posterior mean latent variables. On the per-gene standardised abundances the
+        model fits (each gene divided by its standard deviation, so genes weigh equally):
+
+        - ``mse``, ``mae``: mean squared / absolute error over cells, genes, u and s;
+        - ``log_likelihood``: mean over cells of the log-likelihood of the cell's u and s
+          (summed over genes) under the fitted noise model.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Rows ``train`` and ``test``; columns ``mse``, ``mae``, ``log_likelihood``.
+        """
+        self._check_trained()
+        return pd.DataFrame({split: self._reconstruction(split) for split in ("train", "test")}
+                            ).T
+
+    def mse(self, split: str = "test") -> float:
+        """Mean squared error of the fit on one split (see :meth:`evaluate`)."""
+        self._check_trained()
+        return self._reconstruction(split)["mse"]
 
     # ---- AnnData export --------------------------------------------------------------
     def export_to_anndata(self, adata: AnnData) -> None:
@@ -353,7 +545,10 @@ class VeloVAE:
         ours: ``obs['pyro_velo_time']`` (raw posterior mean), ``obs['pyro_velo_time_std']``,
         ``obs['pyro_velo_split']``, ``layers['pyro_velo_u']`` / ``layers['pyro_velo_s']``
         (fitted abundances) and ``var['pyro_velo_<rate>']`` for each column of
-        :meth:`get_rates`. Nothing is written if an error is raised.
+        :meth:`get_rates`. Full model also: ``obsm['pyro_velo_cell_state']`` (posterior
+        mean c) and ``layers['pyro_velo_rho']`` (rho; only when the dense float32 array
+        is under 2 GiB, otherwise not exported: use :meth:`get_transcription_rate` on a
+        subset). Nothing is written if an error is raised.
         """
         self._check_trained()
         if adata.n_obs != len(self.obs_names) or not np.array_equal(
@@ -362,9 +557,16 @@ class VeloVAE:
             raise InputError("adata's cells (obs_names) differ from the data the model was fit on")
         if not np.array_equal(np.asarray(adata.var_names), self.var_names):
             raise InputError("adata's genes (var_names) differ from the data the model was fit on")
-        t_loc, t_scale = (x.cpu().numpy().astype(np.float64) for x in self._encode())
-        expected = self._expected()
+        latent_stats = self._encode()
+        t_loc = latent_stats["t"].cpu().numpy().astype(np.float64)
+        t_scale = latent_stats["t_std"].cpu().numpy().astype(np.float64)
+        velocity_s, velocity_u, fit_u, fit_s = self._numpy(self._expected(), "ds", "du", "u",
+                                                           "s")
         rates = self.get_rates()
+        full = self.config["model"] == "full"
+        rho = None
+        if full and adata.n_obs * adata.n_vars * 4 <= MAX_DENSE_RHO_BYTES:
+            rho = self.get_transcription_rate()
         latent = (t_loc - t_loc.min()) / max(t_loc.max() - t_loc.min(), 1e-12)
         params = {
             "mode": "pyro_velo",
@@ -379,10 +581,14 @@ class VeloVAE:
         adata.obs[PREFIX + "time"] = t_loc
         adata.obs[PREFIX + "time_std"] = t_scale
         adata.obs[PREFIX + "split"] = self.get_split().values
-        adata.layers["velocity"] = expected["ds"]
-        adata.layers["velocity_u"] = expected["du"]
-        adata.layers[PREFIX + "u"] = expected["u"]
-        adata.layers[PREFIX + "s"] = expected["s"]
+        adata.layers["velocity"] = velocity_s
+        adata.layers["velocity_u"] = velocity_u
+        adata.layers[PREFIX + "u"] = fit_u
+        adata.layers[PREFIX + "s"] = fit_s
+        if full:
+            adata.obsm[PREFIX + "cell_state"] = latent_stats["c"].cpu().numpy()
+        if rho is not None:
+            adata.layers[PREFIX + "rho"] = rho
         adata.var["velocity_genes"] = self.data.fitted
         for name in rates.columns.drop("fitted"):
             adata.var[PREFIX + name] = rates[name].values
@@ -425,8 +631,14 @@ class VeloVAE:
             raise InputError("adata's cells or genes differ from those the model was saved with")
         hidden = config.pop("hidden")
         split_fractions = tuple(config.pop("split_fractions"))
+        refine = {k: config.pop(k) for k in ("refine_delta1", "refine_delta2") if k in config}
         vae = cls(adata, hidden=tuple(hidden), split_fractions=split_fractions,
                   _split=state["split"], **config)
+        vae.config.update(refine)
+        if "initial_time" in state["model"]:
+            vae.model.set_initial_conditions(state["model"]["initial_time"],
+                                             state["model"]["initial_u"],
+                                             state["model"]["initial_s"])
         vae.model.load_state_dict(state["model"])
         vae.guide.load_state_dict(state["guide"])
         vae.history = TrainingHistory(**state["history"])
