@@ -10,8 +10,13 @@ import torch
 
 from pyro_velo import kinetics
 from pyro_velo.guides import AmortizedGuide
-from pyro_velo.initialize import RateInit, steady_state_init, time_informed_init
-from pyro_velo.model import BasicModel
+from pyro_velo.initialize import (
+    RateInit,
+    steady_state_init,
+    time_informed_init,
+    window_initial_conditions,
+)
+from pyro_velo.model import BasicModel, FullModel
 from pyro_velo.train import local_params, loss_module
 
 N_CELLS, N_GENES, BATCH = 40, 6, 8
@@ -164,3 +169,66 @@ def test_load_rates_keeps_switch_order(pair):
     init = RateInit(*(torch.ones(3) for _ in range(8)))
     with pytest.raises(ValueError, match="time_prior_scale"):
         BasicModel(init, time_prior_scale=0.0)
+
+
+def test_window_initial_conditions_average_the_preceding_cells_of_the_same_state():
+    # two cell states (c = +-5), times on a grid; u = time, s = 10 * time (+100 in state B)
+    t = torch.arange(0, 10, 0.01, dtype=torch.float64).repeat(2)
+    state_b = torch.arange(2000) >= 1000
+    c = torch.where(state_b, 5.0, -5.0).double()[:, None].repeat(1, 2)
+    u = t[:, None].clone()
+    s = (10 * t + 100 * state_b)[:, None].double()
+    t0, u0, s0 = window_initial_conditions(t, c, u, s, delta1=1.0, delta2=0.2, n_clusters=2,
+                                           n_bins=1000)
+    late = t > 2.0
+    # window [t-1, t-0.2] has mean time t-0.6: u0 ~ t - 0.6 and s0 from the same state only
+    np.testing.assert_allclose(u0[late, 0].numpy(), (t[late] - 0.6).numpy(), atol=0.02)
+    np.testing.assert_allclose(s0[late, 0].numpy(),
+                               (10 * (t[late] - 0.6) + 100 * state_b[late]).numpy(), atol=0.2)
+    np.testing.assert_allclose(t0[late].numpy(), (t[late] - 0.6).numpy())
+    # at the very start of time there is no preceding cell: zero start, t0 = nan
+    assert torch.isnan(t0[t < 0.1]).all() and (u0[t < 0.1] == 0).all()
+    # held-out cells never enter the summaries
+    reference = torch.rand(2000, generator=torch.Generator().manual_seed(0)) < 0.5
+    u_poisoned = torch.where(reference[:, None], u, torch.full_like(u, 1e6))
+    _, u0_ref, _ = window_initial_conditions(t, c, u_poisoned, s, 1.0, 0.2, reference=reference,
+                                             n_clusters=2, n_bins=1000)
+    assert u0_ref.max() < 100
+    with pytest.raises(ValueError, match="delta1"):
+        window_initial_conditions(t, c, u, s, delta1=0.1, delta2=0.5)
+
+
+def test_full_model_with_rho_one_equals_basic_model(pair):
+    model, _, u, s = pair
+    with local_params():
+        full = FullModel(steady_state_init(u, s, 20.0), latent_dim=3)
+    full.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        full.decoder.out.weight.zero_()
+        full.decoder.out.bias.fill_(30.0)  # sigmoid -> 1
+    t = torch.linspace(-2, 25, 9)
+    basic_out = model.kinetic(t)
+    full_out = full.kinetic(t, torch.randn(9, 3))
+    for key in ("u", "s", "du", "ds"):
+        torch.testing.assert_close(full_out[key], basic_out[key])
+
+
+def test_full_model_trace_has_cell_state_and_refined_kinetics(pair):
+    _, _, u, s = pair
+    with local_params():
+        full = FullModel(steady_state_init(u, s, 20.0), latent_dim=4)
+        guide = AmortizedGuide(N_GENES, hidden=(16,), dropout=0.0, latent_dim=4)
+        idx = torch.arange(BATCH)
+        guide_trace = poutine.trace(guide).get_trace(u[idx], s[idx], idx, N_CELLS)
+        trace = poutine.trace(poutine.replay(full, trace=guide_trace)).get_trace(
+            u[idx], s[idx], idx, N_CELLS)
+    assert trace.nodes["c"]["value"].shape == (BATCH, 4)
+    assert trace.nodes["c"]["fn"].event_shape == (4,)
+    # a refined cell starts from its own state: at t = t0 the fit equals (u0, s0)
+    t0 = torch.full((N_CELLS,), 5.0)
+    t0[0] = float("nan")
+    full.set_initial_conditions(t0, u, s)
+    out = full.kinetic(torch.full((3,), 5.0), torch.zeros(3, 4), idx=torch.tensor([0, 1, 2]))
+    torch.testing.assert_close(out["u"][1:], u[1:3])
+    torch.testing.assert_close(out["s"][1:], s[1:3])
+    assert not torch.allclose(out["s"][0], s[0])  # cell 0 has no initial state

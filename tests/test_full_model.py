@@ -1,0 +1,131 @@
+"""The mixture of ODEs on bifurcating simulations: the full-model issue's acceptance tests.
+
+Each bifurcation (2 and 3 branches; 2000 cells x 200 genes, negative-binomial counts) is
+fitted once with the basic and once with the full model; the tests read those fits.
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import spearmanr
+from sklearn.model_selection import cross_val_score
+from sklearn.neighbors import KNeighborsClassifier
+
+import pyro_velo as pv
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2-branches", "3-branches"])
+def fits(request):
+    adata = pv.datasets.simulate(n_cells=2000, n_genes=200, topology="bifurcation",
+                                 n_branches=request.param, noise="nb", seed=request.param)
+    pv.pp.preprocess(adata, random_state=0)
+    out = {"adata": adata}
+    for kind in ("basic", "full"):
+        vae = pv.VeloVAE(adata, model=kind, seed=0)
+        vae.train(progress_bar=False, seed=0)
+        out[kind] = vae
+    return out
+
+
+def _cosine(a, b):
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+
+
+def test_full_model_fits_better_than_basic_without_overfitting(fits):
+    basic, full = fits["basic"].evaluate(), fits["full"].evaluate()
+    for split in ("train", "test"):
+        assert full.loc[split, "mse"] < basic.loc[split, "mse"]
+        assert full.loc[split, "log_likelihood"] > basic.loc[split, "log_likelihood"]
+    assert full.loc["test", "mse"] <= 1.15 * full.loc["train", "mse"]
+
+
+def test_latent_time_correlates_with_truth(fits):
+    rho = spearmanr(fits["full"].get_latent_time(), fits["adata"].obs["true_t"])[0]
+    assert rho >= 0.9, rho
+
+
+def test_cell_state_separates_branches(fits):
+    adata, c = fits["adata"], fits["full"].get_cell_state()
+    branch = adata.obs["branch"].astype(str).to_numpy()
+    past = branch != "root"
+    accuracy = cross_val_score(KNeighborsClassifier(15), c[past], branch[past], cv=5).mean()
+    assert accuracy >= 0.9, accuracy
+
+
+def test_velocity_agrees_with_true_velocity(fits):
+    vae, adata = fits["full"], fits["adata"]
+    genes = vae.data.fitted
+    velocity, _ = vae.get_velocity()
+    cos = _cosine(velocity[:, genes], adata.layers["true_velocity"][:, genes])
+    assert np.mean(cos) >= 0.8, np.mean(cos)
+
+
+def test_predicted_future_moves_along_true_velocity(fits):
+    vae, adata = fits["full"], fits["adata"]
+    genes = vae.data.fitted
+    _, s_now = vae.get_expression_fit()
+    _, s_next = vae.predict_future(0.5)
+    displacement = (s_next - s_now)[:, genes]
+    corr = np.corrcoef(displacement.ravel(), adata.layers["true_velocity"][:, genes].ravel())
+    assert corr[0, 1] >= 0.7, corr[0, 1]
+
+
+def _trend(values, time):
+    return spearmanr(values, time)[0]
+
+
+def test_qualitative_gene_behaviours(fits):
+    """Early repression decreases from the start, late induction is flat then rises,
+    boosts run forward, branch-specific genes get distinct fitted trends per branch."""
+    vae, adata = fits["full"], fits["adata"]
+    t = vae.get_latent_time(scaled=True)
+    true_t = adata.obs["true_t"].to_numpy()
+    _, s_fit = vae.get_expression_fit()
+    behaviour = adata.var["behaviour"].astype(str).to_numpy()
+    fitted = vae.data.fitted
+    early = t < np.quantile(t, 0.3)
+
+    def genes(kind):
+        return np.flatnonzero((behaviour == kind) & fitted)
+
+    repression = [_trend(s_fit[early, g], t[early]) for g in genes("early_repression")]
+    assert np.mean(np.array(repression) < 0) >= 0.8, repression
+
+    late = t > np.quantile(t, 0.7)
+    for g in genes("late_induction"):
+        start, end = s_fit[early, g].mean(), s_fit[late, g].mean()
+        assert end > start, g
+    flatness = [np.ptp(s_fit[early, g]) / np.ptp(s_fit[:, g]) for g in genes("late_induction")]
+    assert np.median(flatness) < 0.3, flatness
+
+    # boosts: the fitted trend of the gene along latent time has the sign of the truth
+    agree = []
+    for g in genes("transcriptional_boost"):
+        truth = _trend(adata.layers["spliced"][:, g].toarray().ravel(), true_t)
+        agree.append(np.sign(_trend(s_fit[:, g], t)) == np.sign(truth))
+    assert np.mean(agree) >= 0.8, agree
+
+    branch = adata.obs["branch"].astype(str).to_numpy()
+    branches = sorted(set(branch) - {"root"})
+    late_cells = true_t > np.quantile(true_t, 0.8)
+    specific = np.flatnonzero(adata.var["branch_specific"].to_numpy() & fitted)
+    distinct = []
+    for g in specific:
+        fitted_means = pd.Series(s_fit[late_cells, g]).groupby(branch[late_cells]).mean()
+        observed = pd.Series(adata.layers["Ms"][late_cells, g]).groupby(branch[late_cells]).mean()
+        spread = np.ptp(fitted_means[branches]) / (np.ptp(s_fit[:, g]) + 1e-12)
+        same_order = spearmanr(fitted_means[branches], observed[branches])[0] > 0
+        distinct.append(spread > 0.1 and same_order)
+    assert np.mean(distinct) >= 0.7, distinct
+
+
+def test_cell_state_and_rho_exported(fits):
+    adata = fits["adata"].copy()
+    fits["full"].export_to_anndata(adata)
+    assert adata.obsm["pyro_velo_cell_state"].shape == (adata.n_obs, 5)
+    rho = adata.layers["pyro_velo_rho"]
+    genes = adata.var["velocity_genes"].to_numpy()
+    assert ((rho[:, genes] > 0) & (rho[:, genes] < 1)).all()
+    assert adata.uns["velocity_params"]["model"] == "full"
