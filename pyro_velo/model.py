@@ -238,6 +238,10 @@ class FullModel(BasicModel):
         self.initial_u = u0.detach().clone()
         self.initial_s = s0.detach().clone()
 
+    def clear_initial_conditions(self) -> None:
+        """Return to the first-stage model (every gene starts from zero at ``t_on``)."""
+        self.initial_time = self.initial_u = self.initial_s = None
+
     def kinetic(self, t: Tensor, c: Tensor, idx: Tensor | None = None) -> dict[str, Tensor]:
         """Expected state and velocities at ``t`` for cell states ``c`` (see BasicModel).
 

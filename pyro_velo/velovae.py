@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -271,13 +273,19 @@ class VeloVAE:
         and the decoder are then fine-tuned with every cell's t and c held at their
         posterior means.
 
+        The refinement is kept only if it raises the reconstruction log-likelihood of
+        the validation cells (see :meth:`evaluate`); otherwise the model is restored to
+        its state before the call, with a warning (noisy or sparse data can make the
+        window means a worse start than the first-stage model).
+
         Parameters
         ----------
         epochs
             Fine-tuning epochs (early stopping on the validation loss applies).
         delta1, delta2
-            Window before each cell, in the model's time units; default 10% and 2% of
-            the span of the inferred times.
+            Window before each cell, in the model's time units; default 3% and 0.5% of
+            the span of the inferred times (on simulations, a window of 10% / 2% gave a
+            worse start than the first-stage fit: the window mean drifts from the cell).
         n_clusters
             k-means clusters of c defining "close in cell state".
         fit_options
@@ -289,8 +297,11 @@ class VeloVAE:
         latent = self._encode()
         t, c = latent["t"], latent["c"]
         span = float(t.max() - t.min())
-        delta1 = 0.1 * span if delta1 is None else float(delta1)
-        delta2 = 0.02 * span if delta2 is None else float(delta2)
+        delta1 = 0.03 * span if delta1 is None else float(delta1)
+        delta2 = 0.005 * span if delta2 is None else float(delta2)
+        check_split = "validation" if (self.data.split == 1).any() else "train"
+        before = self._reconstruction(check_split)["log_likelihood"]
+        saved = copy.deepcopy(self.model.state_dict())
         train_mask = torch.as_tensor(self.data.split == 0, device=self.device)
         t0, u0, s0 = window_initial_conditions(
             t, c, self.data.u, self.data.s, delta1, delta2, reference=train_mask,
@@ -302,7 +313,16 @@ class VeloVAE:
         self.history.stages.append(("refine", len(self.history.train)))
         fit_options.setdefault("history", self.history)
         fit_options.setdefault("description", "Refining initial conditions")
-        return fit(self.model, guide, self.data, epochs, **fit_options)
+        history = fit(self.model, guide, self.data, epochs, **fit_options)
+        after = self._reconstruction(check_split)["log_likelihood"]
+        self.config["refined"] = bool(after > before)
+        if not after > before:
+            self.model.clear_initial_conditions()
+            self.model.load_state_dict(saved)
+            warnings.warn(
+                f"initial-condition refinement lowered the {check_split} log-likelihood "
+                f"({before:.3f} -> {after:.3f}); kept the model without it", stacklevel=2)
+        return history
 
     def _reinitialize_rates(self, model: BasicModel, guide: AmortizedGuide) -> None:
         """Re-fit every gene's switch times and rate to the warm-up's cell times.
@@ -631,7 +651,8 @@ class VeloVAE:
             raise InputError("adata's cells or genes differ from those the model was saved with")
         hidden = config.pop("hidden")
         split_fractions = tuple(config.pop("split_fractions"))
-        refine = {k: config.pop(k) for k in ("refine_delta1", "refine_delta2") if k in config}
+        refine = {k: config.pop(k) for k in ("refine_delta1", "refine_delta2", "refined")
+                  if k in config}
         vae = cls(adata, hidden=tuple(hidden), split_fractions=split_fractions,
                   _split=state["split"], **config)
         vae.config.update(refine)
