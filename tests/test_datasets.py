@@ -468,6 +468,7 @@ def test_t_max_rescales_rates():
 def test_large_run_stays_in_memory_budget():
     n_cells, n_genes = 100_000, 100
     simulate(n_cells=10, n_genes=5)  # warm up imports outside the trace
+    threads = torch.get_num_threads()
     tracemalloc.start()
     try:
         adata = simulate(n_cells=n_cells, n_genes=n_genes, seed=11)
@@ -476,6 +477,7 @@ def test_large_run_stays_in_memory_budget():
         tracemalloc.stop()
     assert adata.shape == (n_cells, n_genes)
     assert adata.obs_names[-1] == "cell_99999"
+    assert torch.get_num_threads() == threads  # the one-thread evaluation is undone
     dense64 = n_cells * n_genes * 8
     nnz = adata.layers["spliced"].nnz + adata.layers["unspliced"].nnz + adata.X.nnz
     result = 2 * n_cells * n_genes * 4 + 8 * nnz
