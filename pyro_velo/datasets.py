@@ -17,8 +17,7 @@ happen before a gene reaches steady state, small basal ("leaky") rates, genes wi
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from numbers import Integral, Real
 
 import anndata
@@ -28,6 +27,8 @@ import scipy.sparse as sp
 import torch
 
 from pyro_velo import kinetics
+from pyro_velo._checks import check_int
+from pyro_velo._threads import cpu_threads
 
 __all__ = ["simulate", "expected_state", "BEHAVIOURS", "DEFAULT_BEHAVIOURS"]
 
@@ -259,7 +260,7 @@ def simulate(
     unspliced_chunks: list[sp.csr_matrix] = []
     for start in range(0, n_cells, chunk):
         stop = min(start + chunk, n_cells)
-        with _one_torch_thread():
+        with cpu_threads(1):
             u, s, du, ds = _evaluate(
                 schedule, t[start:stop], lineage[start:stop],
                 [b[: stop - start] for b in buffers],
@@ -374,21 +375,13 @@ def expected_state(
              for key in ("starts", "alphas", "u0", "s0")}
     genes["beta"] = adata.var["true_beta"].to_numpy(dtype=np.float64)
     genes["gamma"] = adata.var["true_gamma"].to_numpy(dtype=np.float64)
-    with _one_torch_thread():
+    with cpu_threads(1):
         return _evaluate(_schedule_tensors(genes), t, lineage)
 
 
 # --------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _check_real(name: str, value: object, *, positive: bool = False) -> float:
@@ -404,8 +397,8 @@ def _check_real(name: str, value: object, *, positive: bool = False) -> float:
 
 def _validate(**kw: object) -> dict:
     cfg = dict(kw)
-    cfg["n_cells"] = _check_int("n_cells", kw["n_cells"], 1)
-    cfg["n_genes"] = _check_int("n_genes", kw["n_genes"], 1)
+    cfg["n_cells"] = check_int(kw["n_cells"], "n_cells", minimum=1)
+    cfg["n_genes"] = check_int(kw["n_genes"], "n_genes", minimum=1)
     if kw["topology"] not in ("linear", "bifurcation"):
         raise ValueError(
             f"unknown topology {kw['topology']!r}; expected 'linear' or 'bifurcation'"
@@ -437,11 +430,11 @@ def _validate(**kw: object) -> dict:
         cfg["branch_time"] = None
     cfg["behaviours"] = _check_behaviours(kw["behaviours"])
     if kw["n_capture_times"] is not None:
-        cfg["n_capture_times"] = _check_int("n_capture_times", kw["n_capture_times"], 2)
+        cfg["n_capture_times"] = check_int(kw["n_capture_times"], "n_capture_times", minimum=2)
     if kw["seed"] is not None:
-        cfg["seed"] = _check_int("seed", kw["seed"], 0)
+        cfg["seed"] = check_int(kw["seed"], "seed", minimum=0)
     if kw["chunk_size"] is not None:
-        cfg["chunk_size"] = _check_int("chunk_size", kw["chunk_size"], 1)
+        cfg["chunk_size"] = check_int(kw["chunk_size"], "chunk_size", minimum=1)
     frac = _check_real("branch_specific_fraction", kw["branch_specific_fraction"])
     if frac > 1:
         raise ValueError(f"branch_specific_fraction must be in [0, 1], got {frac}")
@@ -711,22 +704,6 @@ def _evaluate(
                 target[rows] = value.T.numpy()
     return out[0], out[1], out[2], out[3]
 
-
-@contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread, restoring the previous setting afterwards.
-
-    The kinetics are evaluated in cache-sized blocks of ~30 cheap elementwise ops each;
-    splitting those over threads gains little and, on a shared or oversubscribed CPU,
-    costs up to ~10x in thread synchronisation (measured: 100k x 100 genes in 4 s on one
-    thread versus 36 s on two busy cores).
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _stack(chunks: list[sp.csr_matrix]) -> sp.csr_matrix:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyro
@@ -49,23 +47,6 @@ def local_params():
     user's own Pyro code) never share names in Pyro's global parameter store.
     """
     return pyro.settings.context(module_local_params=True)
-
-
-@contextmanager
-def cpu_threads(n: int | None) -> Iterator[None]:
-    """Temporarily set torch's intra-op CPU threads (``None`` leaves them alone).
-
-    Minibatch tensors are small: on a 2-core machine with the other core busy, one thread
-    ran an epoch of 1050 cells x 200 genes in 0.23 s and two threads in 6.6 s (thread
-    oversubscription), so training defaults to one thread.
-    """
-    previous = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def set_seed(seed: int) -> None:

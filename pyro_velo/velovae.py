@@ -15,11 +15,12 @@ from anndata import AnnData
 
 from . import __version__
 from ._checks import InputError
+from ._threads import cpu_threads
 from .data import SPLIT_NAMES, VelocityData
 from .guides import AmortizedGuide, FixedLatentGuide
 from .initialize import steady_state_init, time_informed_init, window_initial_conditions
 from .model import BasicModel, FullModel
-from .train import TrainingHistory, cpu_threads, evaluate_loss, fit, local_params, set_seed
+from .train import TrainingHistory, evaluate_loss, fit, local_params, set_seed
 
 MODELS = ("full", "basic")
 # rho is exported as a dense layer only below this many bytes (float32)
