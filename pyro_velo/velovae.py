@@ -22,7 +22,7 @@ from .initialize import steady_state_init, time_informed_init, window_initial_co
 from .model import BasicModel, FullModel
 from .train import TrainingHistory, evaluate_loss, fit, local_params, set_seed
 
-MODELS = ("full", "basic")
+MODELS = ("basic", "full")
 # rho is exported as a dense layer only below this many bytes (float32)
 MAX_DENSE_RHO_BYTES = 2 * 1024**3
 PREFIX = "pyro_velo_"
@@ -37,10 +37,12 @@ class VeloVAE:
         Preprocessed AnnData (see :func:`pyro_velo.pp.preprocess`) with first-order
         moments in ``layers['Mu']`` and ``layers['Ms']``. Not modified.
     model
-        ``'full'`` (default): the variational mixture of ODEs (paper section 3.4): a
-        latent cell state c per cell and a decoder giving each cell and gene its relative
-        transcription rate rho. ``'basic'``: one latent time per cell and fixed per-gene
-        rates with switch-on and switch-off times (paper section 3.3).
+        ``'basic'`` (default): one latent time per cell and fixed per-gene rates with
+        switch-on and switch-off times (paper section 3.3). ``'full'``: the variational
+        mixture of ODEs (paper section 3.4): a latent cell state c per cell and a decoder
+        giving each cell and gene its relative transcription rate rho. The full model fits
+        better and separates branches, but its velocities on transcriptional-boost genes
+        are not yet reliable, so it is not the default yet.
     unspliced_layer, spliced_layer
         Layers holding the unspliced / spliced abundances.
     t_max
@@ -72,7 +74,7 @@ class VeloVAE:
     def __init__(
         self,
         adata: AnnData,
-        model: str = "full",
+        model: str = "basic",
         unspliced_layer: str = "Mu",
         spliced_layer: str = "Ms",
         t_max: float = 20.0,
