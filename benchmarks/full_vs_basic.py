@@ -1,6 +1,7 @@
 """Basic vs full model on bifurcating simulations: the numbers behind the full-model tests.
 
 Usage: python benchmarks/full_vs_basic.py [--branches 2 3] [--n-cells 2000] [--n-genes 200]
+                                          [--models basic full]
 
 Prints one markdown table row per (simulation, model): reconstruction (train/test MSE,
 log-likelihood), latent-time Spearman with the truth, mean per-cell velocity cosine with
@@ -26,12 +27,12 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(num / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)))
 
 
-def run(n_branches: int, n_cells: int, n_genes: int) -> list[str]:
+def run(n_branches: int, n_cells: int, n_genes: int, models: list[str]) -> list[str]:
     adata = pv.datasets.simulate(n_cells=n_cells, n_genes=n_genes, topology="bifurcation",
                                  n_branches=n_branches, noise="nb", seed=n_branches)
     pv.pp.preprocess(adata, random_state=0)
     rows = []
-    for kind in ("basic", "full"):
+    for kind in models:
         start = time.perf_counter()
         vae = pv.VeloVAE(adata, model=kind, seed=0)
         vae.train(progress_bar=False, seed=0)
@@ -65,12 +66,13 @@ def main() -> None:
     parser.add_argument("--branches", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--n-cells", type=int, default=2000)
     parser.add_argument("--n-genes", type=int, default=200)
+    parser.add_argument("--models", nargs="+", default=["basic", "full"])
     args = parser.parse_args()
     print("| simulation | model | MSE train / test | LL train / test | Spearman t | "
           "velocity cosine | branch acc. (c) | future corr. | wall |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for n_branches in args.branches:
-        run(n_branches, args.n_cells, args.n_genes)
+        run(n_branches, args.n_cells, args.n_genes, args.models)
 
 
 if __name__ == "__main__":

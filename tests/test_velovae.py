@@ -152,3 +152,23 @@ def test_divergence_is_reported(linear_adata):
         vae.model.log_alpha[0] = float("nan")
     with pytest.raises(DivergenceError, match="log_alpha"):
         vae.train(max_epochs=1, warmup_epochs=0, progress_bar=False)
+
+
+def test_full_model_quick_fit_refines_and_exports(linear_adata):
+    vae = pv.VeloVAE(linear_adata, model="full", hidden=(32, 16), latent_dim=3, seed=0)
+    vae.train(max_epochs=4, warmup_epochs=2, refine_epochs=2, progress_bar=False)
+    assert [name for name, _ in vae.history.stages] == ["warm-up", "basic", "full", "refine"]
+    assert vae.get_cell_state().shape == (linear_adata.n_obs, 3)
+    metrics = vae.evaluate()
+    assert list(metrics.index) == ["train", "test"]
+    assert np.isfinite(metrics.to_numpy()).all()
+    u_next, s_next = vae.predict_future(1.0)
+    assert u_next.shape == s_next.shape == linear_adata.shape
+    with pytest.raises(InputError, match="source"):
+        vae.refine_initial_conditions(epochs=1, source="both")
+    basic = pv.VeloVAE(linear_adata, model="basic", hidden=(8,))
+    basic.train(max_epochs=1, warmup_epochs=0, progress_bar=False)
+    with pytest.raises(RuntimeError, match="full model"):
+        basic.refine_initial_conditions()
+    with pytest.raises(RuntimeError, match="full model"):
+        basic.get_cell_state()
