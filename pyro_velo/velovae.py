@@ -424,7 +424,9 @@ class VeloVAE:
         """
         self._check_trained()
         self._require_full("get_transcription_rate")
-        c = self._encode()["c"]
+        return self._transcription_rate(self._encode()["c"])
+
+    def _transcription_rate(self, c: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
             rho = torch.cat([self.model.transcription_rate(b) for b in c.split(4096)])
         return self._full_width(rho.cpu().numpy())
@@ -436,13 +438,15 @@ class VeloVAE:
 
     @torch.no_grad()
     def _expected(self, delta_t: float = 0.0, idx: torch.Tensor | None = None,
-                  scale: bool = True) -> dict[str, torch.Tensor]:
+                  scale: bool = True, encoded: dict[str, torch.Tensor] | None = None
+                  ) -> dict[str, torch.Tensor]:
         """Model's u, s, du/dt, ds/dt at each cell's posterior mean time + ``delta_t``.
 
-        ``(cells, fitted genes)`` tensors, on the data scales when ``scale``.
+        ``(cells, fitted genes)`` tensors, on the data scales when ``scale``. ``encoded``
+        reuses the output of :meth:`_encode` for the same cells.
         """
         idx = torch.arange(self.data.n_cells, device=self.device) if idx is None else idx
-        latent = self._encode(idx)
+        latent = self._encode(idx) if encoded is None else encoded
         latent = {k: latent[k] for k in ("t", "c") if k in latent}
         latent["t"] = latent["t"] + delta_t
         out: dict[str, list[torch.Tensor]] = {k: [] for k in ("u", "s", "du", "ds")}
@@ -600,13 +604,13 @@ class VeloVAE:
         latent_stats = self._encode()
         t_loc = latent_stats["t"].cpu().numpy().astype(np.float64)
         t_scale = latent_stats["t_std"].cpu().numpy().astype(np.float64)
-        velocity_s, velocity_u, fit_u, fit_s = self._numpy(self._expected(), "ds", "du", "u",
-                                                           "s")
+        velocity_s, velocity_u, fit_u, fit_s = self._numpy(
+            self._expected(encoded=latent_stats), "ds", "du", "u", "s")
         rates = self.get_rates()
         full = self.config["model"] == "full"
         rho = None
         if full and adata.n_obs * adata.n_vars * 4 <= MAX_DENSE_RHO_BYTES:
-            rho = self.get_transcription_rate()
+            rho = self._transcription_rate(latent_stats["c"])
         latent = (t_loc - t_loc.min()) / max(t_loc.max() - t_loc.min(), 1e-12)
         params = {
             "mode": "pyro_velo",
