@@ -93,19 +93,19 @@ class BasicModel(PyroModule):
         }
 
     def load_rates(self, **values: Tensor) -> None:
-        """Overwrite some per-gene parameters (natural scale), e.g. after re-initialisation."""
+        """Overwrite some per-gene parameters (natural scale), e.g. after re-initialisation.
+
+        Keys are those of :meth:`rates`; ``t_on`` and ``t_off`` may be given alone or
+        together (the other keeps its current value).
+        """
+        current = self.rates()
+        t_on = values.pop("t_on", current["t_on"])
+        t_off = values.pop("t_off", current["t_off"])
         with torch.no_grad():
+            self.t_on.copy_(t_on)
+            self.log_duration.copy_((t_off - t_on).clamp(min=1e-3).log())
             for name, value in values.items():
-                if name == "t_off":
-                    continue
-                if name == "t_on":
-                    t_off = values.get("t_off", self.rates()["t_off"])
-                    self.t_on.copy_(value)
-                    self.log_duration.copy_((t_off - value).clamp(min=1e-3).log())
-                else:
-                    getattr(self, f"log_{name}").copy_(value.log())
-            if "t_off" in values and "t_on" not in values:
-                self.log_duration.copy_((values["t_off"] - self.t_on).clamp(min=1e-3).log())
+                getattr(self, f"log_{name}").copy_(value.log())
 
     # ---- the pieces a user may override ----------------------------------------------
     def time_dist(self, idx: Tensor) -> dist.Distribution:

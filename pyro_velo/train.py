@@ -139,6 +139,7 @@ def fit(
     optimizer = torch.optim.Adam(
         [{"params": net_params, "lr": lr}, {"params": ode_params, "lr": lr_ode}]
     )
+
     def diverged(epoch: int) -> str:
         return _divergence_message(model, guide, epoch, lr, lr_ode)
 
