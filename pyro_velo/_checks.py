@@ -17,13 +17,16 @@ import scipy.sparse as sp
 
 __all__ = [
     "InputError",
+    "MissingFileError",
     "MissingLayerError",
     "check_finite",
     "check_int",
     "check_layers",
     "check_nonnegative",
+    "check_names_present",
     "check_numeric",
     "check_same_shape",
+    "check_unique_names",
     "is_integer_valued",
 ]
 
@@ -50,6 +53,13 @@ class MissingLayerError(InputError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class MissingFileError(InputError, FileNotFoundError):
+    """A file or folder that ``pyro_velo`` needs (saved model, checkpoint) does not exist.
+
+    Subclass of both :class:`InputError` and :class:`FileNotFoundError`.
+    """
 
 
 def _values(matrix: Any) -> Iterator[np.ndarray]:
@@ -293,3 +303,61 @@ def check_int(
     if minimum is not None and value < minimum:
         raise InputError(f"{name} must be at least {minimum}, got {value}.")
     return int(value)
+
+
+def _listing(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def check_unique_names(names: Iterable[str], what: str) -> None:
+    """Check that ``names`` (e.g. ``adata.var_names``) has no duplicates.
+
+    Parameters
+    ----------
+    names
+        The names to check.
+    what
+        How to refer to them in the error message, e.g. ``"adata.var_names"``.
+
+    Raises
+    ------
+    InputError
+        If a name occurs more than once; the message lists the duplicated names.
+    """
+    values = np.asarray(list(names), dtype=object)
+    unique, counts = np.unique(values.astype(str), return_counts=True)
+    duplicated = [str(n) for n in unique[counts > 1]]
+    if duplicated:
+        raise InputError(
+            f"{what} contains {len(duplicated)} duplicated name(s): {_listing(duplicated)}. "
+            "Names must be unique; e.g. call adata.var_names_make_unique() (genes) or "
+            "adata.obs_names_make_unique() (cells)."
+        )
+
+
+def check_names_present(required: Iterable[str], available: Iterable[str], what: str) -> None:
+    """Check that every name in ``required`` occurs in ``available``.
+
+    Parameters
+    ----------
+    required
+        Names that must be present (e.g. the genes a model was fitted on).
+    available
+        Names that are present (e.g. ``adata.var_names``).
+    what
+        How to refer to ``available`` in the error message, e.g. ``"adata.var_names"``.
+
+    Raises
+    ------
+    InputError
+        If some names are missing; the message gives how many and lists them.
+    """
+    present = set(map(str, available))
+    required = [str(n) for n in required]
+    missing = [n for n in required if n not in present]
+    if missing:
+        raise InputError(
+            f"{len(missing)} of the {len(required)} required name(s) are missing from "
+            f"{what}: {_listing(missing)}."
+        )

@@ -10,7 +10,15 @@ import torch
 from anndata import AnnData
 from torch import Tensor
 
-from ._checks import InputError, check_finite, check_layers, check_nonnegative
+from ._checks import (
+    InputError,
+    check_finite,
+    check_layers,
+    check_names_present,
+    check_nonnegative,
+    check_numeric,
+    check_unique_names,
+)
 
 SPLIT_NAMES = ("train", "validation", "test")
 
@@ -77,19 +85,26 @@ class VelocityData:
         Genes with no variation in ``u`` or ``s`` carry no information on time and are
         not fitted (``fitted`` is False for them).
 
+        Layers may be dense or sparse, of any integer or float dtype; they are read as
+        float64 and stored as float32. ``adata`` is not modified.
+
         Raises
         ------
         InputError
-            Missing layers, NaN/inf or negative values, too few cells, no usable gene.
+            Missing layers, non-numeric layers, NaN/inf or negative values, duplicated
+            gene names, fewer than 10 cells or fewer than 2 training cells, no usable gene.
         """
         check_layers(adata, [unspliced_layer, spliced_layer])
+        for name in (unspliced_layer, spliced_layer):
+            check_numeric(adata.layers[name], f"layers['{name}']")
+        check_unique_names(adata.var_names, "adata.var_names")
+        if adata.n_obs < 10:
+            raise InputError(f"need at least 10 cells to fit, got {adata.n_obs}")
         u = _dense(adata.layers[unspliced_layer])
         s = _dense(adata.layers[spliced_layer])
         for x, name in ((u, unspliced_layer), (s, spliced_layer)):
             check_finite(x, f"layers['{name}']")
             check_nonnegative(x, f"layers['{name}']")
-        if adata.n_obs < 10:
-            raise InputError(f"need at least 10 cells to fit, got {adata.n_obs}")
         scale_u = u.std(0)
         scale_s = s.std(0)
         fitted = (scale_u > 1e-8) & (scale_s > 1e-8)
@@ -102,13 +117,96 @@ class VelocityData:
             split = random_split(adata.n_obs, split_fractions, seed)
         elif len(split) != adata.n_obs:
             raise InputError(f"split has {len(split)} entries for {adata.n_obs} cells")
+        elif not np.isin(split, (0, 1, 2)).all():
+            raise InputError("split must hold 0 (train), 1 (validation) or 2 (test) per cell")
+        n_train = int(np.count_nonzero(np.asarray(split) == 0))
+        if n_train < 2:
+            raise InputError(
+                f"only {n_train} of {adata.n_obs} cells are in the train split; at least 2 "
+                "are needed (batch normalisation needs two cells): raise the train fraction "
+                "of split_fractions or use more cells"
+            )
+        # the stored (float32) scales are what new cells are divided by, so divide by them
+        scale_u = scale_u[fitted].astype(np.float32)
+        scale_s = scale_s[fitted].astype(np.float32)
         return cls(
-            u=torch.from_numpy(u[:, fitted] / scale_u[fitted]).float(),
-            s=torch.from_numpy(s[:, fitted] / scale_s[fitted]).float(),
-            gene_scale_u=torch.from_numpy(scale_u[fitted]).float(),
-            gene_scale_s=torch.from_numpy(scale_s[fitted]).float(),
+            u=torch.from_numpy(u[:, fitted] / scale_u.astype(np.float64)).float(),
+            s=torch.from_numpy(s[:, fitted] / scale_s.astype(np.float64)).float(),
+            gene_scale_u=torch.from_numpy(scale_u),
+            gene_scale_s=torch.from_numpy(scale_s),
             fitted=fitted,
             split=np.asarray(split, dtype=np.int8),
+        )
+
+    @classmethod
+    def for_new_cells(
+        cls,
+        adata: AnnData,
+        var_names: np.ndarray,
+        fitted: np.ndarray,
+        gene_scale_u: Tensor,
+        gene_scale_s: Tensor,
+        unspliced_layer: str = "Mu",
+        spliced_layer: str = "Ms",
+    ) -> VelocityData:
+        """Abundances of cells a model was not fitted on, scaled as the fitted ones.
+
+        The genes are matched by name: ``adata`` must contain every fitted gene
+        (``var_names[fitted]``), in any order; its other genes are ignored. Each gene is
+        divided by the stored scale of the fitted data (``gene_scale_u`` /
+        ``gene_scale_s``), not by the new cells' own spread, so that the encoder sees
+        the new cells on the axis it was trained on. ``adata`` is not modified.
+
+        Parameters
+        ----------
+        adata
+            The new cells, with the same abundance layers as the fitted data.
+        var_names, fitted
+            The genes of the fitted AnnData and the mask of those that were fitted.
+        gene_scale_u, gene_scale_s
+            ``(fitted genes,)`` scales of the fitted data.
+        unspliced_layer, spliced_layer
+            Layers holding the new cells' unspliced / spliced abundances.
+
+        Returns
+        -------
+        VelocityData
+            ``u``, ``s`` of the new cells for the fitted genes, the given scales and
+            ``fitted``; ``split`` is -1 for every cell (the cells belong to no split).
+
+        Raises
+        ------
+        InputError
+            ``adata`` is not an AnnData, has no cells, lacks a layer or fitted gene, has
+            duplicated names among the fitted genes, or NaN/inf/negative values in them.
+        """
+        if not isinstance(adata, AnnData):
+            raise InputError(f"expected an AnnData with the new cells, got {type(adata).__name__}")
+        if adata.n_obs == 0:
+            raise InputError("adata has no cells (n_obs == 0)")
+        check_layers(adata, [unspliced_layer, spliced_layer])
+        genes = np.asarray(var_names)[np.asarray(fitted, dtype=bool)].astype(str)
+        names = np.asarray(adata.var_names).astype(str)
+        check_names_present(genes, names, "adata.var_names (the model's fitted genes)")
+        selected = np.isin(names, genes)
+        check_unique_names(names[selected], "adata.var_names (among the model's fitted genes)")
+        position = {name: i for i, name in enumerate(names)}
+        columns = np.array([position[g] for g in genes], dtype=np.int64)
+        scaled = []
+        for name, scale in ((unspliced_layer, gene_scale_u), (spliced_layer, gene_scale_s)):
+            layer = adata.layers[name]
+            check_numeric(layer, f"layers['{name}']")
+            x = _dense(layer[:, columns])
+            check_finite(x, f"layers['{name}'] (fitted genes)")
+            check_nonnegative(x, f"layers['{name}'] (fitted genes)")
+            scaled.append(torch.from_numpy(x / scale.cpu().numpy().astype(np.float64)).float())
+        return cls(
+            u=scaled[0],
+            s=scaled[1],
+            gene_scale_u=gene_scale_u.cpu(),
+            gene_scale_s=gene_scale_s.cpu(),
+            fitted=np.asarray(fitted, dtype=bool).copy(),
+            split=np.full(adata.n_obs, -1, dtype=np.int8),
         )
 
 
