@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pyro
+import pyro.util
 import torch
 from pyro.infer import Trace_ELBO
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._checks import InputError, MissingFileError, check_int
 from .data import VelocityData
 
 
@@ -37,7 +45,7 @@ class TrainingHistory:
 
 
 class DivergenceError(FloatingPointError):
-    """Raised when the ELBO or a parameter becomes NaN or infinite during training."""
+    """Raised when the ELBO, a gradient or a parameter becomes NaN or infinite in training."""
 
 
 def local_params():
@@ -95,6 +103,9 @@ def fit(
     progress_bar: bool = True,
     history: TrainingHistory | None = None,
     description: str = "Training",
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint_every: int = 10,
+    resume_state: dict[str, Any] | None = None,
 ) -> TrainingHistory:
     """Train ``model``/``guide`` on the train cells of ``data`` by minibatch SVI.
 
@@ -118,6 +129,22 @@ def fit(
         Show a tqdm bar with the current losses.
     history
         Append to this history (for multi-stage training) instead of a new one.
+    description
+        Label of the progress bar.
+    checkpoint
+        Called with this loop's resumable state (see :func:`fit_state`) after every
+        epoch at which ``len(history.train)`` is a multiple of ``checkpoint_every``; it
+        is meant to write a checkpoint (the model and guide parameters are not in the
+        state: the caller saves them).
+    checkpoint_every
+        Epochs between calls of ``checkpoint``.
+    resume_state
+        A state passed to ``checkpoint`` by an earlier, interrupted call with the same
+        arguments: the loop continues after its epoch with the optimiser (Adam moments
+        and step counts), the minibatch-order generator, the torch / numpy / Python
+        random states and the early-stopping state (best loss, best parameters, epochs
+        since the best) restored. ``model`` and ``guide`` must already hold the
+        parameters of that epoch.
 
     Returns
     -------
@@ -126,8 +153,22 @@ def fit(
     Raises
     ------
     DivergenceError
-        When the loss or a parameter becomes NaN/inf.
+        At the minibatch step where the loss or a gradient becomes NaN/inf (checked
+        before the optimiser step, so no parameter is updated with it), or at the end of
+        an epoch whose validation loss is NaN/inf. The message names the non-finite
+        gradients or parameters.
+    InputError
+        Invalid ``max_epochs``, ``batch_size``, learning rates or ``patience``.
     """
+    max_epochs = check_int(max_epochs, "max_epochs", minimum=1)
+    batch_size = check_int(batch_size, "batch_size", minimum=2)
+    patience = check_int(patience, "patience", minimum=1)
+    checkpoint_every = check_int(checkpoint_every, "checkpoint_every", minimum=1)
+    for name, value in (("lr", lr), ("lr_ode", lr_ode)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+            math.isfinite(value) and value > 0
+        ):
+            raise InputError(f"{name} must be a positive number, got {value!r}")
     history = history if history is not None else TrainingHistory()
     train_idx = data.indices("train")
     val_idx = data.indices("validation")
@@ -140,19 +181,34 @@ def fit(
         [{"params": net_params, "lr": lr}, {"params": ode_params, "lr": lr_ode}]
     )
 
-    def diverged(epoch: int) -> str:
-        return _divergence_message(model, guide, epoch, lr, lr_ode)
+    named = [(f"model.{n}", p) for n, p in model.named_parameters()] + [
+        (f"guide.{n}", p) for n, p in guide.named_parameters()]
+    all_params = [p for _, p in named]
 
-    best_loss, best_state, since_best = math.inf, None, 0
+    def diverged(epoch: int, step: int | None = None, loss: Tensor | None = None) -> str:
+        return _divergence_message(model, guide, epoch, lr, lr_ode, step, loss, named)
+
+    best_loss, best_state, since_best, stopped = math.inf, None, 0, False
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,)).item()))
-    bar = tqdm(range(max_epochs), desc=description, disable=not progress_bar, leave=True)
+    start_epoch = 0
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        gen.set_state(resume_state["generator"])
+        best_loss = resume_state["best_loss"]
+        best_state = resume_state["best_state"]
+        since_best = resume_state["since_best"]
+        stopped = resume_state["stopped"]
+        start_epoch = resume_state["epoch"]
+        set_rng_state(resume_state["rng"])
+    epochs = range(start_epoch, max_epochs) if not stopped else range(0)
+    bar = tqdm(epochs, desc=description, disable=not progress_bar, leave=True)
     model.train()
     guide.train()
     for epoch in bar:
         perm = train_idx[torch.randperm(n_train, generator=gen)]
-        epoch_loss = 0.0
+        epoch_loss = torch.zeros((), device=data.u.device)
         with local_params():
-            for batch in perm.split(batch_size):
+            for step, batch in enumerate(perm.split(batch_size)):
                 if len(batch) < 2 and n_train >= 2:
                     continue  # batch norm needs two cells
                 batch_dev = batch.to(data.u.device)
@@ -161,14 +217,17 @@ def fit(
                 except ValueError as err:  # distribution validation of NaN parameters
                     if _all_finite(model) and _all_finite(guide):
                         raise
-                    raise DivergenceError(diverged(epoch)) from err
-                if not torch.isfinite(loss):
-                    raise DivergenceError(diverged(epoch))
+                    raise DivergenceError(diverged(epoch, step)) from err
                 optimizer.zero_grad()
                 loss.backward()
+                # one host sync per step checks the loss and every gradient together:
+                # NaN/inf in any of them makes the sum non-finite (before the step, so
+                # no parameter is ever updated with a non-finite gradient)
+                if not torch.isfinite(loss.detach() + _gradient_sum(all_params)):
+                    raise DivergenceError(diverged(epoch, step, loss))
                 optimizer.step()
-                epoch_loss += loss.item() * len(batch) / n_train
-        history.train.append(epoch_loss / n_train)
+                epoch_loss += loss.detach() * (len(batch) / n_train)
+        history.train.append(epoch_loss.item() / n_train)
         monitored = history.train[-1]
         if len(val_idx):
             history.validation.append(evaluate_loss(model, guide, data, val_idx))
@@ -184,8 +243,13 @@ def fit(
                 best_state = (copy.deepcopy(model.state_dict()), copy.deepcopy(guide.state_dict()))
         else:
             since_best += 1
-        if early_stopping and since_best >= patience:
+        stopped = early_stopping and since_best >= patience
+        if stopped:
             history.stopped_early = True
+        if checkpoint is not None and len(history.train) % checkpoint_every == 0:
+            checkpoint(fit_state(epoch + 1, optimizer, gen, best_loss, best_state, since_best,
+                                 stopped))
+        if stopped:
             break
     bar.close()
     if early_stopping and best_state is not None:
@@ -205,14 +269,310 @@ def _all_finite(module: torch.nn.Module) -> bool:
     return all(torch.isfinite(p).all() for p in module.parameters())
 
 
+def _gradient_sum(params: list[Tensor]) -> Tensor:
+    """Sum of all gradient entries: non-finite iff some gradient entry is (or overflow)."""
+    sums = [p.grad.sum() for p in params if p.grad is not None]
+    return torch.stack(sums).sum() if sums else torch.zeros(())
+
+
 def _divergence_message(
-    model: torch.nn.Module, guide: torch.nn.Module, epoch: int, lr: float, lr_ode: float
+    model: torch.nn.Module,
+    guide: torch.nn.Module,
+    epoch: int,
+    lr: float,
+    lr_ode: float,
+    step: int | None = None,
+    loss: Tensor | None = None,
+    named: list[tuple[str, Tensor]] | None = None,
 ) -> str:
     bad = [f"{owner}.{n}" for owner, module in (("model", model), ("guide", guide))
            for n, p in module.named_parameters() if not torch.isfinite(p).all()]
-    where = f"non-finite parameters: {', '.join(bad)}" if bad else "the loss itself"
+    bad_grad = [n for n, p in (named or []) if p.grad is not None
+                and not torch.isfinite(p.grad).all()]
+    at = f"epoch {epoch}" + (f", minibatch step {step}" if step is not None else "")
+    if loss is not None and torch.isfinite(loss) and bad_grad:
+        what = (f"the gradient of {', '.join(bad_grad)} became NaN/inf while the loss "
+                f"({float(loss.detach()):.4g}) was finite; the optimiser step was not taken")
+    else:
+        where = f"non-finite parameters: {', '.join(bad)}" if bad else "the loss itself"
+        what = f"the ELBO became NaN/inf ({where})"
     return (
-        f"training diverged at epoch {epoch}: the ELBO became NaN/inf ({where}). "
+        f"training diverged at {at}: {what}. "
         f"Try a smaller learning rate (lr={lr:g}, lr_ode={lr_ode:g}), a larger batch_size, "
         "or check the input layers for extreme values."
     )
+
+
+# ---- checkpoints ---------------------------------------------------------------------
+def get_rng_state() -> dict[str, Any]:
+    """torch, numpy and Python random states, storable with ``torch.load(weights_only=True)``."""
+    state = pyro.util.get_rng_state()
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    return {"torch": state["torch"], "random": state["random"],
+            "numpy": (kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos),
+                      int(has_gauss), float(cached))}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore states returned by :func:`get_rng_state`."""
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    pyro.util.set_rng_state({
+        "torch": state["torch"], "random": state["random"],
+        "numpy": (kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached)})
+
+
+def fit_state(
+    epoch: int,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    best_loss: float,
+    best_state: tuple[dict, dict] | None,
+    since_best: int,
+    stopped: bool,
+) -> dict[str, Any]:
+    """The state :func:`fit` needs to continue after ``epoch`` epochs (``resume_state``)."""
+    return {"epoch": epoch, "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(), "rng": get_rng_state(),
+            "best_loss": best_loss, "best_state": best_state, "since_best": since_best,
+            "stopped": stopped}
+
+
+def write_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` atomically (a partly written file is never left)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`write_checkpoint`.
+
+    Raises
+    ------
+    MissingFileError
+        No file at ``path``.
+    InputError
+        The file cannot be read as a checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(
+            f"no checkpoint to resume from: {path} does not exist. Train once with "
+            f"checkpoint_dir={str(path.parent)!r} first, or pass resume=False.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle/zip errors of many types for a damaged file
+        raise InputError(f"cannot read the checkpoint {path} (damaged or not a "
+                         f"checkpoint): {err}") from err
+    if not isinstance(payload, dict) or "format_version" not in payload:
+        raise InputError(f"{path} is not a pyro_velo training checkpoint")
+    return payload
+
+
+def load_module_state(module: torch.nn.Module, state: dict[str, Tensor]) -> None:
+    """``module.load_state_dict(state)``, also for per-cell initial-condition buffers.
+
+    A full model's ``initial_time/u/s`` buffers are ``None`` until refinement sets them;
+    they are set (or cleared) to match ``state`` before loading.
+    """
+    if hasattr(module, "set_initial_conditions"):
+        if "initial_time" in state:
+            device = next(module.parameters()).device
+            module.set_initial_conditions(*(state[f"initial_{k}"].to(device)
+                                            for k in ("time", "u", "s")))
+        else:
+            module.clear_initial_conditions()
+    module.load_state_dict(state)
+
+
+#: Version of the checkpoint layout written by :class:`Checkpointer`.
+CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FILE = "checkpoint.pt"
+#: Training stages in the order :meth:`pyro_velo.VeloVAE.train` runs them.
+STAGES = ("warm-up", "basic", "full", "refine")
+
+
+class Checkpointer:
+    """Checkpoints of a multi-stage training run (used by :meth:`pyro_velo.VeloVAE.train`).
+
+    A checkpoint (``folder/checkpoint.pt``, rewritten atomically) holds the parameters and
+    buffers of every registered module, the training history, the model configuration,
+    the random states, the run's arguments and the position: the stage in progress and,
+    inside a stage, the state of :func:`fit` (see its ``resume_state``). Checkpoints are
+    written every ``every`` epochs inside a stage and at the end of each stage.
+
+    With ``folder=None`` it does nothing: every stage is to do, nothing is written.
+
+    Parameters
+    ----------
+    folder
+        Where the checkpoint lives (created if missing), or ``None``.
+    every
+        Epochs between checkpoints inside a stage.
+    header
+        What must match for a resume: ``config`` (model configuration), ``split``
+        (int8 tensor), ``fitted`` (bool tensor).
+    run
+        The run's arguments that determine its course (epochs, batch size, learning
+        rates, seed...): a resume must pass the same.
+    """
+
+    #: config keys written by the refinement stage itself (not part of the match)
+    _RUN_CONFIG_KEYS = ("refine_delta1", "refine_delta2", "refined")
+
+    def __init__(
+        self,
+        folder: str | Path | None,
+        every: int,
+        header: dict[str, Any],
+        run: dict[str, Any],
+    ) -> None:
+        self.folder = None if folder is None else Path(folder)
+        self.every = check_int(every, "checkpoint_every", minimum=1)
+        self.header = header
+        self.run = run
+        self.modules: dict[str, torch.nn.Module] = {}
+        self.saved: dict[str, Any] | None = None
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.folder is None else self.folder / CHECKPOINT_FILE
+
+    def start(self, resume: bool) -> None:
+        """Check the folder; with ``resume`` read and validate its checkpoint.
+
+        Raises
+        ------
+        InputError
+            ``resume`` without a folder; a checkpoint exists but ``resume`` is False; the
+            checkpoint belongs to another model, data split or set of run arguments.
+        MissingFileError
+            ``resume`` but no checkpoint in the folder.
+        """
+        if self.folder is None:
+            if resume:
+                raise InputError("resume=True needs checkpoint_dir: the folder that holds "
+                                 "the checkpoint of the interrupted run")
+            return
+        if self.folder.exists() and not self.folder.is_dir():
+            raise InputError(f"checkpoint_dir {self.folder} exists and is not a folder")
+        if not resume:
+            if self.path.exists():
+                raise InputError(
+                    f"{self.path} already exists: pass resume=True to continue that run, "
+                    "or remove it (or choose another checkpoint_dir) to start afresh")
+            self.folder.mkdir(parents=True, exist_ok=True)
+            return
+        saved = read_checkpoint(self.path)
+        if saved["format_version"] != CHECKPOINT_FORMAT_VERSION:
+            raise InputError(
+                f"{self.path} has checkpoint format {saved['format_version']}, this "
+                f"pyro_velo reads format {CHECKPOINT_FORMAT_VERSION}: it cannot be resumed")
+
+        def strip(config: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in config.items() if k not in self._RUN_CONFIG_KEYS}
+
+        if strip(saved["header"]["config"]) != strip(self.header["config"]):
+            diff = sorted(k for k in set(strip(saved["header"]["config"]))
+                          | set(strip(self.header["config"]))
+                          if saved["header"]["config"].get(k) != self.header["config"].get(k))
+            raise InputError(f"the checkpoint in {self.folder} belongs to a model with another "
+                             f"configuration (differs in: {', '.join(diff)})")
+        for key in ("split", "fitted"):
+            if not torch.equal(saved["header"][key], self.header[key]):
+                raise InputError(
+                    f"the checkpoint in {self.folder} was written for other data: its cells' "
+                    f"{'train/validation/test split' if key == 'split' else 'fitted genes'} "
+                    "differ from this model's")
+        if saved["run"] != self.run:
+            diff = sorted(k for k in set(saved["run"]) | set(self.run)
+                          if saved["run"].get(k) != self.run.get(k))
+            listing = ", ".join(f"{k}={saved['run'].get(k)!r}" for k in diff)
+            raise InputError(f"resume=True must repeat the interrupted call's arguments; the "
+                             f"checkpoint in {self.folder} was written with {listing}")
+        self.saved = saved
+
+    def restore(self, modules: dict[str, torch.nn.Module], config: dict[str, Any],
+                history: TrainingHistory) -> None:
+        """Register ``modules``; when resuming, load their state, ``config`` and ``history``.
+
+        At a stage boundary the random states are restored too (inside a stage
+        :func:`fit` restores them with the rest of its state).
+        """
+        self.modules = modules
+        if self.saved is None:
+            return
+        for name, module in modules.items():
+            load_module_state(module, self.saved["modules"][name])
+        config.clear()
+        config.update(self.saved["header"]["config"])
+        saved_history = self.saved["history"]
+        history.train[:] = saved_history["train"]
+        history.validation[:] = saved_history["validation"]
+        history.stages[:] = [tuple(s) for s in saved_history["stages"]]
+        history.best_epoch = saved_history["best_epoch"]
+        history.stopped_early = saved_history["stopped_early"]
+        if self.saved["fit"] is None:
+            set_rng_state(self.saved["rng"])
+
+    def todo(self, stage: str) -> bool:
+        """Whether ``stage`` still has to run (all do unless resuming)."""
+        if self.saved is None:
+            return True
+        position = STAGES.index(self.saved["stage"])
+        return STAGES.index(stage) > position or (
+            STAGES.index(stage) == position and not self.saved["done"])
+
+    def resuming(self, stage: str) -> bool:
+        """Whether the run resumes inside ``stage`` (its stage marker is in the history)."""
+        return (self.saved is not None and self.saved["stage"] == stage
+                and not self.saved["done"])
+
+    @property
+    def finished(self) -> bool:
+        """Whether the resumed checkpoint was written at the end of training."""
+        return self.saved is not None and self.saved.get("finished", False)
+
+    def fit_options(self, stage: str, history: TrainingHistory,
+                    config: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments for :func:`fit` in ``stage`` (checkpoint hook and resume)."""
+        if self.folder is None:
+            return {}
+        resume_state = self.saved["fit"] if self.resuming(stage) else None
+
+        def hook(state: dict[str, Any]) -> None:
+            self._write(stage, False, state, history, config)
+
+        return {"checkpoint": hook, "checkpoint_every": self.every,
+                "resume_state": resume_state}
+
+    def stage_done(self, stage: str, history: TrainingHistory, config: dict[str, Any],
+                   finished: bool = False) -> None:
+        """Write a checkpoint at the end of ``stage`` (``finished``: training is over)."""
+        if self.folder is not None:
+            self._write(stage, True, None, history, config, finished)
+
+    def _write(self, stage: str, done: bool, state: dict[str, Any] | None,
+               history: TrainingHistory, config: dict[str, Any],
+               finished: bool = False) -> None:
+        from . import __version__
+
+        payload = {
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "package_version": __version__,
+            "header": {**self.header, "config": copy.deepcopy(config)},
+            "run": self.run,
+            "stage": stage,
+            "done": done,
+            "finished": finished,
+            "fit": state,
+            "rng": get_rng_state(),
+            "modules": {name: {k: v.detach().cpu() for k, v in m.state_dict().items()}
+                        for name, m in self.modules.items()},
+            "history": {"train": list(history.train), "validation": list(history.validation),
+                        "stages": [tuple(s) for s in history.stages],
+                        "best_epoch": history.best_epoch,
+                        "stopped_early": history.stopped_early},
+        }
+        write_checkpoint(self.path, payload)
