@@ -14,18 +14,31 @@ import torch
 from anndata import AnnData
 
 from . import __version__
-from ._checks import InputError
+from ._checks import InputError, MissingFileError
 from ._threads import cpu_threads
 from .data import SPLIT_NAMES, VelocityData
 from .guides import AmortizedGuide, FixedLatentGuide
 from .initialize import steady_state_init, time_informed_init, window_initial_conditions
 from .model import BasicModel, FullModel
-from .train import TrainingHistory, evaluate_loss, fit, local_params, set_seed
+from .train import (
+    Checkpointer,
+    TrainingHistory,
+    evaluate_loss,
+    fit,
+    load_module_state,
+    local_params,
+    set_seed,
+)
 
 MODELS = ("basic", "full")
 # rho is exported as a dense layer only below this many bytes (float32)
 MAX_DENSE_RHO_BYTES = 2 * 1024**3
 PREFIX = "pyro_velo_"
+#: Version of the layout :meth:`VeloVAE.save` writes (``config.json['format_version']``);
+#: :meth:`VeloVAE.load` reads this version only.
+FORMAT_VERSION = 1
+MODEL_FILE = "model.pt"
+CONFIG_FILE = "config.json"
 
 
 class VeloVAE:
@@ -157,6 +170,9 @@ class VeloVAE:
         refine_epochs: int | None = None,
         progress_bar: bool = True,
         num_threads: int | None = 1,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int = 10,
+        resume: bool = False,
     ) -> TrainingHistory:
         """Fit by minibatch SVI with early stopping on the validation ELBO.
 
@@ -198,12 +214,46 @@ class VeloVAE:
         num_threads
             CPU threads torch may use while training (restored afterwards). Minibatches
             are small, so one thread is fastest on CPU; ``None`` keeps torch's setting.
+        checkpoint_dir
+            Folder for a training checkpoint (``checkpoint.pt``, rewritten atomically),
+            written every ``checkpoint_every`` epochs (counted over all stages) and at the
+            end of every stage. It holds everything needed to continue: the parameters
+            and buffers of every model and guide in use (for the full model also the
+            first-stage basic pair), the Adam optimiser state (moments and step counts),
+            the minibatch-order generator, the torch / numpy / Python random states, the
+            early-stopping state (best loss, best parameters, epochs since the best),
+            the history, the stage and epoch reached and the configuration. Without
+            ``resume`` the folder must not hold a checkpoint already.
+        checkpoint_every
+            Epochs between checkpoints inside a stage.
+        resume
+            Continue the run whose checkpoint is in ``checkpoint_dir`` (e.g. after a crash,
+            in a new process with a new ``VeloVAE`` built with the same arguments, or on
+            this object after an interruption). Pass the same training arguments as the
+            interrupted call (``progress_bar``, ``device``, ``num_threads`` and
+            ``checkpoint_every`` may differ); on CPU the result is then bitwise the same
+            as an uninterrupted run. The history is restored and continues from the
+            checkpoint's epoch. The refinement stage is not checkpointed inside: a run
+            interrupted during it restarts the refinement from the end of the ``full``
+            stage. Resuming a finished run restores its final state without training.
 
         Returns
         -------
         TrainingHistory
             Per-epoch train and validation loss (negative ELBO per cell), also in
             ``self.history``.
+
+        Raises
+        ------
+        InputError
+            Invalid arguments; ``resume`` with a checkpoint of another model, split or
+            set of arguments; a checkpoint already in ``checkpoint_dir`` without
+            ``resume``.
+        MissingFileError
+            ``resume`` but ``checkpoint_dir`` holds no checkpoint.
+        DivergenceError
+            The loss, a gradient or a parameter became NaN/inf (see
+            :func:`pyro_velo.train.fit`).
         """
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise InputError("device='cuda' was requested but CUDA is not available")
@@ -216,6 +266,17 @@ class VeloVAE:
         if refine_epochs is None:
             refine_epochs = max_epochs // 4
         full = self.config["model"] == "full"
+        # ---- checkpoints (begin): validate before anything changes ----
+        ckpt = Checkpointer(
+            checkpoint_dir, checkpoint_every,
+            header={"config": copy.deepcopy(self.config),
+                    "split": torch.from_numpy(self.data.split.copy()),
+                    "fitted": torch.from_numpy(self.data.fitted.copy())},
+            run=dict(max_epochs=max_epochs, batch_size=batch_size, lr=lr, lr_ode=lr_ode,
+                     seed=seed, early_stopping=early_stopping, patience=patience,
+                     warmup_epochs=warmup_epochs, refine_epochs=refine_epochs))
+        ckpt.start(resume)
+        # ---- checkpoints (end) ----
         self._to(device)
         set_seed(seed)
         opts = dict(batch_size=batch_size, lr=lr, lr_ode=lr_ode, progress_bar=progress_bar,
@@ -227,23 +288,44 @@ class VeloVAE:
                 basic_guide.to(self.device)
             else:
                 basic_model, basic_guide = self.model, self.guide
-            if warmup_epochs > 0:
-                self.history.stages.append(("warm-up", len(self.history.train)))
-                fit(basic_model, basic_guide, self.data, warmup_epochs, early_stopping=False,
-                    description="Warm-up", **opts)
-                self._reinitialize_rates(basic_model, basic_guide)
-            self.history.stages.append(("basic", len(self.history.train)))
-            fit(basic_model, basic_guide, self.data, max_epochs,
-                early_stopping=early_stopping, description="Basic model", **opts)
+            # ---- checkpoints: restore a resumed run's modules, config, history, RNG ----
+            modules = {"model": self.model, "guide": self.guide}
             if full:
-                self._start_from_basic(basic_model, basic_guide)
-                self.history.stages.append(("full", len(self.history.train)))
-                fit(self.model, self.guide, self.data, max_epochs,
-                    early_stopping=early_stopping, description="Mixture of ODEs", **opts)
+                modules.update(basic_model=basic_model, basic_guide=basic_guide)
+            ckpt.restore(modules, self.config, self.history)
+            if ckpt.finished:
+                self.is_trained = True
+                return self.history
+            if warmup_epochs > 0 and ckpt.todo("warm-up"):
+                if not ckpt.resuming("warm-up"):
+                    self.history.stages.append(("warm-up", len(self.history.train)))
+                fit(basic_model, basic_guide, self.data, warmup_epochs, early_stopping=False,
+                    description="Warm-up", **opts,
+                    **ckpt.fit_options("warm-up", self.history, self.config))
+                self._reinitialize_rates(basic_model, basic_guide)
+                ckpt.stage_done("warm-up", self.history, self.config)
+            if ckpt.todo("basic"):
+                if not ckpt.resuming("basic"):
+                    self.history.stages.append(("basic", len(self.history.train)))
+                fit(basic_model, basic_guide, self.data, max_epochs,
+                    early_stopping=early_stopping, description="Basic model", **opts,
+                    **ckpt.fit_options("basic", self.history, self.config))
+                ckpt.stage_done("basic", self.history, self.config, finished=not full)
+            if full:
+                if ckpt.todo("full"):
+                    if not ckpt.resuming("full"):
+                        self._start_from_basic(basic_model, basic_guide)
+                        self.history.stages.append(("full", len(self.history.train)))
+                    fit(self.model, self.guide, self.data, max_epochs,
+                        early_stopping=early_stopping, description="Mixture of ODEs", **opts,
+                        **ckpt.fit_options("full", self.history, self.config))
+                    ckpt.stage_done("full", self.history, self.config,
+                                    finished=refine_epochs <= 0)
                 self.is_trained = True
                 if refine_epochs > 0:
                     self.refine_initial_conditions(
                         epochs=refine_epochs, early_stopping=early_stopping, **opts)
+                    ckpt.stage_done("refine", self.history, self.config, finished=True)
         self.is_trained = True
         return self.history
 
@@ -380,14 +462,20 @@ class VeloVAE:
     # ---- posterior summaries ---------------------------------------------------------
     @torch.no_grad()
     def _encode(self, idx: torch.Tensor | None = None, guide: AmortizedGuide | None = None,
-                batch_size: int = 4096) -> dict[str, torch.Tensor]:
-        """Posterior means (``t``, ``c``) and standard deviations (``t_std``, ``c_std``)."""
-        idx = torch.arange(self.data.n_cells, device=self.device) if idx is None else idx
+                batch_size: int = 4096, data: VelocityData | None = None
+                ) -> dict[str, torch.Tensor]:
+        """Posterior means (``t``, ``c``) and standard deviations (``t_std``, ``c_std``).
+
+        Of the cells ``idx`` (default all) of ``data`` (default the fitted cells,
+        ``self.data``; new cells come from :meth:`_cells`).
+        """
+        data = self.data if data is None else data
+        idx = torch.arange(data.n_cells, device=self.device) if idx is None else idx
         guide = self.guide if guide is None else guide
         guide.eval()
         parts: dict[str, list[torch.Tensor]] = {"t": [], "t_std": [], "c": [], "c_std": []}
         for batch in idx.split(batch_size):
-            out = guide.encoder(self.data.u[batch], self.data.s[batch])
+            out = guide.encoder(data.u[batch], data.s[batch])
             for name, value in zip(parts, out, strict=True):
                 if value is not None:
                     parts[name].append(value)
@@ -397,25 +485,65 @@ class VeloVAE:
         if not self.is_trained:
             raise RuntimeError("the model is not trained yet: call .train() first")
 
-    def get_latent_time(self, scaled: bool = False) -> np.ndarray:
+    def _cells(self, adata: AnnData | None) -> VelocityData:
+        """The fitted cells (``adata`` None) or new cells, scaled with the stored scales.
+
+        See :meth:`~pyro_velo.data.VelocityData.for_new_cells`: ``adata`` needs the
+        model's abundance layers and every fitted gene (by name, any order; other genes
+        are ignored). Raises :class:`~pyro_velo._checks.InputError` otherwise.
+        """
+        if adata is None:
+            return self.data
+        return VelocityData.for_new_cells(
+            adata, self.var_names, self.data.fitted, self.data.gene_scale_u,
+            self.data.gene_scale_s, self.config["unspliced_layer"],
+            self.config["spliced_layer"]).to(self.device)
+
+    def get_latent_time(self, adata: AnnData | None = None, scaled: bool = False) -> np.ndarray:
         """Posterior mean latent time of every cell.
 
         Parameters
         ----------
+        adata
+            Cells to infer the time of (out-of-sample inference by the encoder); default
+            ``None``: the cells the model was fitted on. It needs the model's layers
+            (``unspliced_layer``, ``spliced_layer``, e.g. moments computed on the new
+            cells) and every fitted gene, matched by name (extra genes and another gene
+            order are fine). The abundances are divided by the fitted data's per-gene
+            scales, so a cell gets the same time whether it is encoded with the fitted
+            data or on its own. ``adata`` is not modified.
         scaled
-            Rescale to ``[0, 1]`` (as exported to ``obs['latent_time']``).
+            Rescale to ``[0, 1]`` by the minimum and maximum time of the *fitted* cells
+            (as exported to ``obs['latent_time']``); new cells outside that range fall
+            outside ``[0, 1]``.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n_cells,)`` float64 times (of ``adata``'s cells when given).
+
+        Raises
+        ------
+        InputError
+            ``adata`` lacks a layer or a fitted gene (the message names them), or has
+            invalid values.
         """
         self._check_trained()
-        t = self._encode()["t"].cpu().numpy().astype(np.float64)
+        t = self._encode(data=self._cells(adata))["t"].cpu().numpy().astype(np.float64)
         if scaled:
-            t = (t - t.min()) / max(t.max() - t.min(), 1e-12)
+            ref = t if adata is None else self._encode()["t"].cpu().numpy().astype(np.float64)
+            t = (t - ref.min()) / max(ref.max() - ref.min(), 1e-12)
         return t
 
-    def get_cell_state(self) -> np.ndarray:
-        """Posterior mean cell state c, ``(n_cells, latent_dim)`` (full model)."""
+    def get_cell_state(self, adata: AnnData | None = None) -> np.ndarray:
+        """Posterior mean cell state c, ``(n_cells, latent_dim)`` (full model).
+
+        ``adata``: new cells to encode instead of the fitted ones (see
+        :meth:`get_latent_time`).
+        """
         self._check_trained()
         self._require_full("get_cell_state")
-        return self._encode()["c"].cpu().numpy()
+        return self._encode(data=self._cells(adata))["c"].cpu().numpy()
 
     def get_transcription_rate(self) -> np.ndarray:
         """Relative transcription rate ``rho = g(c)`` of every cell and gene.
@@ -438,21 +566,24 @@ class VeloVAE:
 
     @torch.no_grad()
     def _expected(self, delta_t: float = 0.0, idx: torch.Tensor | None = None,
-                  scale: bool = True, encoded: dict[str, torch.Tensor] | None = None
-                  ) -> dict[str, torch.Tensor]:
+                  scale: bool = True, encoded: dict[str, torch.Tensor] | None = None,
+                  data: VelocityData | None = None) -> dict[str, torch.Tensor]:
         """Model's u, s, du/dt, ds/dt at each cell's posterior mean time + ``delta_t``.
 
         ``(cells, fitted genes)`` tensors, on the data scales when ``scale``. ``encoded``
-        reuses the output of :meth:`_encode` for the same cells.
+        reuses the output of :meth:`_encode` for the same cells. ``data``: new cells
+        (from :meth:`_cells`), which have no per-cell initial conditions.
         """
-        idx = torch.arange(self.data.n_cells, device=self.device) if idx is None else idx
-        latent = self._encode(idx) if encoded is None else encoded
+        own = data is None or data is self.data
+        data = self.data if data is None else data
+        idx = torch.arange(data.n_cells, device=self.device) if idx is None else idx
+        latent = self._encode(idx, data=data) if encoded is None else encoded
         latent = {k: latent[k] for k in ("t", "c") if k in latent}
         latent["t"] = latent["t"] + delta_t
         out: dict[str, list[torch.Tensor]] = {k: [] for k in ("u", "s", "du", "ds")}
         for pos in torch.arange(len(idx), device=self.device).split(4096):
             batch = {k: v[pos] for k, v in latent.items()}
-            for k, v in self.model.kinetic(**batch, idx=idx[pos]).items():
+            for k, v in self.model.kinetic(**batch, idx=idx[pos] if own else None).items():
                 out[k].append(v)
         result = {k: torch.cat(v) for k, v in out.items()}
         if scale:
@@ -470,24 +601,34 @@ class VeloVAE:
     def _numpy(self, expected: dict[str, torch.Tensor], *keys: str) -> list[np.ndarray]:
         return [self._full_width(expected[k].cpu().numpy()) for k in keys]
 
-    def get_velocity(self) -> tuple[np.ndarray, np.ndarray]:
+    def get_velocity(self, adata: AnnData | None = None) -> tuple[np.ndarray, np.ndarray]:
         """RNA velocity ``(ds/dt, du/dt)`` at each cell's inferred state.
 
-        For the full model after refinement, each cell's ODE starts from its own
+        For the full model after refinement, each fitted cell's ODE starts from its own
         initial condition. Returns ``(n_cells, n_vars)`` float32 arrays on the scale of
         ``Ms`` and ``Mu``; columns of genes that are not fitted are NaN.
+
+        Parameters
+        ----------
+        adata
+            New cells (see :meth:`get_latent_time`); default the fitted cells. Columns
+            follow the model's genes (``self.var_names``), not ``adata``'s. New cells
+            have no per-cell initial condition: after refinement they use the
+            first-stage ODE (every gene starts from zero at its switch-on time, with the
+            cell's own rho).
         """
         self._check_trained()
-        return tuple(self._numpy(self._expected(), "ds", "du"))
+        return tuple(self._numpy(self._expected(data=self._cells(adata)), "ds", "du"))
 
-    def get_expression_fit(self) -> tuple[np.ndarray, np.ndarray]:
+    def get_expression_fit(self, adata: AnnData | None = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
         """Fitted (expected) unspliced and spliced abundances ``(u, s)`` of every cell.
 
         Returns ``(n_cells, n_vars)`` float32 arrays on the ``Mu`` / ``Ms`` scale (NaN for
-        genes not fitted).
+        genes not fitted). ``adata``: new cells, as for :meth:`get_velocity`.
         """
         self._check_trained()
-        return tuple(self._numpy(self._expected(), "u", "s"))
+        return tuple(self._numpy(self._expected(data=self._cells(adata)), "u", "s"))
 
     def predict_future(self, delta_t: float) -> tuple[np.ndarray, np.ndarray]:
         """Expected ``(u, s)`` of every cell at ``t + delta_t`` under its own ODE.
@@ -640,54 +781,157 @@ class VeloVAE:
 
     # ---- persistence -----------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> None:
-        """Save parameters, configuration, split and history to the folder ``path``."""
+        """Save the model to the folder ``path``, so that :meth:`load` predicts identically.
+
+        Two files are written:
+
+        - ``model.pt`` (``torch.save``; readable with ``weights_only=True``): parameters
+          and buffers of the model and the guide (encoder, for the full model also the
+          decoder, per-gene rates, switch times, scaling, noise and, after refinement,
+          every cell's initial condition), the train/validation/test split, cell and
+          gene names, the fitted-gene mask, the per-gene scales the data were divided
+          by, the training history and whether the model is trained;
+        - ``config.json``: the constructor arguments (and refinement settings), the
+          package version and ``format_version`` (:data:`FORMAT_VERSION`).
+
+        The data themselves are not saved: :meth:`load` takes the AnnData. Parameters
+        are saved on the CPU.
+
+        Parameters
+        ----------
+        path
+            Folder to write (created if missing).
+        overwrite
+            Replace the files of a folder that is not empty.
+
+        Raises
+        ------
+        FileExistsError
+            ``path`` exists, is not empty and ``overwrite`` is False.
+        InputError
+            ``path`` exists and is not a folder.
+        """
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise InputError(f"cannot save to {path}: it exists and is not a folder")
         if path.exists() and any(path.iterdir()) and not overwrite:
             raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True")
         path.mkdir(parents=True, exist_ok=True)
         torch.save(
             {
-                "model": {k: v.cpu() for k, v in self.model.state_dict().items()},
-                "guide": {k: v.cpu() for k, v in self.guide.state_dict().items()},
-                "split": self.data.split,
-                "obs_names": self.obs_names.tolist(),
-                "var_names": self.var_names.tolist(),
-                "history": self.history.__dict__,
+                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "guide": {k: v.detach().cpu() for k, v in self.guide.state_dict().items()},
+                "split": torch.from_numpy(self.data.split.copy()),
+                "fitted": torch.from_numpy(self.data.fitted.copy()),
+                "gene_scale_u": self.data.gene_scale_u.detach().cpu(),
+                "gene_scale_s": self.data.gene_scale_s.detach().cpu(),
+                "obs_names": [str(n) for n in self.obs_names],
+                "var_names": [str(n) for n in self.var_names],
+                "history": {"train": list(self.history.train),
+                            "validation": list(self.history.validation),
+                            "stages": [tuple(x) for x in self.history.stages],
+                            "best_epoch": self.history.best_epoch,
+                            "stopped_early": self.history.stopped_early},
                 "is_trained": self.is_trained,
             },
-            path / "model.pt",
+            path / MODEL_FILE,
         )
-        (path / "config.json").write_text(json.dumps({**self.config, "version": __version__},
-                                                     indent=2))
+        config = {**self.config, "version": __version__, "format_version": FORMAT_VERSION}
+        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
     @classmethod
     def load(cls, path: str | Path, adata: AnnData) -> VeloVAE:
-        """Load a model saved by :meth:`save` for the same cells and genes as ``adata``."""
+        """Load a model saved by :meth:`save`, for the cells and genes of ``adata``.
+
+        No training happens: the saved parameters, initial conditions, split and per-gene
+        scales are restored, so that every ``get_*`` method returns what it returned
+        before saving (bitwise, on the same machine). ``adata`` must have the same cells
+        and genes, in the same order, as the data the model was fitted on, with the same
+        abundance layers. If its abundances differ from the fitted data's (their
+        per-gene scales differ), a warning is given and the stored scales are used.
+        ``adata`` is not modified. The model is loaded on the CPU.
+
+        Raises
+        ------
+        MissingFileError
+            ``path`` is not a folder or lacks ``config.json`` / ``model.pt`` (also a
+            :class:`FileNotFoundError`).
+        InputError
+            A file is damaged, the format version differs from :data:`FORMAT_VERSION`,
+            or ``adata``'s cells, genes or fitted genes differ from the saved ones.
+        """
         path = Path(path)
-        if not (path / "model.pt").exists():
-            raise FileNotFoundError(f"no saved VeloVAE in {path} (model.pt missing)")
-        config = json.loads((path / "config.json").read_text())
+        if not path.is_dir():
+            raise MissingFileError(f"no saved VeloVAE at {path}: the folder does not exist")
+        for name in (CONFIG_FILE, MODEL_FILE):
+            if not (path / name).is_file():
+                raise MissingFileError(f"no saved VeloVAE in {path}: {name} is missing")
+        try:
+            config = json.loads((path / CONFIG_FILE).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InputError(f"{path / CONFIG_FILE} is damaged (not valid JSON): {err}"
+                             ) from err
+        if not isinstance(config, dict):
+            raise InputError(f"{path / CONFIG_FILE} is damaged: expected a JSON object")
+        version = config.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            found = ("has no format version (saved by an older pyro_velo)" if version is None
+                     else f"has format version {version!r}")
+            raise InputError(f"the model in {path} {found}; this pyro_velo "
+                             f"({__version__}) reads format version {FORMAT_VERSION}. "
+                             "Refit the model, or load it with the version that saved it.")
         config.pop("version", None)
-        state = torch.load(path / "model.pt", weights_only=False)
-        if list(adata.obs_names) != state["obs_names"] or list(adata.var_names) != state[
-            "var_names"
-        ]:
-            raise InputError("adata's cells or genes differ from those the model was saved with")
+        try:
+            state = torch.load(path / MODEL_FILE, map_location="cpu", weights_only=True)
+        except Exception as err:  # zip/pickle errors of many types for a damaged file
+            raise InputError(f"{path / MODEL_FILE} is damaged and cannot be read: {err}"
+                             ) from err
+        required = ("model", "guide", "split", "fitted", "gene_scale_u", "gene_scale_s",
+                    "obs_names", "var_names", "history", "is_trained")
+        missing = [k for k in required if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise InputError(f"{path / MODEL_FILE} is damaged: it lacks {', '.join(missing)}")
+        for what, names, saved in (("cells (obs_names)", adata.obs_names, state["obs_names"]),
+                                   ("genes (var_names)", adata.var_names, state["var_names"])):
+            if [str(n) for n in names] != saved:
+                raise InputError(
+                    f"adata's {what} differ from those the model in {path} was saved with "
+                    f"({len(names)} in adata, {len(saved)} saved; same names in the same "
+                    "order are needed). For other cells use get_latent_time(adata) etc.")
         hidden = config.pop("hidden")
         split_fractions = tuple(config.pop("split_fractions"))
         refine = {k: config.pop(k) for k in ("refine_delta1", "refine_delta2", "refined")
                   if k in config}
+        split = state["split"].numpy()
         vae = cls(adata, hidden=tuple(hidden), split_fractions=split_fractions,
-                  _split=state["split"], **config)
+                  _split=split, **config)
         vae.config.update(refine)
-        if "initial_time" in state["model"]:
-            vae.model.set_initial_conditions(state["model"]["initial_time"],
-                                             state["model"]["initial_u"],
-                                             state["model"]["initial_s"])
-        vae.model.load_state_dict(state["model"])
+        fitted = state["fitted"].numpy()
+        if not np.array_equal(vae.data.fitted, fitted):
+            raise InputError(
+                f"adata's abundances differ from the data the model in {path} was fitted on: "
+                f"{int(fitted.sum())} genes were fitted, {int(vae.data.fitted.sum())} genes "
+                "of adata vary (different layers or preprocessing?)")
+        scales = (state["gene_scale_u"], state["gene_scale_s"])
+        if not (torch.equal(vae.data.gene_scale_u, scales[0])
+                and torch.equal(vae.data.gene_scale_s, scales[1])):
+            warnings.warn(
+                "adata's abundances differ from the data the model was fitted on (their "
+                "per-gene scales differ); they are divided by the stored scales",
+                stacklevel=2)
+            data = VelocityData.for_new_cells(adata, vae.var_names, fitted, *scales,
+                                              config["unspliced_layer"],
+                                              config["spliced_layer"])
+            data.split = split.astype(np.int8)
+            vae.data = data
+        load_module_state(vae.model, state["model"])
         vae.guide.load_state_dict(state["guide"])
-        vae.history = TrainingHistory(**state["history"])
-        vae.is_trained = state["is_trained"]
+        history = state["history"]
+        vae.history = TrainingHistory(
+            train=list(history["train"]), validation=list(history["validation"]),
+            stages=[tuple(x) for x in history["stages"]], best_epoch=history["best_epoch"],
+            stopped_early=history["stopped_early"])
+        vae.is_trained = bool(state["is_trained"])
         vae.model.eval()
         vae.guide.eval()
         return vae

@@ -1,0 +1,323 @@
+"""Reliability: save/load, out-of-sample inference, resumable training, divergence, seeds.
+
+Every fit here is tiny (300 cells x 30 genes, a few epochs): these tests check exactness
+and error handling, not the quality of the fit.
+"""
+
+import copy
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from anndata import AnnData
+
+import pyro_velo as pv
+import pyro_velo.train as train_module
+from pyro_velo._checks import InputError, MissingFileError
+from pyro_velo.train import DivergenceError
+from pyro_velo.velovae import FORMAT_VERSION
+
+SMALL = dict(hidden=(32, 16), latent_dim=3, seed=0)
+QUICK = dict(max_epochs=5, warmup_epochs=2, refine_epochs=2, progress_bar=False, seed=3)
+
+
+@pytest.fixture(scope="module")
+def adata():
+    data = pv.datasets.simulate(n_cells=300, n_genes=30, topology="linear", seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pv.pp.preprocess(data, random_state=0, n_neighbors=15)
+    return data
+
+
+@pytest.fixture(scope="module")
+def full(adata):
+    """A refined full model (per-cell initial conditions set)."""
+    vae = pv.VeloVAE(adata, model="full", **SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vae.train(**QUICK)
+    assert vae.model.has_initial_conditions, "the tiny fit should keep its refinement"
+    return vae
+
+
+@pytest.fixture(scope="module")
+def basic(adata):
+    vae = pv.VeloVAE(adata, model="basic", **SMALL)
+    vae.train(**QUICK)
+    return vae
+
+
+def _equal(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
+
+
+# ---- save / load ---------------------------------------------------------------------
+def test_save_load_round_trips_a_refined_full_model_exactly(full, adata, tmp_path):
+    full.save(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["format_version"] == FORMAT_VERSION
+    assert config["version"] == pv.__version__
+    loaded = pv.VeloVAE.load(tmp_path / "m", adata)
+    assert loaded.is_trained and loaded.model.has_initial_conditions
+    assert _equal(loaded.get_latent_time(), full.get_latent_time())
+    for a, b in zip(loaded.get_velocity(), full.get_velocity(), strict=True):
+        assert _equal(a, b)
+    for a, b in zip(loaded.get_expression_fit(), full.get_expression_fit(), strict=True):
+        assert _equal(a, b)
+    assert _equal(loaded.get_transcription_rate(), full.get_transcription_rate())
+    assert _equal(loaded.get_cell_state(), full.get_cell_state())
+    assert loaded.get_rates().equals(full.get_rates())
+    assert loaded.config == full.config
+    assert loaded.history == full.history
+    assert _equal(loaded.get_split().values, full.get_split().values)
+    for name in ("gene_scale_u", "gene_scale_s"):
+        assert torch.equal(getattr(loaded.data, name), getattr(full.data, name))
+    # weights-only loadable: no pickled code in the file
+    torch.load(tmp_path / "m" / "model.pt", weights_only=True)
+
+
+def test_save_load_untrained_model(adata, tmp_path):
+    vae = pv.VeloVAE(adata, **SMALL)
+    vae.save(tmp_path / "m")
+    loaded = pv.VeloVAE.load(tmp_path / "m", adata)
+    assert not loaded.is_trained
+    with pytest.raises(RuntimeError, match="not trained"):
+        loaded.get_latent_time()
+
+
+def test_load_with_other_abundances_uses_the_stored_scales(basic, adata, tmp_path):
+    basic.save(tmp_path / "m")
+    other = adata.copy()
+    other.layers["Ms"] = other.layers["Ms"] * 2
+    with pytest.warns(UserWarning, match="stored scales"):
+        loaded = pv.VeloVAE.load(tmp_path / "m", other)
+    assert _equal(loaded.get_latent_time(), basic.get_latent_time(other))
+
+
+def test_save_and_load_errors(basic, adata, tmp_path):
+    with pytest.raises(MissingFileError, match="does not exist"):
+        pv.VeloVAE.load(tmp_path / "nothing", adata)
+    with pytest.raises(FileNotFoundError):  # MissingFileError is also one
+        pv.VeloVAE.load(tmp_path / "nothing", adata)
+    basic.save(tmp_path / "m")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        basic.save(tmp_path / "m")
+    basic.save(tmp_path / "m", overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="not a folder"):
+        basic.save(tmp_path / "file")
+    config_file = tmp_path / "m" / "config.json"
+    good = config_file.read_text()
+
+    config_file.write_text(good.replace(f'"format_version": {FORMAT_VERSION}',
+                                        '"format_version": 99'))
+    with pytest.raises(InputError, match="format version 99.*reads format version 1"):
+        pv.VeloVAE.load(tmp_path / "m", adata)
+    config = json.loads(good)
+    del config["format_version"]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(InputError, match="no format version"):
+        pv.VeloVAE.load(tmp_path / "m", adata)
+    config_file.write_text("{not json")
+    with pytest.raises(InputError, match="damaged"):
+        pv.VeloVAE.load(tmp_path / "m", adata)
+    config_file.write_text(good)
+
+    model_file = tmp_path / "m" / "model.pt"
+    blob = model_file.read_bytes()
+    model_file.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(InputError, match="model.pt is damaged"):
+        pv.VeloVAE.load(tmp_path / "m", adata)
+    model_file.unlink()
+    with pytest.raises(MissingFileError, match="model.pt is missing"):
+        pv.VeloVAE.load(tmp_path / "m", adata)
+    model_file.write_bytes(blob)
+
+    with pytest.raises(InputError, match="cells"):
+        pv.VeloVAE.load(tmp_path / "m", adata[:50].copy())
+    assert _equal(pv.VeloVAE.load(tmp_path / "m", adata).get_latent_time(),
+                  basic.get_latent_time())
+
+
+# ---- out-of-sample inference ---------------------------------------------------------
+@pytest.mark.parametrize("kind", ["basic", "full"])
+def test_encoding_adata_gives_the_default_paths_times(kind, basic, full, adata):
+    vae = {"basic": basic, "full": full}[kind]
+    t = vae.get_latent_time()
+    assert _equal(vae.get_latent_time(adata), t)
+    assert _equal(vae.get_latent_time(adata, scaled=True), vae.get_latent_time(scaled=True))
+    subset = adata[::3].copy()
+    assert _equal(vae.get_latent_time(subset), t[::3])
+    # genes in another order, plus an extra gene, are matched by name
+    order = np.random.default_rng(0).permutation(adata.n_vars)
+    shuffled = adata[:, order].copy()
+    assert _equal(vae.get_latent_time(shuffled), t)
+    one = adata[5:6].copy()
+    assert _equal(vae.get_latent_time(one), t[5:6])
+    if kind == "full":
+        assert _equal(vae.get_cell_state(subset), vae.get_cell_state()[::3])
+
+
+def test_new_cells_velocity_and_fit(basic, full, adata):
+    subset = adata[10:40].copy()
+    # the basic model has no per-cell state: new cells get the fitted cells' values
+    for a, b in zip(basic.get_velocity(subset), basic.get_velocity(), strict=True):
+        assert _equal(a, b[10:40])
+    for a, b in zip(basic.get_expression_fit(subset), basic.get_expression_fit(),
+                    strict=True):
+        assert _equal(a, b[10:40])
+    # the refined full model: new cells use the first-stage (zero-start) ODE
+    first_stage = copy.deepcopy(full)
+    first_stage.model.clear_initial_conditions()
+    for a, b in zip(full.get_velocity(subset), first_stage.get_velocity(), strict=True):
+        assert a.shape == (30, adata.n_vars)
+        assert _equal(a, b[10:40])
+    u, s = full.get_expression_fit(subset)
+    assert u.shape == s.shape == (30, adata.n_vars)
+
+
+def test_new_cells_errors_leave_adata_unchanged(basic, adata):
+    fitted_genes = adata.var_names[basic.get_rates()["fitted"].to_numpy()]
+    missing = adata[:, [g for g in adata.var_names if g not in fitted_genes[:2]]].copy()
+    before = missing.copy()
+    with pytest.raises(InputError, match=f"2 of the .*{fitted_genes[0]}.*{fitted_genes[1]}"):
+        basic.get_latent_time(missing)
+    no_ms = AnnData(adata.X[:5], layers={"Mu": adata.layers["Mu"][:5]}, var=adata.var)
+    with pytest.raises(InputError, match="'Ms' not found"):
+        basic.get_velocity(no_ms)
+    bad = adata[:20].copy()
+    bad.layers["Mu"][3, 0] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        basic.get_expression_fit(bad)
+    with pytest.raises(InputError, match="AnnData"):
+        basic.get_latent_time(True)
+    assert missing.obs.equals(before.obs) and missing.var.equals(before.var)
+    assert set(missing.layers) == set(before.layers)
+
+
+# ---- resumable training --------------------------------------------------------------
+def _interrupt_after(monkeypatch, n_writes):
+    """Make training stop (KeyboardInterrupt) right after its n-th checkpoint write."""
+    real = train_module.write_checkpoint
+    count = {"n": 0}
+
+    def write_then_maybe_stop(path, payload):
+        real(path, payload)
+        count["n"] += 1
+        if count["n"] == n_writes:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "write_checkpoint", write_then_maybe_stop)
+
+
+@pytest.mark.parametrize(("kind", "n_writes", "epochs_done"),
+                         [("basic", 5, 4), ("full", 10, 8)])
+def test_resumed_training_equals_uninterrupted(kind, n_writes, epochs_done, adata, tmp_path,
+                                               monkeypatch):
+    args = dict(QUICK, max_epochs=6, early_stopping=True, patience=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = pv.VeloVAE(adata, model=kind, **SMALL)
+        reference.train(**args)
+        interrupted = pv.VeloVAE(adata, model=kind, **SMALL)
+        _interrupt_after(monkeypatch, n_writes)
+        with pytest.raises(KeyboardInterrupt):
+            interrupted.train(**args, checkpoint_dir=tmp_path, checkpoint_every=1)
+        monkeypatch.undo()
+        saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+        assert len(saved["history"]["train"]) == epochs_done
+        # a new process: a new object built with the same arguments
+        resumed = pv.VeloVAE(adata, model=kind, **SMALL)
+        resumed.train(**args, checkpoint_dir=tmp_path, resume=True)
+    assert len(resumed.history.train) == len(reference.history.train)
+    assert resumed.history == reference.history
+    assert resumed.config == reference.config
+    assert _equal(resumed.get_latent_time(), reference.get_latent_time())
+    assert _equal(resumed.get_velocity()[0], reference.get_velocity()[0])
+    # resuming a finished run restores it without training, also on the old object
+    interrupted.train(**args, checkpoint_dir=tmp_path, resume=True)
+    assert interrupted.history == reference.history
+    assert _equal(interrupted.get_latent_time(), reference.get_latent_time())
+
+
+def test_resume_continues_the_history_in_place(adata, tmp_path, monkeypatch):
+    vae = pv.VeloVAE(adata, **SMALL)
+    args = dict(max_epochs=6, warmup_epochs=0, progress_bar=False, early_stopping=False)
+    _interrupt_after(monkeypatch, 2)  # stops after epoch 4 (checkpoints every 2 epochs)
+    with pytest.raises(KeyboardInterrupt):
+        vae.train(**args, checkpoint_dir=tmp_path, checkpoint_every=2)
+    monkeypatch.undo()
+    assert len(vae.history.train) == 4
+    vae.train(**args, checkpoint_dir=tmp_path, checkpoint_every=2, resume=True)
+    assert len(vae.history.train) == 6
+    assert vae.history.stages == [("basic", 0)]
+
+
+def test_resume_errors(adata, tmp_path):
+    vae = pv.VeloVAE(adata, **SMALL)
+    args = dict(max_epochs=2, warmup_epochs=0, progress_bar=False)
+    with pytest.raises(MissingFileError, match="no checkpoint to resume from"):
+        vae.train(**args, checkpoint_dir=tmp_path / "empty", resume=True)
+    with pytest.raises(InputError, match="needs checkpoint_dir"):
+        vae.train(**args, resume=True)
+    with pytest.raises(InputError, match="checkpoint_every"):
+        vae.train(**args, checkpoint_dir=tmp_path, checkpoint_every=0)
+    vae.train(**args, checkpoint_dir=tmp_path)
+    assert (tmp_path / "checkpoint.pt").is_file()
+    with pytest.raises(InputError, match="resume=True to continue"):
+        vae.train(**args, checkpoint_dir=tmp_path)
+    with pytest.raises(InputError, match="max_epochs=2"):
+        vae.train(**dict(args, max_epochs=3), checkpoint_dir=tmp_path, resume=True)
+    other = pv.VeloVAE(adata, **dict(SMALL, hidden=(16,)))
+    with pytest.raises(InputError, match="hidden"):
+        other.train(**args, checkpoint_dir=tmp_path, resume=True)
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
+    with pytest.raises(InputError, match="cannot read the checkpoint"):
+        vae.train(**args, checkpoint_dir=tmp_path, resume=True)
+
+
+# ---- divergence ----------------------------------------------------------------------
+@pytest.mark.parametrize("owner", ["model", "guide"])
+def test_nan_gradient_is_caught_at_its_step(owner, adata):
+    vae = pv.VeloVAE(adata, **SMALL)
+    name, param = ("log_beta", vae.model.log_beta) if owner == "model" else (
+        "encoder.t_head.weight", vae.guide.encoder.t_head.weight)
+    before = param.detach().clone()
+    param.register_hook(lambda grad: grad * float("nan"))
+    with pytest.raises(DivergenceError, match=rf"epoch 0, minibatch step 0: the gradient of "
+                                              rf"{owner}\.{name} became NaN/inf"):
+        vae.train(max_epochs=3, warmup_epochs=0, progress_bar=False)
+    assert torch.equal(param.detach(), before)  # the step with the NaN gradient was not taken
+    assert vae.history.train == []
+
+
+def test_nan_loss_names_the_parameter(adata):
+    vae = pv.VeloVAE(adata, **SMALL)
+    with torch.no_grad():
+        vae.model.log_gamma[1] = float("inf")
+    with pytest.raises(DivergenceError, match="epoch 0, minibatch step 0.*model.log_gamma"):
+        vae.train(max_epochs=2, warmup_epochs=0, progress_bar=False)
+
+
+# ---- determinism ---------------------------------------------------------------------
+def test_same_seed_same_full_fit_bitwise(adata):
+    runs = []
+    for _ in range(2):
+        vae = pv.VeloVAE(adata, model="full", **SMALL)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            vae.train(**QUICK)
+        runs.append(vae)
+    a, b = runs
+    assert a.history == b.history
+    assert _equal(a.get_latent_time(), b.get_latent_time())
+    assert _equal(a.get_velocity()[0], b.get_velocity()[0])
+    other = pv.VeloVAE(adata, model="full", **SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other.train(**dict(QUICK, seed=4))
+    assert not _equal(other.get_latent_time(), a.get_latent_time())
