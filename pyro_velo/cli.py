@@ -1,7 +1,10 @@
 """Command line interface: ``pyro-velo demo`` and ``pyro-velo fit IN.h5ad -o OUT.h5ad``.
 
-Exit codes: 0 success; 2 bad arguments or paths; 3 an input file that cannot be read or
-does not hold valid data; 1 a failure during fitting (e.g. divergence).
+Exit codes: 0 success; 2 bad arguments or paths (an input path that does not exist or is
+a folder, an existing output without ``--overwrite``, a missing output folder, invalid
+option values); 3 an input file that cannot be read as h5ad or does not hold valid data
+(missing layers, NaN, negative counts, too few cells...); 1 a failure during fitting
+(e.g. divergence). Errors are one line on stderr, ``pyro-velo: error: ...``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,19 @@ class CLIError(Exception):
         self.code = code
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``pyro-velo`` argument parser (subcommands ``demo`` and ``fit``)."""
     parser = argparse.ArgumentParser(
         prog="pyro-velo",
         description="RNA velocity, latent time and cell state with VeloVAE in Pyro.",
@@ -33,17 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default="basic", choices=["basic", "full"],
                        help="'basic': fixed rates per gene (default); 'full': mixture of "
                             "ODEs with a cell state per cell")
-        p.add_argument("--max-epochs", type=int, default=None,
+        p.add_argument("--max-epochs", type=_positive_int, default=None,
                        help="upper bound on training epochs (default: scales with cells)")
-        p.add_argument("--batch-size", type=int, default=batch_size)
+        p.add_argument("--batch-size", type=_positive_int, default=batch_size)
         p.add_argument("--seed", type=int, default=0, help="seed for a reproducible run")
         p.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     demo = sub.add_parser("demo", help="simulate data, fit, export and plot a summary")
     demo.add_argument("-o", "--out", default="pyro_velo_demo", help="output folder")
-    demo.add_argument("--n-cells", type=int, default=1000)
-    demo.add_argument("--n-genes", type=int, default=200)
+    demo.add_argument("--n-cells", type=_positive_int, default=1000)
+    demo.add_argument("--n-genes", type=_positive_int, default=200)
     demo.add_argument("--topology", default="bifurcation", choices=["linear", "bifurcation"])
     # the demo trades the paper's batch of 128 for speed: it must finish in ~2 minutes
     add_fit_options(demo, batch_size=256)
@@ -56,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--unspliced-layer", default="unspliced")
     fit.add_argument("--skip-preprocess", action="store_true",
                      help="input is already preprocessed (has layers Mu and Ms)")
-    fit.add_argument("--n-top-genes", type=int, default=2000)
-    fit.add_argument("--n-neighbors", type=int, default=30)
-    fit.add_argument("--n-pcs", type=int, default=30)
+    fit.add_argument("--n-top-genes", type=_positive_int, default=2000)
+    fit.add_argument("--n-neighbors", type=_positive_int, default=30)
+    fit.add_argument("--n-pcs", type=_positive_int, default=30)
     fit.add_argument("--min-shared-counts", type=int, default=20)
     fit.add_argument("--save-model", default=None, help="folder to save the fitted model in")
     fit.add_argument("--figure", default=None, help="also write a summary figure (.png/.pdf)")
@@ -111,12 +126,24 @@ def run_fit(args) -> None:
     from ._checks import InputError
 
     src, dst = Path(args.input), Path(args.output)
+    if src.is_dir():
+        raise CLIError(f"input {src} is a folder, not an .h5ad file", EXIT_USAGE)
     if not src.is_file():
         raise CLIError(f"input file not found: {src}", EXIT_USAGE)
+    if dst.is_dir():
+        raise CLIError(f"output {dst} is a folder; give a file name, e.g. {dst / 'out.h5ad'}",
+                       EXIT_USAGE)
     if dst.exists() and not args.overwrite:
         raise CLIError(f"output {dst} exists; pass --overwrite to replace it", EXIT_USAGE)
     if not dst.parent.exists():
         raise CLIError(f"output folder does not exist: {dst.parent}", EXIT_USAGE)
+    if args.save_model:
+        model_dir = Path(args.save_model)
+        if model_dir.exists() and not model_dir.is_dir():
+            raise CLIError(f"--save-model {model_dir} exists and is not a folder", EXIT_USAGE)
+        if model_dir.is_dir() and any(model_dir.iterdir()) and not args.overwrite:
+            raise CLIError(f"--save-model folder {model_dir} is not empty; pass --overwrite "
+                           "to replace the model in it", EXIT_USAGE)
     try:
         adata = ad.read_h5ad(src)
     except Exception as err:  # h5py/anndata raise many types for a bad file
@@ -141,6 +168,8 @@ def run_fit(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pyro-velo`` console script; returns the exit code."""
+    from ._checks import InputError
+
     args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":
@@ -150,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as err:
         print(f"pyro-velo: error: {err}", file=sys.stderr)
         return err.code
+    except InputError as err:  # an invalid option value found past argparse
+        print(f"pyro-velo: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     except FloatingPointError as err:
         print(f"pyro-velo: error: {err}", file=sys.stderr)
         return EXIT_FIT_FAILED

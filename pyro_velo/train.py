@@ -89,6 +89,34 @@ def evaluate_loss(
     return total / len(idx)
 
 
+def check_training_arguments(**values: Any) -> None:
+    """Validate training arguments by name (those given; ``None`` means "default").
+
+    ``max_epochs``, ``patience``, ``checkpoint_every``: integers >= 1; ``batch_size``:
+    integer >= 2; ``warmup_epochs``, ``refine_epochs``: integers >= 0; ``lr``,
+    ``lr_ode``: positive finite numbers.
+
+    Raises
+    ------
+    InputError
+        Naming the first invalid argument.
+    """
+    minimum = {"max_epochs": 1, "patience": 1, "checkpoint_every": 1, "batch_size": 2,
+               "warmup_epochs": 0, "refine_epochs": 0}
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name in minimum:
+            check_int(value, name, minimum=minimum[name])
+        elif name in ("lr", "lr_ode"):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+                math.isfinite(value) and value > 0
+            ):
+                raise InputError(f"{name} must be a positive number, got {value!r}")
+        else:
+            raise TypeError(f"unknown training argument {name!r}")
+
+
 def fit(
     model: torch.nn.Module,
     guide: torch.nn.Module,
@@ -160,15 +188,9 @@ def fit(
     InputError
         Invalid ``max_epochs``, ``batch_size``, learning rates or ``patience``.
     """
-    max_epochs = check_int(max_epochs, "max_epochs", minimum=1)
-    batch_size = check_int(batch_size, "batch_size", minimum=2)
-    patience = check_int(patience, "patience", minimum=1)
-    checkpoint_every = check_int(checkpoint_every, "checkpoint_every", minimum=1)
-    for name, value in (("lr", lr), ("lr_ode", lr_ode)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-            math.isfinite(value) and value > 0
-        ):
-            raise InputError(f"{name} must be a positive number, got {value!r}")
+    check_training_arguments(max_epochs=max_epochs, batch_size=batch_size, lr=lr,
+                             lr_ode=lr_ode, patience=patience,
+                             checkpoint_every=checkpoint_every)
     history = history if history is not None else TrainingHistory()
     train_idx = data.indices("train")
     val_idx = data.indices("validation")

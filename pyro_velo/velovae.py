@@ -23,6 +23,7 @@ from .model import BasicModel, FullModel
 from .train import (
     Checkpointer,
     TrainingHistory,
+    check_training_arguments,
     evaluate_loss,
     fit,
     load_module_state,
@@ -257,8 +258,10 @@ class VeloVAE:
         """
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise InputError("device='cuda' was requested but CUDA is not available")
-        if batch_size < 2:
-            raise InputError(f"batch_size must be at least 2, got {batch_size}")
+        check_training_arguments(
+            max_epochs=max_epochs, batch_size=batch_size, lr=lr, lr_ode=lr_ode,
+            patience=patience, warmup_epochs=warmup_epochs, refine_epochs=refine_epochs,
+            checkpoint_every=checkpoint_every)
         if max_epochs is None:
             max_epochs = int(np.clip(400_000 / self.data.n_cells, 100, 1000))
         if warmup_epochs is None:
