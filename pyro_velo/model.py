@@ -1,8 +1,10 @@
 """Pyro generative models of unspliced and spliced expression.
 
-Every distribution of a model comes from a small method (``time_dist``, ``u_dist``,
-``s_dist``) so that a subclass can swap a prior or a likelihood by overriding one method,
-in the style of :mod:`pyro.contrib.cevae`.
+Every distribution of a model comes from a small method (``time_dist``, ``c_dist``,
+``u_dist``, ``s_dist``, ``rate_dist``) so that a subclass can swap a prior or a likelihood
+by overriding one method, in the style of :mod:`pyro.contrib.cevae`; by default these
+methods delegate to swappable objects (:mod:`pyro_velo.priors`,
+:mod:`pyro_velo.likelihoods`) passed to the constructor, so no subclass is needed either.
 
 Shapes: a minibatch has ``B`` cells and ``G`` genes; the cell plate is ``dim=-1`` for
 per-cell sites (``t``) and the gene dimension is an event dimension of ``u`` and ``s``.
@@ -18,7 +20,9 @@ from torch import Tensor, nn
 
 from . import kinetics
 from .initialize import RateInit
+from .likelihoods import Likelihood, Normal
 from .nn import Decoder
+from .priors import LogNormalRatePrior, NormalStatePrior, NormalTimePrior
 
 CELL_PLATE = "cells"
 
@@ -31,7 +35,7 @@ class BasicModel(PyroModule):
         t_i ~ Normal(t0, sigma0)
         (u_hat, s_hat) = switching ODE solution at t_i with alpha_g, beta_g, gamma_g,
                          switch-on time t_on_g and switch-off time t_off_g
-        u_ig ~ Normal(scale_u_g * u_hat, sigma_u_g)
+        u_ig ~ Normal(scale_u_g * u_hat, sigma_u_g)     (the default likelihood)
         s_ig ~ Normal(s_hat, sigma_s_g)
 
     Time is an unconstrained real number. The prior (default ``Normal(t_max / 2,
@@ -51,6 +55,19 @@ class BasicModel(PyroModule):
         Length of the time axis.
     time_prior_loc, time_prior_scale
         ``t0`` and ``sigma0`` of the time prior; default ``t_max / 2`` and ``t_max / 4``.
+    likelihood
+        Observation model (:mod:`pyro_velo.likelihoods`; default :class:`Normal`). It is
+        set up from ``init`` unless already set up.
+    time_prior
+        Prior of t (:mod:`pyro_velo.priors`): any module or callable mapping the cell
+        indices ``idx`` to a distribution of batch shape ``idx.shape``; default
+        ``NormalTimePrior(time_prior_loc, time_prior_scale)``.
+    rate_prior
+        When given (e.g. :class:`~pyro_velo.priors.LogNormalRatePrior`), the rates it
+        names become random variables (sites ``alpha``, ``beta``, ``gamma`` outside the
+        cell plate) centred on ``init``; a guide must then cover them (see
+        :class:`~pyro_velo.guides.RateGuide`). The point parameters ``log_alpha``... then
+        hold the value used for prediction (the posterior median after training).
     """
 
     def __init__(
@@ -59,6 +76,9 @@ class BasicModel(PyroModule):
         t_max: float = 20.0,
         time_prior_loc: float | None = None,
         time_prior_scale: float | None = None,
+        likelihood: Likelihood | None = None,
+        time_prior=None,
+        rate_prior: LogNormalRatePrior | None = None,
     ) -> None:
         super().__init__()
         self.n_genes = int(init.alpha.shape[0])
@@ -75,8 +95,15 @@ class BasicModel(PyroModule):
         self.t_on = nn.Parameter(init.t_on.clone())
         self.log_duration = nn.Parameter((init.t_off - init.t_on).clamp(min=1e-3).log())
         self.log_scale_u = nn.Parameter(init.scale_u.log().clone())
-        self.log_sigma_u = nn.Parameter(init.sigma_u.log().clone())
-        self.log_sigma_s = nn.Parameter(init.sigma_s.log().clone())
+        self.likelihood = Normal() if likelihood is None else likelihood
+        if not self.likelihood.ready:
+            self.likelihood.setup(init)
+        self.time_prior = (NormalTimePrior(self.time_prior_loc, self.time_prior_scale)
+                           if time_prior is None else time_prior)
+        self.rate_prior = rate_prior
+        if rate_prior is not None:
+            rate_prior.set_centre({"alpha": init.alpha, "beta": init.beta,
+                                   "gamma": init.gamma})
 
     # ---- parameters on their natural scale -------------------------------------------
     def rates(self) -> dict[str, Tensor]:
@@ -88,8 +115,6 @@ class BasicModel(PyroModule):
             "t_on": self.t_on,
             "t_off": self.t_on + self.log_duration.exp(),
             "scale_u": self.log_scale_u.exp(),
-            "sigma_u": self.log_sigma_u.exp(),
-            "sigma_s": self.log_sigma_s.exp(),
         }
 
     def load_rates(self, **values: Tensor) -> None:
@@ -110,53 +135,72 @@ class BasicModel(PyroModule):
     # ---- the pieces a user may override ----------------------------------------------
     def time_dist(self, idx: Tensor) -> dist.Distribution:
         """Prior of t for the cells ``idx`` (batch shape ``(B,)``)."""
-        loc = torch.full(idx.shape, self.time_prior_loc, device=idx.device)
-        return dist.Normal(loc, self.time_prior_scale)
+        return self.time_prior(idx)
 
-    def kinetic(self, t: Tensor, idx: Tensor | None = None) -> dict[str, Tensor]:
+    def rate_dist(self, name: str) -> dist.Distribution:
+        """Prior of the random rate ``name`` (event shape ``(G,)``; needs ``rate_prior``)."""
+        return self.rate_prior(name)
+
+    def sample_rates(self) -> dict[str, Tensor]:
+        """Sample the random rates (none without a rate prior), outside the cell plate."""
+        if self.rate_prior is None:
+            return {}
+        return {name: pyro.sample(name, self.rate_dist(name)) for name in self.rate_prior.names}
+
+    def kinetic(self, t: Tensor, idx: Tensor | None = None,
+                rates: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Expected state at times ``t`` of shape ``(..., B)`` (``idx`` is unused here).
 
-        Returns a dict with ``u`` (on the observed unspliced scale, i.e. times
-        ``scale_u``), ``s``, and the ODE velocities ``du`` (observed unspliced scale) and
-        ``ds``, each of shape ``(..., B, G)``.
+        ``rates`` overrides some of :meth:`rates` (e.g. sampled random rates). Returns a
+        dict with ``u`` (on the observed unspliced scale, i.e. times ``scale_u``), ``s``,
+        and the ODE velocities ``du`` (observed unspliced scale) and ``ds``, each of
+        shape ``(..., B, G)``.
         """
-        r = self.rates()
+        r = {**self.rates(), **(rates or {})}
         u, s, alpha_t = kinetics.switching_solve(
             t.unsqueeze(-1), r["alpha"], r["beta"], r["gamma"], r["t_on"], r["t_off"]
         )
         du, ds = kinetics.velocity(u, s, alpha_t, r["beta"], r["gamma"])
         return {"u": r["scale_u"] * u, "s": s, "du": r["scale_u"] * du, "ds": ds}
 
-    def u_dist(self, u_hat: Tensor) -> dist.Distribution:
-        """Likelihood of the unspliced abundances given their expected value."""
-        return dist.Normal(u_hat, self.log_sigma_u.exp()).to_event(1)
+    def u_dist(self, u_hat: Tensor, size_factor: Tensor | None = None) -> dist.Distribution:
+        """Likelihood of the unspliced observations given their expected value."""
+        return self.likelihood(u_hat, "u", size_factor)
 
-    def s_dist(self, s_hat: Tensor) -> dist.Distribution:
-        """Likelihood of the spliced abundances given their expected value."""
-        return dist.Normal(s_hat, self.log_sigma_s.exp()).to_event(1)
+    def s_dist(self, s_hat: Tensor, size_factor: Tensor | None = None) -> dist.Distribution:
+        """Likelihood of the spliced observations given their expected value."""
+        return self.likelihood(s_hat, "s", size_factor)
 
     def sample_latent(self, idx: Tensor) -> dict[str, Tensor]:
         """Sample the per-cell latent variables (inside the cell plate)."""
         return {"t": pyro.sample("t", self.time_dist(idx))}
 
     # ---- the model -------------------------------------------------------------------
-    def forward(self, u: Tensor, s: Tensor, idx: Tensor, n_obs: int) -> dict[str, Tensor]:
+    def forward(self, u: Tensor, s: Tensor, idx: Tensor, n_obs: int,
+                counts: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+                ) -> dict[str, Tensor]:
         """Score a minibatch.
 
         Parameters
         ----------
         u, s
-            ``(B, G)`` observed unspliced / spliced abundances of the cells ``idx``.
+            ``(B, G)`` unspliced / spliced moments of the cells ``idx`` on the model's
+            scale (the encoder's input, and the observations of moment likelihoods).
         idx
             ``(B,)`` indices of the minibatch cells in the data set (the plate subsample).
         n_obs
             Size of the data set the ELBO is scaled to.
+        counts
+            ``(counts_u, counts_s, size_factor_u, size_factor_s)`` for count likelihoods:
+            the observations are then these raw counts.
         """
+        random_rates = self.sample_rates()
+        obs_u, obs_s, size_u, size_s = (u, s, None, None) if counts is None else counts
         with pyro.plate(CELL_PLATE, n_obs, subsample=idx):
             latent = self.sample_latent(idx)
-            expected = self.kinetic(**latent, idx=idx)
-            pyro.sample("u", self.u_dist(expected["u"]), obs=u)
-            pyro.sample("s", self.s_dist(expected["s"]), obs=s)
+            expected = self.kinetic(**latent, idx=idx, rates=random_rates)
+            pyro.sample("u", self.u_dist(expected["u"], size_u), obs=obs_u)
+            pyro.sample("s", self.s_dist(expected["s"], size_s), obs=obs_s)
         return latent
 
 
@@ -183,14 +227,18 @@ class FullModel(BasicModel):
 
     Parameters
     ----------
-    init, t_max, time_prior_loc, time_prior_scale
+    init, t_max, time_prior_loc, time_prior_scale, likelihood, time_prior, rate_prior
         As for :class:`BasicModel`.
     latent_dim
         Dimension of c (paper: 5).
     c_prior_scale
-        Standard deviation of the cell-state prior (paper: 1).
+        Standard deviation of the default cell-state prior (paper: 1).
     decoder_hidden
         Hidden widths of the decoder (paper: 250, 500).
+    state_prior
+        Prior of c: any module or callable mapping ``idx`` to a distribution of batch
+        shape ``idx.shape`` and event shape ``(latent_dim,)``; default
+        :class:`~pyro_velo.priors.NormalStatePrior` ``(latent_dim, c_prior_scale)``.
     """
 
     def __init__(
@@ -199,17 +247,21 @@ class FullModel(BasicModel):
         t_max: float = 20.0,
         time_prior_loc: float | None = None,
         time_prior_scale: float | None = None,
+        likelihood: Likelihood | None = None,
+        time_prior=None,
+        rate_prior: LogNormalRatePrior | None = None,
         latent_dim: int = 5,
         c_prior_scale: float = 1.0,
         decoder_hidden: tuple[int, ...] = (250, 500),
+        state_prior=None,
     ) -> None:
-        super().__init__(init, t_max, time_prior_loc, time_prior_scale)
+        super().__init__(init, t_max, time_prior_loc, time_prior_scale, likelihood,
+                         time_prior, rate_prior)
         if latent_dim < 1:
             raise ValueError(f"latent_dim must be at least 1, got {latent_dim}")
-        if c_prior_scale <= 0:
-            raise ValueError(f"c_prior_scale must be positive, got {c_prior_scale}")
+        self.state_prior = (NormalStatePrior(latent_dim, c_prior_scale)
+                            if state_prior is None else state_prior)
         self.latent_dim = int(latent_dim)
-        self.c_prior_scale = float(c_prior_scale)
         self.decoder = Decoder(self.latent_dim, self.n_genes, decoder_hidden)
         self.register_buffer("initial_time", None)
         self.register_buffer("initial_u", None)
@@ -217,8 +269,7 @@ class FullModel(BasicModel):
 
     def c_dist(self, idx: Tensor) -> dist.Distribution:
         """Prior of the cell state (batch shape ``(B,)``, event shape ``(d,)``)."""
-        loc = torch.zeros(idx.shape + (self.latent_dim,), device=idx.device)
-        return dist.Normal(loc, self.c_prior_scale).to_event(1)
+        return self.state_prior(idx)
 
     def sample_latent(self, idx: Tensor) -> dict[str, Tensor]:
         return {"t": pyro.sample("t", self.time_dist(idx)),
@@ -242,13 +293,14 @@ class FullModel(BasicModel):
         """Return to the first-stage model (every gene starts from zero at ``t_on``)."""
         self.initial_time = self.initial_u = self.initial_s = None
 
-    def kinetic(self, t: Tensor, c: Tensor, idx: Tensor | None = None) -> dict[str, Tensor]:
+    def kinetic(self, t: Tensor, c: Tensor, idx: Tensor | None = None,
+                rates: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Expected state and velocities at ``t`` for cell states ``c`` (see BasicModel).
 
         ``idx`` selects the cells' initial conditions once they are set; without it (or
         before they are set) every gene starts from zero at its switch-on time.
         """
-        r = self.rates()
+        r = {**self.rates(), **(rates or {})}
         rate = self.transcription_rate(c) * r["alpha"]
         u, s, alpha_t = kinetics.switching_solve(
             t.unsqueeze(-1), rate, r["beta"], r["gamma"], r["t_on"], r["t_off"]

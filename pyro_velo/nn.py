@@ -72,9 +72,16 @@ class Encoder(nn.Module):
         self.t_head.weight[0].neg_()
         self.t_head.bias[0].neg_()
 
+    def hidden(self, u: Tensor, s: Tensor) -> Tensor:
+        """The bottleneck features ``(B, hidden[-1])`` the heads read (for extra heads)."""
+        return self.body(torch.cat([u, s], dim=-1))
+
     def forward(self, u: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """Return ``t_loc, t_scale, c_loc, c_scale`` (the last two None when no cell state)."""
-        h = self.body(torch.cat([u, s], dim=-1))
+        return self.heads(self.hidden(u, s))
+
+    def heads(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """``t_loc, t_scale, c_loc, c_scale`` from bottleneck features ``h``."""
         t_out = self.t_head(h)
         t_loc = self.t_max * torch.sigmoid(t_out[..., 0])
         t_scale = nn.functional.softplus(t_out[..., 1] - 2.0) + MIN_SCALE

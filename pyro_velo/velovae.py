@@ -650,8 +650,10 @@ class VeloVAE:
         Columns: ``alpha`` (transcription rate, in ``Ms`` units per unit time; the full
         model's cells use ``rho * alpha``), ``beta``, ``gamma`` (splicing and
         degradation rates), ``t_on``, ``t_off`` (switch times on the model's time axis),
-        ``scaling`` (``Mu`` per model unspliced unit), ``sigma_u``, ``sigma_s`` (noise
-        standard deviations), ``fitted``.
+        ``scaling`` (``Mu`` per model unspliced unit), ``fitted``; and the likelihood's
+        per-gene parameters: ``sigma_u``, ``sigma_s`` (noise standard deviations on the
+        ``Mu`` / ``Ms`` scale, Normal likelihood), ``phi_u``, ``phi_s`` (inverse
+        dispersions, negative binomial).
         """
         r = {k: v.detach().cpu().numpy().astype(np.float64) for k, v in
              self.model.rates().items()}
@@ -664,9 +666,12 @@ class VeloVAE:
             "t_on": r["t_on"],
             "t_off": r["t_off"],
             "scaling": r["scale_u"] * su / ss,
-            "sigma_u": r["sigma_u"] * su,
-            "sigma_s": r["sigma_s"] * ss,
         }
+        likelihood = self.model.likelihood
+        for name, factor in (("sigma_u", su), ("sigma_s", ss), ("phi_u", 1.0), ("phi_s", 1.0)):
+            param = getattr(likelihood, f"log_{name}", None)
+            if isinstance(param, torch.Tensor) and param.shape == su.shape:
+                values[name] = param.detach().cpu().double().exp().numpy() * factor
         frame = pd.DataFrame(np.nan, index=self.var_names, columns=list(values))
         for name, value in values.items():
             frame.loc[self.data.fitted, name] = value
