@@ -42,6 +42,10 @@ class VelocityData:
         ``(n_vars,)`` boolean mask of the genes of the AnnData that are fitted.
     split
         ``(cells,)`` integer array: 0 train, 1 validation, 2 test.
+    counts
+        For count likelihoods (see :meth:`with_counts`): ``(counts_u, counts_s,
+        size_factor_u, size_factor_s)``, raw counts ``(cells, fitted genes)`` and
+        per-cell size factors ``(cells,)``; None otherwise.
     """
 
     u: Tensor
@@ -50,6 +54,7 @@ class VelocityData:
     gene_scale_s: Tensor
     fitted: np.ndarray
     split: np.ndarray
+    counts: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     @property
     def n_cells(self) -> int:
@@ -65,10 +70,69 @@ class VelocityData:
 
     def to(self, device: str | torch.device) -> VelocityData:
         """The same data with its tensors on ``device``."""
+        counts = None if self.counts is None else tuple(x.to(device) for x in self.counts)
         return VelocityData(
             self.u.to(device), self.s.to(device), self.gene_scale_u.to(device),
-            self.gene_scale_s.to(device), self.fitted, self.split,
+            self.gene_scale_s.to(device), self.fitted, self.split, counts,
         )
+
+    def model_inputs(self, idx: Tensor, n_obs: int) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` of a model / guide call on the cells ``idx``.
+
+        ``args = (u, s, idx, n_obs)``; ``kwargs`` holds ``counts`` when the data carry
+        raw counts for a count likelihood.
+        """
+        kwargs = {} if self.counts is None else {"counts": tuple(x[idx] for x in self.counts)}
+        return (self.u[idx], self.s[idx], idx, n_obs), kwargs
+
+    def with_counts(
+        self,
+        adata: AnnData,
+        layers: tuple[str, str] = ("raw_unspliced", "raw_spliced"),
+        size_factor_keys: tuple[str, str] = ("size_factor_unspliced", "size_factor_spliced"),
+    ) -> VelocityData:
+        """The same data plus raw counts and size factors for count likelihoods.
+
+        Parameters
+        ----------
+        adata
+            The AnnData this data came from (same cells and genes).
+        layers
+            Raw unspliced and spliced count layers (written by
+            :func:`pyro_velo.pp.preprocess`).
+        size_factor_keys
+            ``obs`` columns of per-cell size factors (``raw ≈ size_factor *
+            normalised``), also written by :func:`pyro_velo.pp.preprocess`.
+
+        Raises
+        ------
+        InputError
+            Missing layers or columns, non-integer, negative or non-finite counts,
+            non-positive size factors.
+        """
+        check_layers(adata, list(layers))
+        missing = [k for k in size_factor_keys if k not in adata.obs]
+        if missing:
+            raise InputError(
+                f"count likelihoods need per-cell size factors in obs {missing}; run "
+                "pyro_velo.pp.preprocess (it writes them) or add them")
+        out = []
+        for name in layers:
+            check_numeric(adata.layers[name], f"layers['{name}']")
+            x = _dense(adata.layers[name])[:, self.fitted]
+            check_finite(x, f"layers['{name}']")
+            check_nonnegative(x, f"layers['{name}']")
+            if not np.allclose(x, np.round(x)):
+                raise InputError(f"layers['{name}'] must hold raw integer counts for a count "
+                                 "likelihood (found non-integer values)")
+            out.append(torch.from_numpy(x).float())
+        for key in size_factor_keys:
+            size = adata.obs[key].to_numpy(dtype=np.float64)
+            if not (np.isfinite(size).all() and (size > 0).all()):
+                raise InputError(f"obs['{key}'] must hold positive, finite size factors")
+            out.append(torch.from_numpy(size).float())
+        return VelocityData(self.u, self.s, self.gene_scale_u, self.gene_scale_s,
+                            self.fitted, self.split, tuple(out))
 
     @classmethod
     def from_anndata(

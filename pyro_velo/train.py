@@ -84,7 +84,8 @@ def evaluate_loss(
     with torch.no_grad(), local_params():
         for batch in idx.split(batch_size):
             batch = batch.to(data.u.device)
-            total += elbo(data.u[batch], data.s[batch], batch, len(batch)).item()
+            args, kwargs = data.model_inputs(batch, len(batch))
+            total += elbo(*args, **kwargs).item()
     guide.train(was_training)
     return total / len(idx)
 
@@ -140,8 +141,9 @@ def fit(
     Parameters
     ----------
     model, guide
-        Pyro modules with signature ``(u, s, idx, n_obs)``. Model parameters whose names
-        start with ``log_`` or equal ``t_on`` are ODE parameters (learning rate ``lr_ode``);
+        Pyro modules with signature ``(u, s, idx, n_obs, **kwargs)`` (kwargs: see
+        :meth:`VelocityData.model_inputs`). Per-gene parameters, of model or guide, named
+        ``log_*`` or ``t_*`` (rates, switch times, noise, rate posteriors) use ``lr_ode``;
         everything else (networks) uses ``lr``.
     data
         Training data with its split; the test split is never looked at.
@@ -196,7 +198,7 @@ def fit(
     val_idx = data.indices("validation")
     n_train = len(train_idx)
     elbo = loss_module(model, guide)
-    ode_params = [p for n, p in model.named_parameters() if _is_ode_param(n)]
+    ode_params = [p for n, p in elbo.named_parameters() if _is_ode_param(n)]
     ode_ids = {id(p) for p in ode_params}
     net_params = [p for p in elbo.parameters() if id(p) not in ode_ids]
     optimizer = torch.optim.Adam(
@@ -235,7 +237,8 @@ def fit(
                     continue  # batch norm needs two cells
                 batch_dev = batch.to(data.u.device)
                 try:
-                    loss = elbo(data.u[batch_dev], data.s[batch_dev], batch_dev, n_train)
+                    args, kwargs = data.model_inputs(batch_dev, n_train)
+                    loss = elbo(*args, **kwargs)
                 except ValueError as err:  # distribution validation of NaN parameters
                     if _all_finite(model) and _all_finite(guide):
                         raise
@@ -283,8 +286,11 @@ def fit(
 
 
 def _is_ode_param(name: str) -> bool:
-    """Per-gene ODE parameters: the model's direct log-scale parameters and switch times."""
-    return "." not in name and (name.startswith("log_") or name.startswith("t_"))
+    """Per-gene parameters (rates, switch times, noise, rate posteriors): ``log_*``, ``t_*``.
+
+    Network weights and biases (``weight``, ``bias``) never match.
+    """
+    return name.rsplit(".", 1)[-1].startswith(("log_", "t_"))
 
 
 def _all_finite(module: torch.nn.Module) -> bool:

@@ -16,10 +16,19 @@ from anndata import AnnData
 from . import __version__
 from ._checks import InputError, MissingFileError
 from ._threads import cpu_threads
+from .capture import capture_time_axis, capture_times_from_obs
 from .data import SPLIT_NAMES, VelocityData
-from .guides import AmortizedGuide, FixedLatentGuide
+from .guides import (
+    AmortizedGuide,
+    AmortizedMVNGuide,
+    CombinedGuide,
+    FixedLatentGuide,
+    RateGuide,
+)
 from .initialize import steady_state_init, time_informed_init, window_initial_conditions
+from .likelihoods import LIKELIHOODS, Likelihood, make_likelihood
 from .model import BasicModel, FullModel
+from .priors import CaptureTimePrior, LogNormalRatePrior, NormalTimePrior, default_time_scale
 from .train import (
     Checkpointer,
     TrainingHistory,
@@ -32,6 +41,9 @@ from .train import (
 )
 
 MODELS = ("basic", "full")
+GUIDES = ("amortized", "amortized_mvn")
+# config value of a component passed as an object: it must be passed again to load()
+CUSTOM = "custom:"
 # rho is exported as a dense layer only below this many bytes (float32)
 MAX_DENSE_RHO_BYTES = 2 * 1024**3
 PREFIX = "pyro_velo_"
@@ -51,12 +63,10 @@ class VeloVAE:
         Preprocessed AnnData (see :func:`pyro_velo.pp.preprocess`) with first-order
         moments in ``layers['Mu']`` and ``layers['Ms']``. Not modified.
     model
-        ``'basic'`` (default): one latent time per cell and fixed per-gene rates with
-        switch-on and switch-off times (paper section 3.3). ``'full'``: the variational
-        mixture of ODEs (paper section 3.4): a latent cell state c per cell and a decoder
-        giving each cell and gene its relative transcription rate rho. The full model fits
-        better and separates branches, but its velocities on transcriptional-boost genes
-        are not yet reliable, so it is not the default yet.
+        ``'full'`` (default): the variational mixture of ODEs (paper section 3.4): a
+        latent cell state c per cell and a decoder giving each cell and gene its relative
+        transcription rate rho. ``'basic'``: one latent time per cell and fixed per-gene
+        rates with switch-on and switch-off times (paper section 3.3); faster.
     unspliced_layer, spliced_layer
         Layers holding the unspliced / spliced abundances.
     t_max
@@ -70,6 +80,42 @@ class VeloVAE:
         Dimension of the cell state c (full model; paper: 5).
     c_prior_scale
         Standard deviation of the Normal prior of c (paper: 1, i.e. ``N(0, I)``).
+    likelihood
+        ``'normal'`` (default; on the moments ``Mu``/``Ms``), ``'poisson'`` or ``'nb'``
+        (on the raw counts ``layers['raw_unspliced']``/``['raw_spliced']`` with the size
+        factors ``obs['size_factor_unspliced']``/``['size_factor_spliced']`` that
+        :func:`pyro_velo.pp.preprocess` writes), or a
+        :class:`~pyro_velo.likelihoods.Likelihood` object (see that module).
+    guide
+        ``'amortized'`` (default; mean-field Normal for t and c), ``'amortized_mvn'``
+        (full covariance between t and c per cell; full model), or a guide object for
+        the final model (a PyroModule with the model's signature, an ``encoder`` and a
+        ``summary(u, s)`` method, see :class:`~pyro_velo.guides.AmortizedGuide`).
+    time_prior
+        Prior of t: a :class:`~pyro_velo.priors.TimePrior` or any callable mapping cell
+        indices to a distribution (default: Normal with ``time_prior_loc/scale``, or the
+        capture-time prior).
+    state_prior
+        Prior of c (full model): a callable mapping cell indices to a distribution with
+        event shape ``(latent_dim,)`` (default ``Normal(0, c_prior_scale^2 I)``).
+    rate_prior
+        None (default: rates are point estimates), a number (the log-scale standard
+        deviation of LogNormal priors on alpha, beta and gamma, which then become random
+        with a LogNormal posterior, see :meth:`get_rate_uncertainty`), or a
+        :class:`~pyro_velo.priors.LogNormalRatePrior`.
+    capture_time_key
+        ``obs`` column of capture times (numbers or labels such as ``'E12.5'``, ``'day7'``,
+        ``'P0'``; see :func:`pyro_velo.capture.parse_capture_times`). The time prior then
+        centres each cell on its capture time mapped linearly onto ``[0.1, 0.9] t_max``,
+        with standard deviation ``capture_time_scale``; cells without one keep the
+        uninformative prior. The ODE parameters are initialised from the capture times
+        (paper, section 4.2).
+    capture_time_mapping
+        Explicit label-to-number map for the capture times.
+    capture_time_scale
+        Standard deviation of the capture-time prior on the model's axis (default: the
+        spacing between consecutive capture times, see
+        :func:`~pyro_velo.priors.default_time_scale`).
     split_fractions
         Fractions of cells for train, validation (early stopping) and test (held out).
     seed
@@ -88,7 +134,7 @@ class VeloVAE:
     def __init__(
         self,
         adata: AnnData,
-        model: str = "basic",
+        model: str = "full",
         unspliced_layer: str = "Mu",
         spliced_layer: str = "Ms",
         t_max: float = 20.0,
@@ -98,6 +144,14 @@ class VeloVAE:
         dropout: float = 0.2,
         latent_dim: int = 5,
         c_prior_scale: float = 1.0,
+        likelihood: str | Likelihood = "normal",
+        guide=GUIDES[0],
+        time_prior=None,
+        state_prior=None,
+        rate_prior: float | LogNormalRatePrior | None = None,
+        capture_time_key: str | None = None,
+        capture_time_mapping: dict | None = None,
+        capture_time_scale: float | None = None,
         split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
         seed: int = 0,
         _split: np.ndarray | None = None,
@@ -106,6 +160,8 @@ class VeloVAE:
             raise InputError(f"unknown model {model!r}; choose one of {MODELS}")
         if t_max <= 0:
             raise InputError(f"t_max must be positive, got {t_max}")
+        components = self._check_components(model, likelihood, guide, time_prior, state_prior,
+                                            rate_prior, capture_time_key)
         self.config = {
             "model": model,
             "unspliced_layer": unspliced_layer,
@@ -117,14 +173,32 @@ class VeloVAE:
             "dropout": float(dropout),
             "latent_dim": int(latent_dim),
             "c_prior_scale": float(c_prior_scale),
+            **{name: _describe(value) for name, value in components.items()},
+            "capture_time_key": capture_time_key,
+            "capture_time_mapping": capture_time_mapping,
+            "capture_time_scale": capture_time_scale,
             "split_fractions": list(split_fractions),
             "seed": int(seed),
         }
+        self._components = components
         self.data = VelocityData.from_anndata(
             adata, unspliced_layer, spliced_layer, tuple(split_fractions), _split, seed
         )
         self.obs_names = np.asarray(adata.obs_names)
         self.var_names = np.asarray(adata.var_names)
+        if self._likelihood_template().observations == "counts":
+            self.data = self.data.with_counts(adata)
+        self.capture_times = None
+        if capture_time_key is not None:
+            times = capture_times_from_obs(adata, capture_time_key, capture_time_mapping)
+            self.capture_times = torch.as_tensor(capture_time_axis(times, t_max),
+                                                 dtype=torch.float32)
+            if capture_time_scale is None:
+                capture_time_scale = default_time_scale(
+                    len(np.unique(times[np.isfinite(times)])), t_max)
+            elif not capture_time_scale > 0:
+                raise InputError(f"capture_time_scale must be positive, got {capture_time_scale}")
+            self.config["capture_time_scale"] = float(capture_time_scale)
         set_seed(seed)
         train = self.data.indices("train")
         self._init = steady_state_init(self.data.u[train], self.data.s[train], t_max)
@@ -133,20 +207,85 @@ class VeloVAE:
         self.is_trained = False
         self.device = torch.device("cpu")
 
+    @staticmethod
+    def _check_components(model, likelihood, guide, time_prior, state_prior, rate_prior,
+                          capture_time_key) -> dict:
+        """Validate the swappable pieces; return them by name (objects or names)."""
+        if isinstance(likelihood, str) and likelihood not in LIKELIHOODS:
+            raise InputError(f"unknown likelihood {likelihood!r}; choose one of "
+                             f"{sorted(LIKELIHOODS)} or pass a Likelihood object")
+        if not isinstance(likelihood, str | Likelihood):
+            raise InputError("likelihood must be a name or a pyro_velo.likelihoods.Likelihood")
+        if isinstance(guide, str):
+            if guide not in GUIDES:
+                raise InputError(f"unknown guide {guide!r}; choose one of {GUIDES} or pass "
+                                 "a guide object")
+            if guide == "amortized_mvn" and model != "full":
+                raise InputError("guide='amortized_mvn' correlates t with the cell state c: "
+                                 "it needs model='full'")
+        elif not (hasattr(guide, "summary") and hasattr(guide, "encoder")):
+            raise InputError("a guide object needs an encoder and a summary(u, s) method "
+                             "(posterior means and standard deviations, see AmortizedGuide)")
+        if time_prior is not None and capture_time_key is not None:
+            raise InputError("pass either time_prior or capture_time_key, not both")
+        if state_prior is not None and model != "full":
+            raise InputError("state_prior applies to the cell state of model='full'")
+        if rate_prior is not None and not isinstance(rate_prior, LogNormalRatePrior):
+            if isinstance(rate_prior, bool) or not isinstance(rate_prior, int | float) \
+                    or not rate_prior > 0:
+                raise InputError("rate_prior must be None, a positive log-scale standard "
+                                 f"deviation or a LogNormalRatePrior, got {rate_prior!r}")
+        return {"likelihood": likelihood, "guide": guide, "time_prior": time_prior,
+                "state_prior": state_prior, "rate_prior": rate_prior}
+
+    def _likelihood_template(self) -> Likelihood:
+        return make_likelihood(self._components["likelihood"])
+
     def _make_pair(self, kind: str):
-        """A fresh (model, guide) of ``kind`` from the steady-state initialisation."""
-        cfg = self.config
-        common = (self._init, cfg["t_max"], cfg["time_prior_loc"], cfg["time_prior_scale"])
+        """A fresh (model, guide) of ``kind`` from the steady-state initialisation.
+
+        Objects passed by the user are copied, so the first-stage basic model and the
+        final model never share parameters.
+        """
         with local_params():
-            if kind == "basic":
-                model = BasicModel(*common)
-                latent_dim = 0
-            else:
-                model = FullModel(*common, latent_dim=cfg["latent_dim"],
-                                  c_prior_scale=cfg["c_prior_scale"])
-                latent_dim = cfg["latent_dim"]
+            return self._build_pair(kind)
+
+    def _build_pair(self, kind: str):
+        cfg, parts = self.config, self._components
+        likelihood = copy.deepcopy(self._likelihood_template())
+        if not likelihood.ready:
+            likelihood.setup(self._init, self.data.gene_scale_u, self.data.gene_scale_s)
+        time_prior = copy.deepcopy(parts["time_prior"])
+        if self.capture_times is not None:
+            fallback = NormalTimePrior(
+                0.5 * cfg["t_max"] if cfg["time_prior_loc"] is None else cfg["time_prior_loc"],
+                0.25 * cfg["t_max"] if cfg["time_prior_scale"] is None
+                else cfg["time_prior_scale"])
+            time_prior = CaptureTimePrior(self.capture_times, cfg["capture_time_scale"],
+                                          fallback)
+        rate_prior = parts["rate_prior"]
+        rate_prior = (LogNormalRatePrior(float(rate_prior))
+                      if isinstance(rate_prior, int | float) else copy.deepcopy(rate_prior))
+        common = (self._init, cfg["t_max"], cfg["time_prior_loc"], cfg["time_prior_scale"],
+                  likelihood, time_prior, rate_prior)
+        latent_dim = 0 if kind == "basic" else cfg["latent_dim"]
+        if kind == "basic":
+            model = BasicModel(*common)
+        else:
+            model = FullModel(*common, latent_dim=cfg["latent_dim"],
+                              c_prior_scale=cfg["c_prior_scale"],
+                              state_prior=copy.deepcopy(parts["state_prior"]))
+        chosen = parts["guide"]
+        if kind != cfg["model"] or chosen == "amortized":
             guide = AmortizedGuide(self.data.n_genes, cfg["hidden"], cfg["dropout"],
                                    cfg["t_max"], latent_dim=latent_dim)
+        elif chosen == "amortized_mvn":
+            guide = AmortizedMVNGuide(self.data.n_genes, cfg["hidden"], cfg["dropout"],
+                                      cfg["t_max"], latent_dim=latent_dim)
+        else:
+            guide = chosen
+        if rate_prior is not None:
+            guide = CombinedGuide(guide, RateGuide(model))
         return model, guide
 
     def __repr__(self) -> str:
@@ -302,9 +441,12 @@ class VeloVAE:
             if warmup_epochs > 0 and ckpt.todo("warm-up"):
                 if not ckpt.resuming("warm-up"):
                     self.history.stages.append(("warm-up", len(self.history.train)))
+                    if self.capture_times is not None:  # paper, section 4.2
+                        self._reinitialize_rates(basic_model, basic_guide, self.capture_times)
                 fit(basic_model, basic_guide, self.data, warmup_epochs, early_stopping=False,
                     description="Warm-up", **opts,
                     **ckpt.fit_options("warm-up", self.history, self.config))
+                _rates_from_guide(basic_model, basic_guide)
                 self._reinitialize_rates(basic_model, basic_guide)
                 ckpt.stage_done("warm-up", self.history, self.config)
             if ckpt.todo("basic"):
@@ -313,6 +455,7 @@ class VeloVAE:
                 fit(basic_model, basic_guide, self.data, max_epochs,
                     early_stopping=early_stopping, description="Basic model", **opts,
                     **ckpt.fit_options("basic", self.history, self.config))
+                _rates_from_guide(basic_model, basic_guide)
                 ckpt.stage_done("basic", self.history, self.config, finished=not full)
             if full:
                 if ckpt.todo("full"):
@@ -322,6 +465,7 @@ class VeloVAE:
                     fit(self.model, self.guide, self.data, max_epochs,
                         early_stopping=early_stopping, description="Mixture of ODEs", **opts,
                         **ckpt.fit_options("full", self.history, self.config))
+                    _rates_from_guide(self.model, self.guide)
                     ckpt.stage_done("full", self.history, self.config,
                                     finished=refine_epochs <= 0)
                 self.is_trained = True
@@ -340,6 +484,9 @@ class VeloVAE:
             rho0 = self.model.transcription_rate(
                 torch.zeros(1, self.config["latent_dim"], device=self.device)).mean()
             self.model.log_alpha.sub_(rho0.log())
+        if isinstance(self.guide, CombinedGuide):
+            self.guide.rates.load_state_dict(basic_guide.rates.state_dict())
+            _rates_to_guide(self.model, self.guide)
 
     def refine_initial_conditions(
         self,
@@ -397,6 +544,7 @@ class VeloVAE:
         check_split = "validation" if (self.data.split == 1).any() else "train"
         before = self._reconstruction(check_split)["log_likelihood"]
         saved = copy.deepcopy(self.model.state_dict())
+        saved_guide = copy.deepcopy(self.guide.state_dict())
         if source == "fitted":
             expected = self._expected(scale=False)
             u_source, s_source = expected["u"], expected["s"]
@@ -412,10 +560,13 @@ class VeloVAE:
         self.config.update(refine_delta1=delta1, refine_delta2=delta2)
         with local_params():
             guide = FixedLatentGuide(t=t, c=c)
+            if isinstance(self.guide, CombinedGuide):  # random rates keep their posterior
+                guide = CombinedGuide(guide, self.guide.rates)
         self.history.stages.append(("refine", len(self.history.train)))
         fit_options.setdefault("history", self.history)
         fit_options.setdefault("description", "Refining initial conditions")
         history = fit(self.model, guide, self.data, epochs, **fit_options)
+        _rates_from_guide(self.model, self.guide)
         after = self._reconstruction(check_split)["log_likelihood"]
         self.config["refined"] = bool(after > before)
         if not after > before:
@@ -424,37 +575,49 @@ class VeloVAE:
                 self.model.set_initial_conditions(
                     saved["initial_time"], saved["initial_u"], saved["initial_s"])
             self.model.load_state_dict(saved)
+            self.guide.load_state_dict(saved_guide)
             warnings.warn(
                 f"initial-condition refinement lowered the {check_split} log-likelihood "
                 f"({before:.3f} -> {after:.3f}); kept the model without it", stacklevel=2)
         return history
 
-    def _reinitialize_rates(self, model: BasicModel, guide: AmortizedGuide) -> None:
-        """Re-fit every gene's switch times and rate to the warm-up's cell times.
+    def _reinitialize_rates(self, model: BasicModel, guide, times: torch.Tensor | None = None
+                            ) -> None:
+        """Re-fit every gene's switch times and rate to cell times.
 
-        The warm-up orders cells but may run time backwards (the encoder is free to).
-        Genes are fitted to the order and to its reverse; unspliced must lead spliced,
-        so the ODE fits the true direction better, and the encoder's time output is
-        mirrored when the reverse wins.
+        Without ``times``, the warm-up's encoded times are used. The warm-up orders cells
+        but may run time backwards (the encoder is free to). Genes are fitted to the
+        order and to its reverse; unspliced must lead spliced, so the ODE fits the true
+        direction better, and the encoder's time output is mirrored when the reverse
+        wins. With capture times the direction is known and only the forward fit is
+        made. ``times`` (``(n_cells,)``, NaN for unknown) initialises from given times,
+        e.g. capture times (paper, section 4.2), using the cells that have one.
         """
         train = self.data.indices("train").to(self.device)
-        t = self._encode(train, guide)["t"].cpu()
+        if times is None:
+            t = self._encode(train, guide)["t"].cpu()
+        else:
+            t = times.to(self.device)[train].cpu()
+            train = train[~torch.isnan(t).to(self.device)]
+            t = t[~torch.isnan(t)]
         rates = {k: v.detach().cpu() for k, v in model.rates().items()}
         u, s = self.data.u[train].cpu(), self.data.s[train].cpu()
         t_max = self.config["t_max"]
+        directions = (False,) if self.capture_times is not None else (False, True)
         fits = {
             reverse: time_informed_init(
                 u, s, t_max - t if reverse else t, rates["beta"], rates["gamma"],
                 rates["scale_u"], seed=self.config["seed"],
             )
-            for reverse in (False, True)
+            for reverse in directions
         }
-        reverse = fits[True][3] < fits[False][3]
+        reverse = len(fits) == 2 and fits[True][3] < fits[False][3]
         if reverse:
             guide.encoder.mirror_time()
         t_on, t_off, alpha, _ = fits[reverse]
         model.load_rates(t_on=t_on.to(self.device), t_off=t_off.to(self.device),
-                              alpha=alpha.to(self.device))
+                         alpha=alpha.to(self.device))
+        _rates_to_guide(model, guide)
 
     def _to(self, device: str | torch.device) -> None:
         self.device = torch.device(device)
@@ -476,13 +639,12 @@ class VeloVAE:
         idx = torch.arange(data.n_cells, device=self.device) if idx is None else idx
         guide = self.guide if guide is None else guide
         guide.eval()
-        parts: dict[str, list[torch.Tensor]] = {"t": [], "t_std": [], "c": [], "c_std": []}
-        for batch in idx.split(batch_size):
-            out = guide.encoder(data.u[batch], data.s[batch])
-            for name, value in zip(parts, out, strict=True):
-                if value is not None:
-                    parts[name].append(value)
-        return {name: torch.cat(values) for name, values in parts.items() if values}
+        parts: dict[str, list[torch.Tensor]] = {}
+        with torch.no_grad():
+            for batch in idx.split(batch_size):
+                for name, value in guide.summary(data.u[batch], data.s[batch]).items():
+                    parts.setdefault(name, []).append(value)
+        return {name: torch.cat(values) for name, values in parts.items()}
 
     def _check_trained(self) -> None:
         if not self.is_trained:
@@ -697,8 +859,12 @@ class VeloVAE:
         expected = self._expected(idx=idx, scale=False)
         u, s = self.data.u[idx], self.data.s[idx]
         residual = torch.cat([expected["u"] - u, expected["s"] - s], dim=1)
-        log_lik = (self.model.u_dist(expected["u"]).log_prob(u)
-                   + self.model.s_dist(expected["s"]).log_prob(s))
+        # the likelihood scores its own observations: moments, or raw counts
+        obs_u, obs_s, size_u, size_s = (
+            (u, s, None, None) if self.data.counts is None
+            else tuple(x[idx] for x in self.data.counts))
+        log_lik = (self.model.u_dist(expected["u"], size_u).log_prob(obs_u)
+                   + self.model.s_dist(expected["s"], size_s).log_prob(obs_s))
         return {"mse": float((residual ** 2).mean()), "mae": float(residual.abs().mean()),
                 "log_likelihood": float(log_lik.mean())}
 
@@ -944,3 +1110,26 @@ class VeloVAE:
         vae.guide.eval()
         return vae
 
+
+
+def _describe(value) -> object:
+    """JSON-able record of a component: names and numbers as they are, objects by class."""
+    if value is None or isinstance(value, str | int | float):
+        return value
+    return CUSTOM + type(value).__name__
+
+
+def _rates_to_guide(model: BasicModel, guide) -> None:
+    """Move the rate posteriors' locations to the model's point values (after a re-fit)."""
+    if isinstance(guide, CombinedGuide):
+        with torch.no_grad():
+            for name in guide.rates.names:
+                getattr(guide.rates, f"log_{name}_loc").copy_(getattr(model, f"log_{name}"))
+
+
+def _rates_from_guide(model: BasicModel, guide) -> None:
+    """Set the model's point rates to the posterior medians of random rates (for prediction)."""
+    if isinstance(guide, CombinedGuide):
+        with torch.no_grad():
+            for name in guide.rates.names:
+                getattr(model, f"log_{name}").copy_(getattr(guide.rates, f"log_{name}_loc"))
