@@ -28,6 +28,7 @@ from .guides import (
 from .initialize import steady_state_init, time_informed_init, window_initial_conditions
 from .likelihoods import LIKELIHOODS, Likelihood, make_likelihood
 from .model import BasicModel, FullModel
+from .posterior import DERIVED, RATE_SITES, Moments, draws, multivariate_cv
 from .priors import CaptureTimePrior, LogNormalRatePrior, NormalTimePrior, default_time_scale
 from .train import (
     Checkpointer,
@@ -205,6 +206,8 @@ class VeloVAE:
         self.model, self.guide = self._make_pair(model)
         self.history = TrainingHistory()
         self.is_trained = False
+        #: per-cell posterior uncertainty from :meth:`get_uncertainty` (None until then)
+        self.uncertainty: pd.DataFrame | None = None
         self.device = torch.device("cpu")
 
     @staticmethod
@@ -845,6 +848,161 @@ class VeloVAE:
         return pd.Series(pd.Categorical.from_codes(self.data.split, SPLIT_NAMES),
                          index=self.obs_names, name="split")
 
+    # ---- posterior sampling and uncertainty -------------------------------------------
+    def sample_posterior(
+        self,
+        n_samples: int = 100,
+        return_sites: Sequence[str] = ("t", "c"),
+        batch_size: int = 1024,
+        seed: int = 0,
+    ) -> dict[str, np.ndarray]:
+        """Joint draws from the fitted posterior (the guide) for every cell.
+
+        Parameters
+        ----------
+        n_samples
+            Number of draws.
+        return_sites
+            Latent sites (``'t'``, ``'c'``; ``'alpha'``, ``'beta'``, ``'gamma'`` when the
+            rates are random) and derived quantities at the drawn values
+            (``'velocity'`` = ds/dt and ``'velocity_u'`` = du/dt on the ``Ms`` / ``Mu``
+            scale, ``'u'``, ``'s'`` on the model's per-gene scale). Derived arrays have
+            ``n_samples x n_cells x fitted genes`` entries: for summaries over many cells
+            use :meth:`get_uncertainty`, which never holds them.
+        batch_size
+            Cells per minibatch.
+        seed
+            Seeds the draws (reproducible on CPU; reseeds torch and Pyro's global RNG).
+
+        Returns
+        -------
+        dict
+            Site name to an array of shape ``(n_samples, n_cells, ...)`` for per-cell
+            sites and ``(n_samples, fitted genes)`` for rates.
+        """
+        self._check_trained()
+        check_training_arguments(max_epochs=n_samples, batch_size=batch_size)
+        available = self._posterior_sites()
+        unknown = [name for name in return_sites if name not in available]
+        if unknown:
+            raise InputError(f"unknown site(s) {unknown}; available: {available}")
+        set_seed(seed)
+        parts: dict[str, list[list[torch.Tensor]]] = {
+            name: [[] for _ in range(n_samples)] for name in return_sites}
+        idx = torch.arange(self.data.n_cells, device=self.device)
+        derived = any(name in DERIVED for name in return_sites)
+        for batch, k, values in draws(self.model, self.guide, self.data, idx, n_samples,
+                                      batch_size, derived):
+            for name in return_sites:
+                if name in RATE_SITES:
+                    if batch[0] == 0:
+                        parts[name][k].append(values[name])
+                else:
+                    parts[name][k].append(self._data_scale(name, values[name]))
+        return {name: torch.stack([torch.cat(chunks) if name not in RATE_SITES else chunks[0]
+                                   for chunks in per_sample]).cpu().numpy()
+                for name, per_sample in parts.items()}
+
+    def _posterior_sites(self) -> list[str]:
+        sites = ["t"] + (["c"] if self.config["model"] == "full" else [])
+        rate_prior = getattr(self.model, "rate_prior", None)
+        return sites + (list(rate_prior.names) if rate_prior is not None else []) + list(DERIVED)
+
+    def _data_scale(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        if name == "velocity":
+            return value * self.data.gene_scale_s
+        if name == "velocity_u":
+            return value * self.data.gene_scale_u
+        return value
+
+    def get_uncertainty(self, n_samples: int = 100, batch_size: int = 1024, seed: int = 0
+                        ) -> pd.DataFrame:
+        """Per-cell posterior uncertainty of time, cell state and velocity (paper, Fig. 8).
+
+        Summaries are accumulated online over ``n_samples`` draws for one minibatch of
+        cells at a time (memory ``batch_size x genes``, never samples x cells x genes).
+
+        Columns (also stored in ``self.uncertainty`` and written to ``obs`` with the
+        ``pyro_velo_`` prefix by :meth:`export_to_anndata`):
+
+        - ``time_mean``, ``time_std``; ``time_cv`` = ``time_std / |time_mean|`` (time on
+          the model's axis ``[0, t_max]``);
+        - ``state_cv`` (full model): the multivariate coefficient of variation of c
+          (Van Valen 1974), ``sqrt(trace Cov(c) / |E c|^2)``;
+        - ``velocity_cv``: the same for the velocity vector ds/dt over the fitted genes
+          (on the ``Ms`` scale): total posterior spread relative to the mean velocity.
+
+        Parameters
+        ----------
+        n_samples, batch_size, seed
+            Draws per cell, cells per minibatch, seed of the draws.
+        """
+        self._check_trained()
+        check_training_arguments(max_epochs=n_samples, batch_size=batch_size)
+        set_seed(seed)
+        idx = torch.arange(self.data.n_cells, device=self.device)
+        columns: dict[str, list[torch.Tensor]] = {}
+        moments: dict[str, Moments] = {}
+        for _batch, k, values in draws(self.model, self.guide, self.data, idx, n_samples,
+                                      batch_size):
+            if k == 0:
+                moments = {name: Moments() for name in ("t", "c", "velocity") if name in values}
+            for name, acc in moments.items():
+                acc.add(self._data_scale(name, values[name]))
+            if k == n_samples - 1:
+                t = moments["t"]
+                summary = {"time_mean": t.mean, "time_std": t.variance.sqrt(),
+                           "time_cv": t.variance.sqrt() / t.mean.abs().clamp(min=1e-300)}
+                if "c" in moments:
+                    summary["state_cv"] = multivariate_cv(moments["c"].mean, moments["c"].variance)
+                summary["velocity_cv"] = multivariate_cv(moments["velocity"].mean,
+                                                         moments["velocity"].variance)
+                for name, value in summary.items():
+                    columns.setdefault(name, []).append(value)
+        self.uncertainty = pd.DataFrame(
+            {name: torch.cat(values).cpu().numpy() for name, values in columns.items()},
+            index=self.obs_names)
+        return self.uncertainty
+
+    def get_rate_uncertainty(self) -> pd.DataFrame:
+        """Posterior of the random rates (needs ``rate_prior``): median and 90% interval.
+
+        Columns ``<rate>_median``, ``<rate>_q05``, ``<rate>_q95`` for each random rate
+        (``alpha`` on the ``Ms`` scale per unit time, ``beta`` and ``gamma`` per unit
+        time); rows are genes (NaN for genes not fitted).
+        """
+        self._check_trained()
+        rates = getattr(self.guide, "rates", None)
+        if rates is None:
+            raise RuntimeError("rates are point estimates: pass rate_prior=... to VeloVAE "
+                               "to make them random with a posterior")
+        frame = pd.DataFrame(index=self.var_names)
+        z = 1.6448536269514722  # standard normal 95% quantile
+        for name in rates.names:
+            loc = getattr(rates, f"log_{name}_loc").detach().double().cpu()
+            scale = getattr(rates, f"log_{name}_scale").detach().double().exp().cpu()
+            factor = self.data.gene_scale_s.double().cpu() if name == "alpha" else 1.0
+            for suffix, value in (("median", loc), ("q05", loc - z * scale),
+                                  ("q95", loc + z * scale)):
+                column = np.full(len(self.var_names), np.nan)
+                column[self.data.fitted] = (value.exp() * factor).numpy()
+                frame[f"{name}_{suffix}"] = column
+        return frame
+
+    def get_time_state_correlation(self) -> np.ndarray:
+        """Posterior correlation of t with each coordinate of c, ``(n_cells, latent_dim)``.
+
+        Needs ``guide='amortized_mvn'`` (the mean-field guide has none by construction).
+        """
+        self._check_trained()
+        cells = getattr(self.guide, "cells", self.guide)
+        if not isinstance(cells, AmortizedMVNGuide):
+            raise RuntimeError("the t-c correlation needs guide='amortized_mvn'")
+        cells.eval()
+        out = [cells.correlation(self.data.u[b], self.data.s[b])
+               for b in torch.arange(self.data.n_cells, device=self.device).split(4096)]
+        return torch.cat(out).cpu().numpy()
+
     # ---- evaluation ------------------------------------------------------------------
     def elbo(self, split: str = "test") -> float:
         """Mean ELBO per cell on one split (higher is better)."""
@@ -951,6 +1109,10 @@ class VeloVAE:
         adata.var["velocity_genes"] = self.data.fitted
         for name in rates.columns.drop("fitted"):
             adata.var[PREFIX + name] = rates[name].values
+        if self.uncertainty is not None:
+            for name in ("time_cv", "state_cv", "velocity_cv"):
+                if name in self.uncertainty:
+                    adata.obs[PREFIX + name] = self.uncertainty[name].to_numpy()
         adata.uns["velocity_params"] = params
 
     # ---- persistence -----------------------------------------------------------------
