@@ -31,6 +31,7 @@ import scipy.sparse as sp
 from scipy import stats
 
 from ._checks import InputError, check_finite, check_layers
+from .capture import parse_capture_times
 
 __all__ = [
     "cross_boundary_correctness",
@@ -274,7 +275,8 @@ def _mean_of_scores(scores: dict, what: str) -> float:
 
 
 def time_correlation(
-    adata: Any, key: str = "true_t", time_key: str = "latent_time", method: str = "spearman"
+    adata: Any, key: str = "true_t", time_key: str = "latent_time", method: str = "spearman",
+    mapping: dict | None = None,
 ) -> float:
     """Rank correlation between an inferred time and a reference time.
 
@@ -288,12 +290,15 @@ def time_correlation(
     adata
         Annotated data; not modified.
     key
-        Reference time column of ``adata.obs``, e.g. the simulated ``'true_t'`` or a numeric
-        capture time. Categoricals with numeric categories are accepted.
+        Reference time column of ``adata.obs``, e.g. the simulated ``'true_t'`` or a
+        capture time: numbers, or labels such as ``'E12.5'``, ``'day7'``, ``'P0'`` read by
+        :func:`pyro_velo.capture.parse_capture_times` (the paper's kt, Table 1).
     time_key
         Inferred time column of ``adata.obs``.
     method
         ``'spearman'`` or ``'kendall'``.
+    mapping
+        Explicit label-to-number map for ``key`` (see ``parse_capture_times``).
 
     Returns
     -------
@@ -303,13 +308,15 @@ def time_correlation(
     Raises
     ------
     InputError
-        If a column is missing or non-numeric (e.g. capture labels ``'E12.5'``: convert
-        them to numbers first), ``method`` is unknown, or fewer than 2 cells have both.
+        If a column is missing, ``time_key`` is non-numeric, a label of ``key`` cannot be
+        read, ``method`` is unknown, or fewer than 2 cells have both.
     """
     if method not in ("spearman", "kendall"):
         raise InputError(f"method must be 'spearman' or 'kendall', got {method!r}.")
     inferred = _numeric_obs(adata, time_key)
-    reference = _numeric_obs(adata, key)
+    if key not in adata.obs:
+        reference = _numeric_obs(adata, key)  # raises the missing-column error
+    reference = parse_capture_times(adata.obs[key].to_numpy(), mapping)
     both = np.isfinite(inferred) & np.isfinite(reference)
     if both.sum() < 2:
         raise InputError(

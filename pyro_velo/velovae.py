@@ -43,6 +43,7 @@ from .train import (
 
 MODELS = ("basic", "full")
 GUIDES = ("amortized", "amortized_mvn")
+COMPONENTS = ("likelihood", "guide", "time_prior", "state_prior", "rate_prior")
 # config value of a component passed as an object: it must be passed again to load()
 CUSTOM = "custom:"
 # rho is exported as a dense layer only below this many bytes (float32)
@@ -1176,8 +1177,13 @@ class VeloVAE:
         (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
     @classmethod
-    def load(cls, path: str | Path, adata: AnnData) -> VeloVAE:
+    def load(cls, path: str | Path, adata: AnnData, **components) -> VeloVAE:
         """Load a model saved by :meth:`save`, for the cells and genes of ``adata``.
+
+        Components passed as objects when the model was built (``likelihood``,
+        ``guide``, ``time_prior``, ``state_prior``, ``rate_prior``; recorded in the
+        configuration as ``'custom:<class>'``) must be passed again as keyword arguments,
+        freshly constructed: their parameters are then restored from the file.
 
         No training happens: the saved parameters, initial conditions, split and per-gene
         scales are restored, so that every ``get_*`` method returns what it returned
@@ -1234,6 +1240,17 @@ class VeloVAE:
                     f"adata's {what} differ from those the model in {path} was saved with "
                     f"({len(names)} in adata, {len(saved)} saved; same names in the same "
                     "order are needed). For other cells use get_latent_time(adata) etc.")
+        unknown = sorted(set(components) - set(COMPONENTS))
+        if unknown:
+            raise InputError(f"unknown component(s) {unknown}; load accepts {COMPONENTS}")
+        needed = [name for name in COMPONENTS if isinstance(config.get(name), str)
+                  and config[name].startswith(CUSTOM) and name not in components]
+        if needed:
+            raise InputError(
+                f"the model in {path} was built with custom {', '.join(needed)} "
+                f"({', '.join(config[n] for n in needed)}): pass them again, e.g. "
+                f"VeloVAE.load(path, adata, {needed[0]}=...)")
+        config.update(components)
         hidden = config.pop("hidden")
         split_fractions = tuple(config.pop("split_fractions"))
         refine = {k: config.pop(k) for k in ("refine_delta1", "refine_delta2", "refined")

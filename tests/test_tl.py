@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 from anndata import AnnData
+from scipy import stats
 
 import pyro_velo as pv
 from pyro_velo import tl
@@ -64,9 +65,16 @@ def test_time_correlation_numeric_categories_and_string_labels():
     adata.obs["latent_time"] = [0.1, 0.2, 0.3, 0.4]
     adata.obs["day"] = pd.Categorical([1.0, 1.0, 2.0, 3.0])
     assert tl.time_correlation(adata, key="day") > 0.9
+    # capture labels are read as numbers: E12.5 < E13.5 < P0 (after birth)
     adata.obs["stage"] = pd.Categorical(["E12.5", "E12.5", "E13.5", "P0"])
-    with pytest.raises(InputError, match="'stage'.*numeric.*E12.5"):
+    assert tl.time_correlation(adata, key="stage") == pytest.approx(
+        stats.spearmanr([0.1, 0.2, 0.3, 0.4], [12.5, 12.5, 13.5, 19.5])[0])
+    adata.obs["stage"] = ["late", "early", "mid", "late"]
+    with pytest.raises(InputError, match="'late'.*capture_time_mapping"):
         tl.time_correlation(adata, key="stage")
+    mapping = {"early": 0, "mid": 1, "late": 2}
+    assert tl.time_correlation(adata, key="stage", mapping=mapping) == pytest.approx(
+        stats.spearmanr([0.1, 0.2, 0.3, 0.4], [2, 0, 1, 2])[0])
 
 
 def test_time_correlation_errors():
