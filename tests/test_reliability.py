@@ -81,7 +81,7 @@ def test_save_load_round_trips_a_refined_full_model_exactly(full, adata, tmp_pat
 
 
 def test_save_load_untrained_model(adata, tmp_path):
-    vae = pv.VeloVAE(adata, **SMALL)
+    vae = pv.VeloVAE(adata, model="basic", **SMALL)
     vae.save(tmp_path / "m")
     loaded = pv.VeloVAE.load(tmp_path / "m", adata)
     assert not loaded.is_trained
@@ -245,7 +245,7 @@ def test_resumed_training_equals_uninterrupted(kind, n_writes, epochs_done, adat
 
 
 def test_resume_continues_the_history_in_place(adata, tmp_path, monkeypatch):
-    vae = pv.VeloVAE(adata, **SMALL)
+    vae = pv.VeloVAE(adata, model="basic", **SMALL)
     args = dict(max_epochs=6, warmup_epochs=0, progress_bar=False, early_stopping=False)
     _interrupt_after(monkeypatch, 2)  # stops after epoch 4 (checkpoints every 2 epochs)
     with pytest.raises(KeyboardInterrupt):
@@ -258,7 +258,7 @@ def test_resume_continues_the_history_in_place(adata, tmp_path, monkeypatch):
 
 
 def test_resume_errors(adata, tmp_path):
-    vae = pv.VeloVAE(adata, **SMALL)
+    vae = pv.VeloVAE(adata, model="basic", **SMALL)
     args = dict(max_epochs=2, warmup_epochs=0, progress_bar=False)
     with pytest.raises(MissingFileError, match="no checkpoint to resume from"):
         vae.train(**args, checkpoint_dir=tmp_path / "empty", resume=True)
@@ -272,7 +272,7 @@ def test_resume_errors(adata, tmp_path):
         vae.train(**args, checkpoint_dir=tmp_path)
     with pytest.raises(InputError, match="max_epochs=2"):
         vae.train(**dict(args, max_epochs=3), checkpoint_dir=tmp_path, resume=True)
-    other = pv.VeloVAE(adata, **dict(SMALL, hidden=(16,)))
+    other = pv.VeloVAE(adata, model="basic", **dict(SMALL, hidden=(16,)))
     with pytest.raises(InputError, match="hidden"):
         other.train(**args, checkpoint_dir=tmp_path, resume=True)
     (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
@@ -283,7 +283,7 @@ def test_resume_errors(adata, tmp_path):
 # ---- divergence ----------------------------------------------------------------------
 @pytest.mark.parametrize("owner", ["model", "guide"])
 def test_nan_gradient_is_caught_at_its_step(owner, adata):
-    vae = pv.VeloVAE(adata, **SMALL)
+    vae = pv.VeloVAE(adata, model="basic", **SMALL)
     name, param = ("log_beta", vae.model.log_beta) if owner == "model" else (
         "encoder.t_head.weight", vae.guide.encoder.t_head.weight)
     before = param.detach().clone()
@@ -296,7 +296,7 @@ def test_nan_gradient_is_caught_at_its_step(owner, adata):
 
 
 def test_nan_loss_names_the_parameter(adata):
-    vae = pv.VeloVAE(adata, **SMALL)
+    vae = pv.VeloVAE(adata, model="basic", **SMALL)
     with torch.no_grad():
         vae.model.log_gamma[1] = float("inf")
     with pytest.raises(DivergenceError, match="epoch 0, minibatch step 0.*model.log_gamma"):
