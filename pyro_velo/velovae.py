@@ -1276,6 +1276,7 @@ class VeloVAE:
                                               config["unspliced_layer"],
                                               config["spliced_layer"])
             data.split = split.astype(np.int8)
+            data.counts = vae.data.counts  # raw counts of a count likelihood are unscaled
             vae.data = data
         load_module_state(vae.model, state["model"])
         vae.guide.load_state_dict(state["guide"])
