@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_fit_options(p: argparse.ArgumentParser, batch_size: int = 128) -> None:
-        p.add_argument("--model", default="basic", choices=["basic", "full"],
-                       help="'basic': fixed rates per gene (default); 'full': mixture of "
-                            "ODEs with a cell state per cell")
+        p.add_argument("--model", default="full", choices=["basic", "full"],
+                       help="'full': mixture of ODEs with a cell state per cell (default); "
+                            "'basic': fixed rates per gene (faster)")
         p.add_argument("--max-epochs", type=_positive_int, default=None,
                        help="upper bound on training epochs (default: scales with cells)")
         p.add_argument("--batch-size", type=_positive_int, default=batch_size)

@@ -33,6 +33,7 @@ from .priors import CaptureTimePrior, LogNormalRatePrior, NormalTimePrior, defau
 from .train import (
     Checkpointer,
     TrainingHistory,
+    adopt_module,
     check_training_arguments,
     evaluate_loss,
     fit,
@@ -256,10 +257,10 @@ class VeloVAE:
 
     def _build_pair(self, kind: str):
         cfg, parts = self.config, self._components
-        likelihood = copy.deepcopy(self._likelihood_template())
+        likelihood = adopt_module(copy.deepcopy(self._likelihood_template()))
         if not likelihood.ready:
             likelihood.setup(self._init, self.data.gene_scale_u, self.data.gene_scale_s)
-        time_prior = copy.deepcopy(parts["time_prior"])
+        time_prior = _adopted_copy(parts["time_prior"])
         if self.capture_times is not None:
             fallback = NormalTimePrior(
                 0.5 * cfg["t_max"] if cfg["time_prior_loc"] is None else cfg["time_prior_loc"],
@@ -269,7 +270,7 @@ class VeloVAE:
                                           fallback)
         rate_prior = parts["rate_prior"]
         rate_prior = (LogNormalRatePrior(float(rate_prior))
-                      if isinstance(rate_prior, int | float) else copy.deepcopy(rate_prior))
+                      if isinstance(rate_prior, int | float) else _adopted_copy(rate_prior))
         common = (self._init, cfg["t_max"], cfg["time_prior_loc"], cfg["time_prior_scale"],
                   likelihood, time_prior, rate_prior)
         latent_dim = 0 if kind == "basic" else cfg["latent_dim"]
@@ -278,7 +279,7 @@ class VeloVAE:
         else:
             model = FullModel(*common, latent_dim=cfg["latent_dim"],
                               c_prior_scale=cfg["c_prior_scale"],
-                              state_prior=copy.deepcopy(parts["state_prior"]))
+                              state_prior=_adopted_copy(parts["state_prior"]))
         chosen = parts["guide"]
         if kind != cfg["model"] or chosen == "amortized":
             guide = AmortizedGuide(self.data.n_genes, cfg["hidden"], cfg["dropout"],
@@ -287,7 +288,7 @@ class VeloVAE:
             guide = AmortizedMVNGuide(self.data.n_genes, cfg["hidden"], cfg["dropout"],
                                       cfg["t_max"], latent_dim=latent_dim)
         else:
-            guide = chosen
+            guide = adopt_module(chosen)
         if rate_prior is not None:
             guide = CombinedGuide(guide, RateGuide(model))
         return model, guide
@@ -1022,8 +1023,9 @@ class VeloVAE:
         obs_u, obs_s, size_u, size_s = (
             (u, s, None, None) if self.data.counts is None
             else tuple(x[idx] for x in self.data.counts))
-        log_lik = (self.model.u_dist(expected["u"], size_u).log_prob(obs_u)
-                   + self.model.s_dist(expected["s"], size_s).log_prob(obs_s))
+        with local_params():  # the likelihood is a PyroModule: keep its params local
+            log_lik = (self.model.u_dist(expected["u"], size_u).log_prob(obs_u)
+                       + self.model.s_dist(expected["s"], size_s).log_prob(obs_s))
         return {"mse": float((residual ** 2).mean()), "mae": float(residual.abs().mean()),
                 "log_likelihood": float(log_lik.mean())}
 
@@ -1313,3 +1315,9 @@ def _rates_from_guide(model: BasicModel, guide) -> None:
         with torch.no_grad():
             for name in guide.rates.names:
                 getattr(model, f"log_{name}").copy_(getattr(guide.rates, f"log_{name}_loc"))
+
+
+def _adopted_copy(component):
+    """A private copy of a user's component, ready to join our modules."""
+    component = copy.deepcopy(component)
+    return adopt_module(component) if isinstance(component, torch.nn.Module) else component
