@@ -25,7 +25,13 @@ from .guides import (
     FixedLatentGuide,
     RateGuide,
 )
-from .initialize import steady_state_init, time_informed_init, window_initial_conditions
+from .initialize import (
+    diffusion_pseudotimes,
+    direction_score,
+    steady_state_init,
+    time_informed_init,
+    window_initial_conditions,
+)
 from .likelihoods import LIKELIHOODS, Likelihood, make_likelihood
 from .model import BasicModel, FullModel
 from .posterior import DERIVED, RATE_SITES, Moments, draws, multivariate_cv
@@ -188,6 +194,8 @@ class VeloVAE:
             adata, unspliced_layer, spliced_layer, tuple(split_fractions), _split, seed
         )
         self.obs_names = np.asarray(adata.obs_names)
+        # kNN graph for the pseudotime that starts training (a reference, not a copy)
+        self._graph = adata.obsp["connectivities"] if "connectivities" in adata.obsp else None
         self.var_names = np.asarray(adata.var_names)
         if self._likelihood_template().observations == "counts":
             self.data = self.data.with_counts(adata)
@@ -446,8 +454,10 @@ class VeloVAE:
             if warmup_epochs > 0 and ckpt.todo("warm-up"):
                 if not ckpt.resuming("warm-up"):
                     self.history.stages.append(("warm-up", len(self.history.train)))
-                    if self.capture_times is not None:  # paper, section 4.2
-                        self._reinitialize_rates(basic_model, basic_guide, self.capture_times)
+                    start = (self.capture_times if self.capture_times is not None
+                             else self._pseudotime(basic_model))
+                    if start is not None:  # paper, section 4.2 (capture times)
+                        self._reinitialize_rates(basic_model, basic_guide, start)
                 fit(basic_model, basic_guide, self.data, warmup_epochs, early_stopping=False,
                     description="Warm-up", **opts,
                     **ckpt.fit_options("warm-up", self.history, self.config))
@@ -586,17 +596,41 @@ class VeloVAE:
                 f"({before:.3f} -> {after:.3f}); kept the model without it", stacklevel=2)
         return history
 
+    def _pseudotime(self, model: BasicModel) -> torch.Tensor | None:
+        """Diffusion pseudotime on the kNN graph, oriented by the splicing kinetics.
+
+        Starting the warm-up from genes fitted to a data-driven order avoids a local
+        optimum of the ELBO in which the first cells are glued to the end of time. The
+        candidates are pseudotimes from extreme cells of the diffusion map
+        (:func:`~pyro_velo.initialize.diffusion_pseudotimes`); the one whose order
+        agrees best with ``ds/dt = beta u - gamma s``
+        (:func:`~pyro_velo.initialize.direction_score`) is used, on ``[0, t_max]``.
+        None without a graph (``obsp['connectivities']``) or with fewer than 20 cells.
+        """
+        n = self.data.n_cells
+        if self._graph is None or n < 20 or self._graph.shape != (n, n):
+            return None
+        rates = {k: v.detach().cpu() for k, v in model.rates().items()}
+        u, s = self.data.u.cpu(), self.data.s.cpu()
+        best, best_score = None, -np.inf
+        for candidate in diffusion_pseudotimes(self._graph, seed=self.config["seed"]):
+            t = torch.as_tensor(candidate, dtype=torch.float32)
+            score = direction_score(t, u, s, rates["beta"], rates["gamma"], rates["scale_u"])
+            if score > best_score:
+                best, best_score = t, score
+        return best * self.config["t_max"]
+
     def _reinitialize_rates(self, model: BasicModel, guide, times: torch.Tensor | None = None
                             ) -> None:
         """Re-fit every gene's switch times and rate to cell times.
 
         Without ``times``, the warm-up's encoded times are used. The warm-up orders cells
-        but may run time backwards (the encoder is free to). Genes are fitted to the
-        order and to its reverse; unspliced must lead spliced, so the ODE fits the true
-        direction better, and the encoder's time output is mirrored when the reverse
-        wins. With capture times the direction is known and only the forward fit is
-        made. ``times`` (``(n_cells,)``, NaN for unknown) initialises from given times,
-        e.g. capture times (paper, section 4.2), using the cells that have one.
+        but may run time backwards (the encoder is free to): unspliced must lead
+        spliced, and :func:`~pyro_velo.initialize.direction_score` tells from the data
+        which way the order runs; the encoder's time output is mirrored when it runs
+        backwards (with capture times the direction is given). ``times`` (``(n_cells,)``,
+        NaN for unknown) initialises from given times, e.g. capture times (paper,
+        section 4.2) or a diffusion pseudotime, using the cells that have one.
         """
         train = self.data.indices("train").to(self.device)
         if times is None:
@@ -608,18 +642,13 @@ class VeloVAE:
         rates = {k: v.detach().cpu() for k, v in model.rates().items()}
         u, s = self.data.u[train].cpu(), self.data.s[train].cpu()
         t_max = self.config["t_max"]
-        directions = (False,) if self.capture_times is not None else (False, True)
-        fits = {
-            reverse: time_informed_init(
-                u, s, t_max - t if reverse else t, rates["beta"], rates["gamma"],
-                rates["scale_u"], seed=self.config["seed"],
-            )
-            for reverse in directions
-        }
-        reverse = len(fits) == 2 and fits[True][3] < fits[False][3]
+        reverse = (times is None and self.capture_times is None and direction_score(
+            t, u, s, rates["beta"], rates["gamma"], rates["scale_u"]) < 0)
         if reverse:
             guide.encoder.mirror_time()
-        t_on, t_off, alpha, _ = fits[reverse]
+        t_on, t_off, alpha, _ = time_informed_init(
+            u, s, t_max - t if reverse else t, rates["beta"], rates["gamma"],
+            rates["scale_u"], seed=self.config["seed"])
         model.load_rates(t_on=t_on.to(self.device), t_off=t_off.to(self.device),
                          alpha=alpha.to(self.device))
         _rates_to_guide(model, guide)
