@@ -156,8 +156,9 @@ def test_encoding_adata_gives_the_default_paths_times(kind, basic, full, adata):
     order = np.random.default_rng(0).permutation(adata.n_vars)
     shuffled = adata[:, order].copy()
     assert _equal(vae.get_latent_time(shuffled), t)
+    # a single row takes another BLAS path than a batch: equal up to float32 rounding
     one = adata[5:6].copy()
-    assert _equal(vae.get_latent_time(one), t[5:6])
+    np.testing.assert_allclose(vae.get_latent_time(one), t[5:6], rtol=1e-5)
     if kind == "full":
         assert _equal(vae.get_cell_state(subset), vae.get_cell_state()[::3])
 

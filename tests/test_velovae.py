@@ -147,7 +147,7 @@ def test_export_refuses_other_cells_and_writes_nothing(linear_adata):
 
 
 def test_divergence_is_reported(linear_adata):
-    vae = pv.VeloVAE(linear_adata, hidden=(8,))
+    vae = pv.VeloVAE(linear_adata, model="basic", hidden=(8,))
     with __import__("torch").no_grad():
         vae.model.log_alpha[0] = float("nan")
     with pytest.raises(DivergenceError, match="log_alpha"):
