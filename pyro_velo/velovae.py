@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import warnings
 from collections.abc import Sequence
@@ -552,6 +553,13 @@ class VeloVAE:
         self._check_trained()
         if self.config["model"] != "full":
             raise RuntimeError("initial-condition refinement applies to the full model only")
+        # reject unknown options before anything changes
+        allowed = set(inspect.signature(fit).parameters) - {"model", "guide", "data",
+                                                              "max_epochs"}
+        unknown = sorted(set(fit_options) - allowed)
+        if unknown:
+            raise InputError(f"unknown option(s) {unknown} for refine_initial_conditions; "
+                             f"accepted: {sorted(allowed)}")
         latent = self._encode()
         t, c = latent["t"], latent["c"]
         span = float(t.max() - t.min())

@@ -141,3 +141,15 @@ def test_cell_state_and_rho_exported(fits):
     # the cell state matters: rho differs between cells for most genes
     assert np.mean(rho[:, genes].std(0) > 1e-3) > 0.5
     assert adata.uns["velocity_params"]["model"] == "full"
+
+
+def test_refinement_rejects_unknown_options_before_changing_anything():
+    adata = pv.datasets.simulate(n_cells=200, n_genes=20, topology="bifurcation", seed=0)
+    pv.pp.preprocess(adata, random_state=0, n_pcs=10)
+    vae = pv.VeloVAE(adata, hidden=(16,), latent_dim=2, seed=0)
+    vae.train(max_epochs=3, warmup_epochs=2, refine_epochs=0, progress_bar=False)
+    stages, config = list(vae.history.stages), dict(vae.config)
+    with pytest.raises(pv._checks.InputError, match="bogus"):
+        vae.refine_initial_conditions(epochs=2, bogus=1)
+    assert vae.history.stages == stages and vae.config == config
+    assert not vae.model.has_initial_conditions
