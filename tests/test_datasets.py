@@ -485,3 +485,86 @@ def test_large_run_stays_in_memory_budget():
     # float64 cells x genes matrix (numpy allocations only: torch's are not traced)
     assert current < 1.2 * result + 20e6
     assert peak - current < 0.75 * dense64
+
+
+# --------------------------------------------------------------------------------------
+# real data sets through scVelo: offline behaviour
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, scvelo_name", [("pancreas", "pancreas"),
+                                               ("dentate_gyrus", "dentategyrus")])
+def test_real_dataset_offline_raises_a_clear_error(name, scvelo_name, tmp_path, monkeypatch):
+    import scvelo.datasets
+
+    from pyro_velo import datasets
+
+    checked = []
+
+    def offline(host, port=443, timeout=datasets.NETWORK_TIMEOUT):
+        checked.append((host, timeout))
+        return False
+
+    def must_not_download(*args, **kwargs):
+        raise AssertionError("scVelo must not be called when offline")
+
+    monkeypatch.setattr(datasets, "_reachable", offline)
+    monkeypatch.setattr(scvelo.datasets, scvelo_name, must_not_download)
+    target = tmp_path / "cache" / "data.h5ad"
+    with pytest.raises(datasets.DatasetUnavailableError) as info:
+        getattr(datasets, name)(file_path=target)
+    message = str(info.value)
+    assert f"The {name} data set" in message
+    assert "offline" in message and "download" in message
+    assert str(target.resolve()) in message and "https://" in message
+    assert checked == [("github.com", datasets.NETWORK_TIMEOUT)]
+    assert datasets.NETWORK_TIMEOUT <= 3
+    assert isinstance(info.value, OSError)
+    assert not target.exists()
+
+
+def test_real_dataset_failed_download_is_reported(tmp_path, monkeypatch):
+    from urllib.error import URLError
+
+    import scvelo.datasets
+
+    from pyro_velo import datasets
+
+    def broken(*args, **kwargs):
+        raise URLError("connection reset")
+
+    monkeypatch.setattr(datasets, "_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(scvelo.datasets, "pancreas", broken)
+    with pytest.raises(datasets.DatasetUnavailableError,
+                       match=r"(?s)pancreas data set could not be loaded.*URLError.*"
+                             r"connection reset.*download https://"):
+        datasets.pancreas(file_path=tmp_path / "p.h5ad")
+
+
+def test_real_dataset_is_read_from_the_cache_without_network(tmp_path, monkeypatch):
+    from pyro_velo import datasets
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a cached file must not need the network")
+
+    monkeypatch.setattr(datasets, "_reachable", no_network)
+    cached = anndata.AnnData(sp.csr_matrix(np.eye(3, dtype=np.float32)))
+    cached.layers["spliced"] = cached.X.copy()
+    path = tmp_path / "dg.h5ad"
+    cached.write_h5ad(path)
+    adata = datasets.dentate_gyrus(file_path=path)
+    assert adata.shape == (3, 3) and "spliced" in adata.layers
+
+
+def test_network_check_fails_fast_on_a_closed_port():
+    import socket
+    import time
+
+    from pyro_velo.datasets import _reachable
+
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    start = time.perf_counter()
+    assert _reachable("127.0.0.1", port, timeout=1.0) is False
+    assert time.perf_counter() - start < 1.5
