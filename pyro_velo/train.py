@@ -461,8 +461,8 @@ class Checkpointer:
         rates, seed...): a resume must pass the same.
     """
 
-    #: config keys written by the refinement stage itself (not part of the match)
-    _RUN_CONFIG_KEYS = ("refine_delta1", "refine_delta2", "refined")
+    #: config keys written by training itself (warm-up start, refinement): not matched
+    _RUN_CONFIG_KEYS = ("refine_delta1", "refine_delta2", "refined", "warm_start")
 
     def __init__(
         self,

@@ -390,9 +390,10 @@ class VeloVAE:
             interrupted call (``progress_bar``, ``device``, ``num_threads`` and
             ``checkpoint_every`` may differ); on CPU the result is then bitwise the same
             as an uninterrupted run. The history is restored and continues from the
-            checkpoint's epoch. The refinement stage is not checkpointed inside: a run
-            interrupted during it restarts the refinement from the end of the ``full``
-            stage. Resuming a finished run restores its final state without training.
+            checkpoint's epoch. The warm-up and the refinement are not checkpointed inside:
+            a run interrupted during the warm-up restarts it, one interrupted during the
+            refinement restarts the refinement from the end of the ``full`` stage.
+            Resuming a finished run restores its final state without training.
 
         Returns
         -------
