@@ -458,10 +458,9 @@ class VeloVAE:
                 return self.history
             if warmup_epochs > 0 and ckpt.todo("warm-up"):
                 if ckpt.resuming("warm-up"):
-                    fit(basic_model, basic_guide, self.data, warmup_epochs,
-                        early_stopping=False, description="Warm-up", **opts,
-                        **ckpt.fit_options("warm-up", self.history, self.config))
-                    _rates_from_guide(basic_model, basic_guide)
+                    _fit_stage(basic_model, basic_guide, self.data, warmup_epochs,
+                               early_stopping=False, description="Warm-up", **opts,
+                               **ckpt.fit_options("warm-up", self.history, self.config))
                     self._reinitialize_rates(basic_model, basic_guide)
                 else:
                     self.history.stages.append(("warm-up", len(self.history.train)))
@@ -470,20 +469,18 @@ class VeloVAE:
             if ckpt.todo("basic"):
                 if not ckpt.resuming("basic"):
                     self.history.stages.append(("basic", len(self.history.train)))
-                fit(basic_model, basic_guide, self.data, max_epochs,
-                    early_stopping=early_stopping, description="Basic model", **opts,
-                    **ckpt.fit_options("basic", self.history, self.config))
-                _rates_from_guide(basic_model, basic_guide)
+                _fit_stage(basic_model, basic_guide, self.data, max_epochs,
+                           early_stopping=early_stopping, description="Basic model", **opts,
+                           **ckpt.fit_options("basic", self.history, self.config))
                 ckpt.stage_done("basic", self.history, self.config, finished=not full)
             if full:
                 if ckpt.todo("full"):
                     if not ckpt.resuming("full"):
                         self._start_from_basic(basic_model, basic_guide)
                         self.history.stages.append(("full", len(self.history.train)))
-                    fit(self.model, self.guide, self.data, max_epochs,
-                        early_stopping=early_stopping, description="Mixture of ODEs", **opts,
-                        **ckpt.fit_options("full", self.history, self.config))
-                    _rates_from_guide(self.model, self.guide)
+                    _fit_stage(self.model, self.guide, self.data, max_epochs,
+                               early_stopping=early_stopping, description="Mixture of ODEs",
+                               **opts, **ckpt.fit_options("full", self.history, self.config))
                     ckpt.stage_done("full", self.history, self.config,
                                     finished=refine_epochs <= 0)
                 self.is_trained = True
@@ -590,8 +587,7 @@ class VeloVAE:
         self.history.stages.append(("refine", len(self.history.train)))
         fit_options.setdefault("history", self.history)
         fit_options.setdefault("description", "Refining initial conditions")
-        history = fit(self.model, guide, self.data, epochs, **fit_options)
-        _rates_from_guide(self.model, self.guide)
+        history = _fit_stage(self.model, guide, self.data, epochs, **fit_options)
         after = self._reconstruction(check_split)["log_likelihood"]
         self.config["refined"] = bool(after > before)
         if not after > before:
@@ -630,9 +626,8 @@ class VeloVAE:
             if start is not None:
                 self._reinitialize_rates(model, guide, start)
             trial = TrainingHistory()
-            fit(model, guide, self.data, epochs, early_stopping=False,
-                description=f"Warm-up ({name})", **{**opts, "history": trial})
-            _rates_from_guide(model, guide)
+            _fit_stage(model, guide, self.data, epochs, early_stopping=False,
+                       description=f"Warm-up ({name})", **{**opts, "history": trial})
             if name == "steady state":
                 pseudotime = self._pseudotime(model)
                 if pseudotime is not None and self._doubtful_order(model, guide, pseudotime):
@@ -1408,6 +1403,13 @@ def _rates_to_guide(model: BasicModel, guide) -> None:
         with torch.no_grad():
             for name in guide.rates.names:
                 getattr(guide.rates, f"log_{name}_loc").copy_(getattr(model, f"log_{name}"))
+
+
+def _fit_stage(model: BasicModel, guide, *args, **kwargs) -> TrainingHistory:
+    """:func:`~pyro_velo.train.fit`, then the point rates follow random rates' posteriors."""
+    history = fit(model, guide, *args, **kwargs)
+    _rates_from_guide(model, guide)
+    return history
 
 
 def _rates_from_guide(model: BasicModel, guide) -> None:
