@@ -299,6 +299,16 @@ def _fit_handles(colors: _Colors, show_cloud: bool, smooth: int | None) -> list[
     return handles
 
 
+def _fit_inputs(adata: AnnData, genes: str | Sequence[str], color: str, time_key: str
+                ) -> tuple[list[str], _Colors]:
+    """Check what the gene-level fit plots read; return the genes and the colouring."""
+    genes = _genes(adata, genes)
+    _require(adata, "layers", ["Mu", "Ms"], PREPROCESS_HINT)
+    _require(adata, "layers", FIT_LAYERS, EXPORT_HINT)
+    _require(adata, "obs", [time_key], _time_hint(time_key))
+    return genes, _colors(adata, color)
+
+
 def _too_few_cells(mask: np.ndarray) -> bool:
     return mask.sum() < 2
 
@@ -355,11 +365,7 @@ def gene_fits(
     -------
     Figure
     """
-    genes = _genes(adata, genes)
-    _require(adata, "layers", ["Mu", "Ms"], PREPROCESS_HINT)
-    _require(adata, "layers", FIT_LAYERS, EXPORT_HINT)
-    _require(adata, "obs", [time_key], _time_hint(time_key))
-    colors = _colors(adata, color)
+    genes, colors = _fit_inputs(adata, genes, color, time_key)
     t = adata.obs[time_key].to_numpy(dtype=float)
     fig, axes = _grid(2 * len(genes), 2 * ncols, (3.3, 2.8))
     mappable = None
@@ -462,11 +468,7 @@ def phase_portraits(
     -------
     Figure
     """
-    genes = _genes(adata, genes)
-    _require(adata, "layers", ["Mu", "Ms"], PREPROCESS_HINT)
-    _require(adata, "layers", FIT_LAYERS, EXPORT_HINT)
-    _require(adata, "obs", [time_key], _time_hint(time_key))
-    colors = _colors(adata, color)
+    genes, colors = _fit_inputs(adata, genes, color, time_key)
     if ax is not None:
         if len(genes) != 1:
             raise ValueError(f"ax= takes one gene, got {len(genes)}: leave ax=None for a grid")
