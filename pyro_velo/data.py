@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,11 @@ class VelocityData:
         ``(n_vars,)`` boolean mask of the genes of the AnnData that are fitted.
     split
         ``(cells,)`` integer array: 0 train, 1 validation, 2 test.
+    cell_ids
+        ``(cells,)`` the cells' indices in a larger data set of which these are a sample
+        (see :meth:`pyro_velo.disk.DiskVelocityData.load`): the models are given them as
+        ``idx``, so per-cell model terms (capture-time prior means) follow the cells;
+        None: the cells are the whole data set.
     counts
         For count likelihoods (see :meth:`with_counts`): ``(counts_u, counts_s,
         size_factor_u, size_factor_s)``, raw counts ``(cells, fitted genes)`` and
@@ -55,6 +61,7 @@ class VelocityData:
     fitted: np.ndarray
     split: np.ndarray
     counts: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+    cell_ids: Tensor | None = None
 
     @property
     def n_cells(self) -> int:
@@ -64,9 +71,33 @@ class VelocityData:
     def n_genes(self) -> int:
         return int(self.u.shape[1])
 
+    @property
+    def device(self) -> torch.device:
+        return self.u.device
+
     def indices(self, name: str) -> Tensor:
         """Cell indices of one split (``'train'``, ``'validation'``, ``'test'``)."""
-        return torch.from_numpy(np.flatnonzero(self.split == SPLIT_NAMES.index(name)))
+        return split_indices(self.split, name)
+
+    def rows(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Scaled ``(u, s)`` of the cells ``idx``."""
+        return self.u[idx], self.s[idx]
+
+    def minibatches(self, idx: Tensor, batch_size: int, n_obs: int | None = None,
+                    generator: torch.Generator | None = None
+                    ) -> Iterator[tuple[Tensor, tuple, dict]]:
+        """``(batch, args, kwargs)`` for minibatches of the cells ``idx``.
+
+        In the order of ``idx``, or in a random order drawn from ``generator``. ``args``
+        and ``kwargs`` are those of :meth:`model_inputs` with plate size ``n_obs``
+        (default: the batch's length). The same protocol as
+        :meth:`pyro_velo.disk.DiskVelocityData.minibatches`, which reads from disk.
+        """
+        if generator is not None:
+            idx = idx[torch.randperm(len(idx), generator=generator)]
+        for batch in idx.split(batch_size):
+            batch = batch.to(self.device)
+            yield (batch, *self.model_inputs(batch, len(batch) if n_obs is None else n_obs))
 
     def to(self, device: str | torch.device) -> VelocityData:
         """The same data with its tensors on ``device``."""
@@ -74,6 +105,7 @@ class VelocityData:
         return VelocityData(
             self.u.to(device), self.s.to(device), self.gene_scale_u.to(device),
             self.gene_scale_s.to(device), self.fitted, self.split, counts,
+            None if self.cell_ids is None else self.cell_ids.to(device),
         )
 
     def model_inputs(self, idx: Tensor, n_obs: int) -> tuple[tuple, dict]:
@@ -83,7 +115,8 @@ class VelocityData:
         raw counts for a count likelihood.
         """
         kwargs = {} if self.counts is None else {"counts": tuple(x[idx] for x in self.counts)}
-        return (self.u[idx], self.s[idx], idx, n_obs), kwargs
+        ids = idx if self.cell_ids is None else self.cell_ids[idx]
+        return (self.u[idx], self.s[idx], ids, n_obs), kwargs
 
     def with_counts(
         self,
@@ -132,7 +165,7 @@ class VelocityData:
                 raise InputError(f"obs['{key}'] must hold positive, finite size factors")
             out.append(torch.from_numpy(size).float())
         return VelocityData(self.u, self.s, self.gene_scale_u, self.gene_scale_s,
-                            self.fitted, self.split, tuple(out))
+                            self.fitted, self.split, tuple(out), self.cell_ids)
 
     @classmethod
     def from_anndata(
@@ -272,6 +305,11 @@ class VelocityData:
             fitted=np.asarray(fitted, dtype=bool).copy(),
             split=np.full(adata.n_obs, -1, dtype=np.int8),
         )
+
+
+def split_indices(split: np.ndarray, name: str) -> Tensor:
+    """Cell indices of the split ``name`` in a split array (0 train, 1 validation, 2 test)."""
+    return torch.from_numpy(np.flatnonzero(split == SPLIT_NAMES.index(name)))
 
 
 def random_split(n_cells: int, fractions: tuple[float, float, float], seed: int) -> np.ndarray:

@@ -48,9 +48,8 @@ def draws(
         # guides are PyroModules: calling them inside local_params keeps their
         # parameters out of Pyro's global store; minibatch work is fastest on one CPU
         # thread (as in training)
-        with local_params(), cpu_threads(1 if data.u.device.type == "cpu" else None):
-            for batch in idx.split(batch_size):
-                args, kwargs = data.model_inputs(batch, len(batch))
+        with local_params(), cpu_threads(1 if data.device.type == "cpu" else None):
+            for batch, args, kwargs in data.minibatches(idx, batch_size):
                 for k in range(n_samples):
                     conditioned = poutine.condition(guide, data=global_draws[k])
                     trace = poutine.trace(conditioned).get_trace(*args, **kwargs)
@@ -60,7 +59,7 @@ def draws(
                     if derived:
                         latent = {n: values[n] for n in ("t", "c") if n in values}
                         random = {n: values[n] for n in RATE_SITES if n in values}
-                        out = model.kinetic(**latent, idx=batch, rates=random)
+                        out = model.kinetic(**latent, idx=args[2], rates=random)
                         values.update(velocity=out["ds"], velocity_u=out["du"], u=out["u"],
                                       s=out["s"])
                     yield batch, k, values

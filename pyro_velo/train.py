@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyro
@@ -28,6 +28,9 @@ from tqdm.auto import tqdm
 
 from ._checks import InputError, MissingFileError, check_int
 from .data import VelocityData
+
+if TYPE_CHECKING:
+    from .disk import DiskVelocityData
 
 
 @dataclass
@@ -85,7 +88,7 @@ def loss_module(model: torch.nn.Module, guide: torch.nn.Module) -> torch.nn.Modu
 def evaluate_loss(
     model: torch.nn.Module,
     guide: torch.nn.Module,
-    data: VelocityData,
+    data: VelocityData | DiskVelocityData,
     idx: Tensor,
     batch_size: int = 1024,
 ) -> float:
@@ -97,9 +100,7 @@ def evaluate_loss(
     guide.eval()
     total = 0.0
     with torch.no_grad(), local_params():
-        for batch in idx.split(batch_size):
-            batch = batch.to(data.u.device)
-            args, kwargs = data.model_inputs(batch, len(batch))
+        for _batch, args, kwargs in data.minibatches(idx, batch_size):
             total += elbo(*args, **kwargs).item()
     guide.train(was_training)
     return total / len(idx)
@@ -136,7 +137,7 @@ def check_training_arguments(**values: Any) -> None:
 def fit(
     model: torch.nn.Module,
     guide: torch.nn.Module,
-    data: VelocityData,
+    data: VelocityData | DiskVelocityData,
     max_epochs: int,
     batch_size: int = 128,
     lr: float = 2e-4,
@@ -244,15 +245,13 @@ def fit(
     model.train()
     guide.train()
     for epoch in bar:
-        perm = train_idx[torch.randperm(n_train, generator=gen)]
-        epoch_loss = torch.zeros((), device=data.u.device)
+        epoch_loss = torch.zeros((), device=data.device)
         with local_params():
-            for step, batch in enumerate(perm.split(batch_size)):
+            batches = data.minibatches(train_idx, batch_size, n_train, generator=gen)
+            for step, (batch, args, kwargs) in enumerate(batches):
                 if len(batch) < 2 and n_train >= 2:
                     continue  # batch norm needs two cells
-                batch_dev = batch.to(data.u.device)
                 try:
-                    args, kwargs = data.model_inputs(batch_dev, n_train)
                     loss = elbo(*args, **kwargs)
                 except ValueError as err:  # distribution validation of NaN parameters
                     if _all_finite(model) and _all_finite(guide):

@@ -19,6 +19,7 @@ from ._checks import InputError, MissingFileError
 from ._threads import cpu_threads
 from .capture import capture_time_axis, capture_times_from_obs
 from .data import SPLIT_NAMES, VelocityData
+from .disk import DiskVelocityData, read_annotations
 from .guides import (
     AmortizedGuide,
     AmortizedMVNGuide,
@@ -57,6 +58,9 @@ CUSTOM = "custom:"
 # rho is exported as a dense layer only below this many bytes (float32)
 MAX_DENSE_RHO_BYTES = 2 * 1024**3
 PREFIX = "pyro_velo_"
+#: cells (whole blocks, from all splits) a model fitted from a file is warmed up and
+#: initialised on; in memory all cells are used
+START_SAMPLE_CELLS = 20_000
 #: Version of the layout :meth:`VeloVAE.save` writes (``config.json['format_version']``);
 #: :meth:`VeloVAE.load` reads this version only.
 FORMAT_VERSION = 1
@@ -143,7 +147,7 @@ class VeloVAE:
 
     def __init__(
         self,
-        adata: AnnData,
+        adata: AnnData | str | Path,
         model: str = "full",
         unspliced_layer: str = "Mu",
         spliced_layer: str = "Ms",
@@ -191,15 +195,33 @@ class VeloVAE:
             "seed": int(seed),
         }
         self._components = components
-        self.data = VelocityData.from_anndata(
-            adata, unspliced_layer, spliced_layer, tuple(split_fractions), _split, seed
-        )
+        if isinstance(adata, str | Path):
+            # streaming: the layers stay in the file (see pyro_velo.disk)
+            if self._likelihood_template().observations == "counts":
+                raise InputError(
+                    "count likelihoods read raw counts into memory and cannot stream from "
+                    "a file: pass an AnnData, or use the default likelihood='normal'")
+            self.data = DiskVelocityData.from_h5ad(
+                adata, unspliced_layer, spliced_layer, tuple(split_fractions), _split, seed)
+            obs, var = read_annotations(adata)
+            adata = AnnData(obs=obs)  # the annotations (capture times) without matrices
+            self._graph = None
+            self.var_names = np.asarray(var.index)
+        else:
+            self.data = VelocityData.from_anndata(
+                adata, unspliced_layer, spliced_layer, tuple(split_fractions), _split, seed
+            )
+            # kNN graph for the pseudotime that starts training (a reference, not a copy)
+            self._graph = (adata.obsp["connectivities"] if "connectivities" in adata.obsp
+                           else None)
+            self.var_names = np.asarray(adata.var_names)
+            if self._likelihood_template().observations == "counts":
+                self.data = self.data.with_counts(adata)
         self.obs_names = np.asarray(adata.obs_names)
-        # kNN graph for the pseudotime that starts training (a reference, not a copy)
-        self._graph = adata.obsp["connectivities"] if "connectivities" in adata.obsp else None
-        self.var_names = np.asarray(adata.var_names)
-        if self._likelihood_template().observations == "counts":
-            self.data = self.data.with_counts(adata)
+        # the data the warm-up and the initialisations use: all cells in memory, a
+        # sample of whole blocks of cells from a file
+        self._start_data = (self.data if isinstance(self.data, VelocityData) else
+                            self.data.load(self.data.sample(START_SAMPLE_CELLS, seed)))
         self.capture_times = None
         if capture_time_key is not None:
             times = capture_times_from_obs(adata, capture_time_key, capture_time_mapping)
@@ -212,8 +234,8 @@ class VeloVAE:
                 raise InputError(f"capture_time_scale must be positive, got {capture_time_scale}")
             self.config["capture_time_scale"] = float(capture_time_scale)
         set_seed(seed)
-        train = self.data.indices("train")
-        self._init = steady_state_init(self.data.u[train], self.data.s[train], t_max)
+        self._init = steady_state_init(
+            *self._start_data.rows(self._start_data.indices("train")), t_max)
         self.model, self.guide = self._make_pair(model)
         self.history = TrainingHistory()
         self.is_trained = False
@@ -349,7 +371,8 @@ class VeloVAE:
         ----------
         max_epochs
             Upper bound on epochs of each stage after warm-up; default scales with data
-            size (``clip(400_000 / n_cells, 100, 1000)``).
+            size: ``clip(400_000 / n_cells, 100, 1000)`` up to 100k cells, then
+            ``max(10, 10^7 / n_cells)`` (so 100 epochs at 100k cells, 10 at 1M).
         batch_size, lr, lr_ode
             Minibatch size, learning rate of the networks (paper: 2e-4) and of the
             per-gene ODE parameters.
@@ -420,7 +443,7 @@ class VeloVAE:
             patience=patience, warmup_epochs=warmup_epochs, refine_epochs=refine_epochs,
             checkpoint_every=checkpoint_every)
         if max_epochs is None:
-            max_epochs = int(np.clip(400_000 / self.data.n_cells, 100, 1000))
+            max_epochs = default_max_epochs(self.data.n_cells)
         if warmup_epochs is None:
             warmup_epochs = max(20, max_epochs // 10)
         if refine_epochs is None:
@@ -458,7 +481,7 @@ class VeloVAE:
                 return self.history
             if warmup_epochs > 0 and ckpt.todo("warm-up"):
                 if ckpt.resuming("warm-up"):
-                    _fit_stage(basic_model, basic_guide, self.data, warmup_epochs,
+                    _fit_stage(basic_model, basic_guide, self._start_data, warmup_epochs,
                                early_stopping=False, description="Warm-up", **opts,
                                **ckpt.fit_options("warm-up", self.history, self.config))
                     self._reinitialize_rates(basic_model, basic_guide)
@@ -615,9 +638,10 @@ class VeloVAE:
         recorded in ``config['warm_start']``.
         """
         initial = (copy.deepcopy(model.state_dict()), copy.deepcopy(guide.state_dict()))
-        check = self.data.indices("validation" if (self.data.split == 1).any() else "train")
+        data = self._start_data
+        check = data.indices("validation" if (data.split == 1).any() else "train")
         starts = {"capture times" if self.capture_times is not None else "steady state":
-                  self.capture_times}
+                  self._on_start_data(self.capture_times)}
         best = None
         while starts:
             name, start = starts.popitem()
@@ -626,14 +650,14 @@ class VeloVAE:
             if start is not None:
                 self._reinitialize_rates(model, guide, start)
             trial = TrainingHistory()
-            _fit_stage(model, guide, self.data, epochs, early_stopping=False,
+            _fit_stage(model, guide, data, epochs, early_stopping=False,
                        description=f"Warm-up ({name})", **{**opts, "history": trial})
             if name == "steady state":
                 pseudotime = self._pseudotime(model)
                 if pseudotime is not None and self._doubtful_order(model, guide, pseudotime):
                     starts["pseudotime"] = pseudotime
             self._reinitialize_rates(model, guide)
-            loss = evaluate_loss(model, guide, self.data, check)
+            loss = evaluate_loss(model, guide, data, check)
             if best is None or loss < best[0]:
                 best = (loss, copy.deepcopy(model.state_dict()),
                         copy.deepcopy(guide.state_dict()), trial, name)
@@ -643,6 +667,11 @@ class VeloVAE:
         self.history.train.extend(trial.train)
         self.history.validation.extend(trial.validation)
         self.config["warm_start"] = name
+
+    def _on_start_data(self, values: torch.Tensor | None) -> torch.Tensor | None:
+        """Per-cell ``values`` of ``self.data`` restricted to the cells of ``_start_data``."""
+        ids = getattr(self._start_data, "cell_ids", None)
+        return values if values is None or ids is None else values[ids.to(values.device)]
 
     def _doubtful_order(self, model: BasicModel, guide, pseudotime: torch.Tensor) -> bool:
         """Whether the warm-up's order of the training cells looks like a failed start.
@@ -655,11 +684,13 @@ class VeloVAE:
         """
         from scipy.stats import spearmanr
 
-        train = self.data.indices("train").to(self.device)
-        encoded = self._encode(train, guide)["t"].cpu()
+        data = self._start_data
+        train = data.indices("train").to(self.device)
+        encoded = self._encode(train, guide, data=data)["t"].cpu()
         agreement = spearmanr(encoded.numpy(), pseudotime[train.cpu()].numpy())[0]
         rates = {k: v.detach().cpu() for k, v in model.rates().items()}
-        score = direction_score(encoded, self.data.u[train].cpu(), self.data.s[train].cpu(),
+        u, s = data.rows(train)
+        score = direction_score(encoded, u.cpu(), s.cpu(),
                                 rates["beta"], rates["gamma"], rates["scale_u"])
         return not abs(agreement) >= 0.5 or abs(score) < 0.1  # NaN counts as doubtful
 
@@ -696,18 +727,20 @@ class VeloVAE:
         spliced, and :func:`~pyro_velo.initialize.direction_score` tells from the data
         which way the order runs; the encoder's time output is mirrored when it runs
         backwards (with capture times the direction is given). ``times`` (``(n_cells,)``,
-        NaN for unknown) initialises from given times, e.g. capture times (paper,
-        section 4.2) or a diffusion pseudotime, using the cells that have one.
+        NaN for unknown; of the cells of ``self._start_data``) initialises from given
+        times, e.g. capture times (paper, section 4.2) or a diffusion pseudotime, using
+        the cells that have one.
         """
-        train = self.data.indices("train").to(self.device)
+        data = self._start_data
+        train = data.indices("train").to(self.device)
         if times is None:
-            t = self._encode(train, guide)["t"].cpu()
+            t = self._encode(train, guide, data=data)["t"].cpu()
         else:
             t = times.to(self.device)[train].cpu()
             train = train[~torch.isnan(t).to(self.device)]
             t = t[~torch.isnan(t)]
         rates = {k: v.detach().cpu() for k, v in model.rates().items()}
-        u, s = self.data.u[train].cpu(), self.data.s[train].cpu()
+        u, s = (x.cpu() for x in data.rows(train))
         t_max = self.config["t_max"]
         reverse = (times is None and self.capture_times is None and direction_score(
             t, u, s, rates["beta"], rates["gamma"], rates["scale_u"]) < 0)
@@ -742,8 +775,8 @@ class VeloVAE:
         guide.eval()
         parts: dict[str, list[torch.Tensor]] = {}
         with torch.no_grad():
-            for batch in idx.split(batch_size):
-                for name, value in guide.summary(data.u[batch], data.s[batch]).items():
+            for _batch, (u, s, *_), _kwargs in data.minibatches(idx, batch_size):
+                for name, value in guide.summary(u, s).items():
                     parts.setdefault(name, []).append(value)
         return {name: torch.cat(values) for name, values in parts.items()}
 
@@ -1097,8 +1130,9 @@ class VeloVAE:
         if not isinstance(cells, AmortizedMVNGuide):
             raise RuntimeError("the t-c correlation needs guide='amortized_mvn'")
         cells.eval()
-        out = [cells.correlation(self.data.u[b], self.data.s[b])
-               for b in torch.arange(self.data.n_cells, device=self.device).split(4096)]
+        idx = torch.arange(self.data.n_cells, device=self.device)
+        out = [cells.correlation(u, s)
+               for _batch, (u, s, *_), _kwargs in self.data.minibatches(idx, 4096)]
         return torch.cat(out).cpu().numpy()
 
     # ---- evaluation ------------------------------------------------------------------
@@ -1112,18 +1146,23 @@ class VeloVAE:
         idx = self.data.indices(split).to(self.device)
         if len(idx) == 0:
             return {"mse": np.nan, "mae": np.nan, "log_likelihood": np.nan}
-        expected = self._expected(idx=idx, scale=False)
-        u, s = self.data.u[idx], self.data.s[idx]
-        residual = torch.cat([expected["u"] - u, expected["s"] - s], dim=1)
-        # the likelihood scores its own observations: moments, or raw counts
-        obs_u, obs_s, size_u, size_s = (
-            (u, s, None, None) if self.data.counts is None
-            else tuple(x[idx] for x in self.data.counts))
-        with local_params():  # the likelihood is a PyroModule: keep its params local
-            log_lik = (self.model.u_dist(expected["u"], size_u).log_prob(obs_u)
-                       + self.model.s_dist(expected["s"], size_s).log_prob(obs_s))
-        return {"mse": float((residual ** 2).mean()), "mae": float(residual.abs().mean()),
-                "log_likelihood": float(log_lik.mean())}
+        squared = absolute = log_lik = 0.0  # float64 sums over minibatches of cells
+        n_log_lik = 0
+        for batch, (u, s, *_), kwargs in self.data.minibatches(idx, 4096):
+            expected = self._expected(idx=batch, scale=False)
+            residual = torch.cat([expected["u"] - u, expected["s"] - s], dim=1)
+            # the likelihood scores its own observations: moments, or raw counts
+            obs_u, obs_s, size_u, size_s = kwargs.get("counts", (u, s, None, None))
+            with local_params():  # the likelihood is a PyroModule: keep its params local
+                cell_log_lik = (self.model.u_dist(expected["u"], size_u).log_prob(obs_u)
+                                + self.model.s_dist(expected["s"], size_s).log_prob(obs_s))
+            squared += float((residual.double() ** 2).sum())
+            absolute += float(residual.double().abs().sum())
+            log_lik += float(cell_log_lik.double().sum())
+            n_log_lik += cell_log_lik.numel()
+        entries = len(idx) * 2 * self.data.n_genes
+        return {"mse": squared / entries, "mae": absolute / entries,
+                "log_likelihood": log_lik / n_log_lik}
 
     def evaluate(self) -> pd.DataFrame:
         """Reconstruction metrics of the paper's Appendix C on train and held-out test cells.
@@ -1388,6 +1427,17 @@ class VeloVAE:
         vae.guide.eval()
         return vae
 
+
+
+def default_max_epochs(n_cells: int) -> int:
+    """Default epochs per stage: ``clip(4e5 / n, 100, 1000)`` to 100k cells, then ``1e7 / n``.
+
+    Small data sets need many epochs for enough gradient steps; from 100k cells on, an
+    epoch holds so many steps that fewer passes suffice (at least 10).
+    """
+    if n_cells <= 100_000:
+        return int(np.clip(400_000 / n_cells, 100, 1000))
+    return max(10, int(10_000_000 / n_cells))
 
 
 def _describe(value) -> object:
