@@ -568,3 +568,151 @@ def test_network_check_fails_fast_on_a_closed_port():
     start = time.perf_counter()
     assert _reachable("127.0.0.1", port, timeout=1.0) is False
     assert time.perf_counter() - start < 1.5
+
+
+# --------------------------------------------------------------------------------------
+# simulate_h5ad: atlas-scale simulation straight to a file
+# --------------------------------------------------------------------------------------
+
+H5AD_CELLS, H5AD_GENES = 3000, 50
+
+
+@pytest.fixture(scope="module")
+def sim_file(tmp_path_factory):
+    from pyro_velo.datasets import simulate_h5ad
+
+    path = tmp_path_factory.mktemp("h5ad") / "sim.h5ad"
+    assert simulate_h5ad(path, H5AD_CELLS, H5AD_GENES, chunk_cells=1000, seed=5) == path
+    return path
+
+
+def _layers(path):
+    import h5py
+
+    with h5py.File(path, "r") as file:
+        return file["layers/Mu"][:], file["layers/Ms"][:]
+
+
+def test_simulate_h5ad_writes_a_readable_file(sim_file):
+    import h5py
+
+    adata = anndata.read_h5ad(sim_file)
+    assert adata.shape == (H5AD_CELLS, H5AD_GENES)
+    assert set(adata.layers) == {"Mu", "Ms"}
+    for key in ("Mu", "Ms"):
+        x = adata.layers[key]
+        assert isinstance(x, np.ndarray) and x.dtype == np.float32
+        assert x.shape == (H5AD_CELLS, H5AD_GENES)
+        assert np.isfinite(x).all() and x.min() >= 0 and x.max() > 0
+    assert sp.issparse(adata.X) and adata.X.nnz == 0 and adata.X.shape == adata.shape
+    assert {"true_t", "branch", "cell_type", "size_factor"} <= set(adata.obs)
+    assert adata.obs["true_t"].between(0, T_MAX).all()
+    assert {"true_alpha", "true_beta", "true_gamma", "behaviour"} <= set(adata.var)
+    assert set(adata.uns) >= {"transitions", "simulation", "true_schedule"}
+    with h5py.File(sim_file, "r") as file:  # dense layers with anndata's array encoding
+        for key in ("Mu", "Ms"):
+            node = file[f"layers/{key}"]
+            assert isinstance(node, h5py.Dataset)
+            assert node.attrs["encoding-type"] == "array"
+            assert node.attrs["encoding-version"] == "0.2.0"
+    backed = anndata.read_h5ad(sim_file, backed="r")  # every reader accepts it
+    assert backed.shape == (H5AD_CELLS, H5AD_GENES)
+    backed.file.close()
+    u, s = expected_state(adata, np.array([2.0, 12.0]), "branch_1")[:2]
+    assert u.shape == s.shape == (2, H5AD_GENES)
+    assert not list(sim_file.parent.glob("*.partial"))
+
+
+def test_simulate_h5ad_holds_simulate_counts_over_size_factors(sim_file):
+    # the same draws as simulate(): Mu / Ms are its counts divided by the size factor
+    adata = anndata.read_h5ad(sim_file)
+    ref = simulate(n_cells=H5AD_CELLS, n_genes=H5AD_GENES, seed=5)
+    size_factor = adata.obs["size_factor"].to_numpy()[:, None]
+    for layer, counts in (("Mu", "unspliced"), ("Ms", "spliced")):
+        np.testing.assert_allclose(adata.layers[layer] * size_factor,
+                                   ref.layers[counts].toarray(), rtol=1e-6, atol=1e-4)
+    np.testing.assert_array_equal(adata.obs["true_t"], ref.obs["true_t"])
+    np.testing.assert_array_equal(adata.var["true_beta"], ref.var["true_beta"])
+    np.testing.assert_array_equal(adata.obs["branch"].astype(str), ref.obs["branch"].astype(str))
+
+
+def test_simulate_h5ad_reproducible_and_independent_of_chunking(sim_file, tmp_path):
+    from pyro_velo.datasets import simulate_h5ad
+
+    same = simulate_h5ad(tmp_path / "same.h5ad", H5AD_CELLS, H5AD_GENES, seed=5,
+                         chunk_cells=1000)
+    rechunked = simulate_h5ad(tmp_path / "chunked.h5ad", H5AD_CELLS, H5AD_GENES, seed=5,
+                              chunk_cells=77)
+    other = simulate_h5ad(tmp_path / "other.h5ad", H5AD_CELLS, H5AD_GENES, seed=6,
+                          chunk_cells=1000)
+    reference = _layers(sim_file)
+    for path in (same, rechunked):
+        for a, b in zip(reference, _layers(path), strict=True):
+            np.testing.assert_array_equal(a, b)
+        pd.testing.assert_frame_equal(anndata.read_h5ad(path).obs,
+                                      anndata.read_h5ad(sim_file).obs)
+    assert not np.array_equal(reference[1], _layers(other)[1])
+
+
+def test_simulate_h5ad_memory_is_flat_in_cells(tmp_path):
+    from pyro_velo.datasets import simulate_h5ad
+
+    n_genes = 100
+    simulate_h5ad(tmp_path / "warm.h5ad", 100, 10)  # imports outside the trace
+    peaks = {}
+    for n_cells in (20_000, 60_000):
+        tracemalloc.start()
+        try:
+            simulate_h5ad(tmp_path / f"{n_cells}.h5ad", n_cells, n_genes, chunk_cells=1000)
+            peaks[n_cells] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    layers_60k = 60_000 * n_genes * 8
+    # numpy / Python allocations only: per-cell vectors and one chunk, never the layers
+    assert peaks[60_000] < 0.5 * layers_60k
+    assert peaks[60_000] - peaks[20_000] < 0.25 * (layers_60k - 20_000 * n_genes * 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(chunk_cells=0), ValueError, "chunk_cells"),
+        (dict(chunk_cells=2.5), ValueError, "chunk_cells"),
+        (dict(n_cells=0), ValueError, "n_cells"),
+        (dict(topology="tree"), ValueError, "topology"),
+        (dict(overwrite="yes"), ValueError, "overwrite"),
+        (dict(path=123), ValueError, "path"),
+    ],
+)
+def test_simulate_h5ad_bad_arguments_raise(kwargs, error, message, tmp_path):
+    from pyro_velo.datasets import simulate_h5ad
+
+    args = {"path": tmp_path / "x.h5ad", "n_cells": 20, "n_genes": 5, **kwargs}
+    with pytest.raises(error, match=message):
+        simulate_h5ad(**args)
+    assert not (tmp_path / "x.h5ad").exists()
+
+
+def test_simulate_h5ad_refuses_to_overwrite_and_needs_the_folder(tmp_path):
+    from pyro_velo.datasets import simulate_h5ad
+
+    path = simulate_h5ad(tmp_path / "x.h5ad", 20, 5, seed=1)
+    before = _layers(path)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        simulate_h5ad(path, 20, 5, seed=2)
+    np.testing.assert_array_equal(before[0], _layers(path)[0])
+    simulate_h5ad(path, 20, 5, seed=2, overwrite=True)
+    assert not np.array_equal(before[1], _layers(path)[1])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        simulate_h5ad(tmp_path / "missing" / "x.h5ad", 20, 5)
+
+
+def test_streamed_fit_of_simulated_file_recovers_time(sim_file):
+    import pyro_velo as pv
+
+    vae = pv.VeloVAE(str(sim_file), model="basic", seed=0)
+    assert vae.data.n_cells == H5AD_CELLS  # streamed from the file
+    vae.train(max_epochs=20, warmup_epochs=10, progress_bar=False, seed=0)
+    true_t = anndata.read_h5ad(sim_file).obs["true_t"].to_numpy()
+    rho = stats.spearmanr(vae.get_latent_time(), true_t)[0]
+    assert rho > 0.8, rho
