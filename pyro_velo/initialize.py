@@ -14,6 +14,7 @@ Two initialisations are provided:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,6 +170,156 @@ def _noise_init(x: Tensor) -> Tensor:
     return x.std(0).clamp(min=1e-3).float()
 
 
+@dataclass
+class WindowTable:
+    """Every cell's initial state as a window of a (cluster, time bin) summary table.
+
+    Cell ``i`` starts at time ``t0[i]`` (NaN: no initial state) from the mean of the
+    reference cells of group ``group[i]`` in the time bins ``start[i]:stop[i]``. The table
+    holds cumulative sums along time (``sums``, ``counts``: leading zero bin), so a window
+    mean is two lookups whatever its width. Memory is ``O(cells + groups x bins x genes)``
+    instead of ``O(cells x genes)`` for per-cell states: a million cells need a few
+    tens of MB.
+
+    Attributes
+    ----------
+    t0
+        ``(N,)`` start times, NaN where no window was found.
+    group, start, stop
+        ``(N,)`` integer row of the table and bin range of every cell.
+    sums
+        ``(groups, bins + 1, 2 G)`` float64 cumulative sums of ``[u | s]`` over time bins.
+    counts
+        ``(groups, bins + 1)`` float64 cumulative numbers of cells.
+    """
+
+    t0: Tensor
+    group: Tensor
+    start: Tensor
+    stop: Tensor
+    sums: Tensor
+    counts: Tensor
+
+    def state(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(t0, u0, s0)`` of the cells ``idx``; ``u0 = s0 = 0`` where ``t0`` is NaN."""
+        group, start, stop = self.group[idx], self.start[idx], self.stop[idx]
+        number = self.counts[group, stop] - self.counts[group, start]
+        total = self.sums[group, stop] - self.sums[group, start]
+        mean = (total / number.clamp(min=1.0)[:, None]).float()
+        g = self.sums.shape[-1] // 2
+        return self.t0[idx], mean[:, :g], mean[:, g:]
+
+    @classmethod
+    def per_cell(cls, t0: Tensor, u0: Tensor, s0: Tensor) -> WindowTable:
+        """A table giving each cell exactly ``(u0, s0)`` at ``t0`` (one group per cell)."""
+        n = t0.shape[0]
+        x = torch.cat([u0, s0], dim=1).double()
+        sums = torch.stack([torch.zeros_like(x), x], dim=1)
+        counts = torch.zeros(n, 2, dtype=torch.float64, device=x.device)
+        counts[:, 1] = 1.0
+        index = torch.arange(n, device=x.device)
+        return cls(t0.clone(), index, torch.zeros_like(index), torch.ones_like(index),
+                   sums, counts)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The fields by name (to store as buffers)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+def window_table(
+    t: Tensor,
+    c: Tensor,
+    values: Iterable[tuple[Tensor, Tensor]],
+    delta1: float,
+    delta2: float,
+    reference: Tensor | None = None,
+    n_clusters: int = 10,
+    n_bins: int = 200,
+    seed: int = 0,
+    kmeans_cells: int = 50_000,
+) -> WindowTable:
+    """Each cell's initial state: the mean state of similar cells just before it.
+
+    For a cell at time ``t`` the initial state at ``t0 = t - (delta1 + delta2) / 2`` is
+    the mean ``(u, s)`` of the reference cells in the window ``[t - delta1, t - delta2]``
+    that share its cell-state cluster (paper, "Initial Conditions"). Fully vectorised:
+    cells are grouped by k-means on ``c`` and binned in time; per (cluster, bin) sums and
+    their cumulative sums along time give every window with two lookups, so the cost is
+    ``O(cells x genes)`` with no per-cell neighbour search, and ``values`` can be streamed
+    in minibatches (the table is all that is kept).
+
+    Cells whose window holds no cell of their cluster use the window over all clusters
+    (the table's last group); cells with an empty window even then (at the start of
+    time) keep the first-stage initial condition: ``u0 = s0 = 0`` at the genes'
+    switch-on times (``t0 = nan``).
+
+    Parameters
+    ----------
+    t, c
+        ``(N,)`` times and ``(N, d)`` cell states (posterior means) of all cells.
+    values
+        Iterable of ``(rows, x)``: reference cells ``rows`` and their ``[u | s]``
+        ``(len(rows), 2 G)`` (observed scale); every reference cell exactly once.
+    delta1, delta2
+        Window bounds before each cell, ``delta1 > delta2 >= 0``, in time units.
+    reference
+        ``(N,)`` boolean mask of the cells ``values`` covers (e.g. the training cells, so
+        held-out cells never inform any initial state); default all cells.
+    n_clusters, n_bins
+        Cell-state clusters and time bins of the summary table.
+    seed
+        Seed of the k-means.
+    kmeans_cells
+        The k-means is fitted on at most this many reference cells (a seeded sample),
+        then assigns every cell.
+    """
+    from sklearn.cluster import KMeans
+
+    if not delta1 > delta2 >= 0:
+        raise ValueError(f"need delta1 > delta2 >= 0, got delta1={delta1}, delta2={delta2}")
+    n = t.shape[0]
+    ref = torch.ones(n, dtype=torch.bool, device=t.device) if reference is None else reference
+    ref_cells = torch.nonzero(ref).squeeze(1).cpu()
+    k = max(1, min(n_clusters, len(ref_cells) // 20))
+    if len(ref_cells) > kmeans_cells:
+        pick = torch.randperm(len(ref_cells), generator=torch.Generator().manual_seed(seed))
+        ref_cells = ref_cells[pick[:kmeans_cells]].sort().values
+    c_np = c.detach().cpu().double().numpy()
+    kmeans = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(c_np[ref_cells.numpy()])
+    cluster = torch.as_tensor(kmeans.predict(c_np), dtype=torch.long, device=t.device)
+    t_lo, t_hi = t.min(), t.max()
+    width = (t_hi - t_lo).clamp(min=1e-6) / n_bins
+    time_bin = ((t - t_lo) / width).long().clamp(0, n_bins - 1)
+    flat = cluster * n_bins + time_bin
+    sums = counts = None
+    for rows, x in values:
+        if sums is None:
+            sums = torch.zeros(k * n_bins, x.shape[1], dtype=torch.float64, device=t.device)
+            counts = torch.zeros(k * n_bins, dtype=torch.float64, device=t.device)
+        rows = rows.to(t.device)
+        sums.index_add_(0, flat[rows], x.to(t.device, torch.float64))
+        counts.index_add_(0, flat[rows], torch.ones(len(rows), dtype=torch.float64,
+                                                    device=t.device))
+    if sums is None:
+        raise ValueError("values is empty: no reference cell to summarise")
+    sums = sums.view(k, n_bins, -1)
+    counts = counts.view(k, n_bins)
+    # the last group pools all clusters; cumulative along time with a leading zero bin:
+    # window [a, b) sum = cum[b] - cum[a]
+    sums = torch.nn.functional.pad(torch.cat([sums, sums.sum(0, keepdim=True)]).cumsum(1),
+                                   (0, 0, 1, 0))
+    counts = torch.nn.functional.pad(torch.cat([counts, counts.sum(0, keepdim=True)]
+                                               ).cumsum(1), (1, 0))
+    start = ((t - delta1 - t_lo) / width).floor().long().clamp(0, n_bins)
+    stop = ((t - delta2 - t_lo) / width).floor().long().clamp(0, n_bins)
+    stop = torch.maximum(stop, start)
+    in_cluster = counts[cluster, stop] - counts[cluster, start]
+    group = torch.where(in_cluster < 0.5, torch.full_like(cluster, k), cluster)
+    found = (counts[group, stop] - counts[group, start]) > 0.5
+    t0 = torch.where(found, t - 0.5 * (delta1 + delta2), torch.full_like(t, float("nan")))
+    return WindowTable(t0, group, start, stop, sums, counts)
+
+
 def window_initial_conditions(
     t: Tensor,
     c: Tensor,
@@ -181,90 +332,19 @@ def window_initial_conditions(
     n_bins: int = 200,
     seed: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Each cell's initial state: the mean observed state of similar cells just before it.
+    """Per-cell ``(t0, u0, s0)`` of :func:`window_table` from in-memory ``u``, ``s``.
 
-    For a cell at time ``t`` the initial state at ``t0 = t - (delta1 + delta2) / 2`` is
-    the mean ``(u, s)`` of the cells observed in the window ``[t - delta1, t - delta2]``
-    that share its cell-state cluster (paper, "Initial Conditions"). Fully vectorised:
-    cells are grouped by k-means on ``c`` and binned in time; per (cluster, bin) sums and
-    their cumulative sums along time give every cell's window mean with one gather, so
-    the cost is ``O(cells x genes)`` with no per-cell neighbour search.
-
-    Cells whose window holds no cell of their cluster use the window over all clusters;
-    cells with an empty window even then (at the start of time) keep the first-stage
-    initial condition: ``u0 = s0 = 0`` at ``t0 = -inf``, which the model treats as "start
-    from zero at the gene's switch-on time" (returned as ``t0 = nan``).
-
-    Parameters
-    ----------
-    t, c
-        ``(N,)`` times and ``(N, d)`` cell states (posterior means).
-    u, s
-        ``(N, G)`` observed abundances (observed scale).
-    delta1, delta2
-        Window bounds before each cell, ``delta1 > delta2 >= 0``, in time units.
-    reference
-        ``(N,)`` boolean mask of the cells whose observations form the summary table
-        (e.g. the training cells, so held-out cells never inform any initial state);
-        default all cells. Every cell gets an initial state.
-    n_clusters, n_bins
-        Cell-state clusters and time bins of the summary table.
-    seed
-        Seed of the k-means.
-
-    Returns
-    -------
-    t0, u0, s0
-        ``(N,)`` and ``(N, G)`` tensors; ``t0`` is NaN where no window was found.
+    ``u``, ``s``: ``(N, G)`` observed abundances of all cells (only the ``reference``
+    cells are summarised). Returns ``(N,)`` and ``(N, G)`` tensors; ``t0`` is NaN (and
+    ``u0 = s0 = 0``) where no window was found.
     """
-    from sklearn.cluster import KMeans
-
-    if not delta1 > delta2 >= 0:
-        raise ValueError(f"need delta1 > delta2 >= 0, got delta1={delta1}, delta2={delta2}")
     n = t.shape[0]
     ref = torch.ones(n, dtype=torch.bool, device=t.device) if reference is None else reference
-    k = max(1, min(n_clusters, int(ref.sum()) // 20))
-    kmeans = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(
-        c[ref].detach().cpu().double().numpy()
-    )
-    labels = kmeans.predict(c.detach().cpu().double().numpy())
-    cluster = torch.as_tensor(labels, dtype=torch.long, device=t.device)
-    t_lo, t_hi = t.min(), t.max()
-    width = (t_hi - t_lo).clamp(min=1e-6) / n_bins
-    time_bin = ((t - t_lo) / width).long().clamp(0, n_bins - 1)
-    x = torch.cat([u, s], dim=1)[ref]
-    flat = (cluster * n_bins + time_bin)[ref]
-    sums = torch.zeros(k * n_bins, x.shape[1], dtype=x.dtype, device=x.device)
-    sums.index_add_(0, flat, x)
-    counts = torch.zeros(k * n_bins, dtype=x.dtype, device=x.device)
-    counts.index_add_(0, flat, torch.ones(len(flat), dtype=x.dtype, device=x.device))
-    sums = sums.view(k, n_bins, -1)
-    counts = counts.view(k, n_bins)
-    # cumulative along time with a leading zero: window [a, b) sum = cum[b] - cum[a]
-    cum_sums = torch.nn.functional.pad(sums.cumsum(1), (0, 0, 1, 0))
-    cum_counts = torch.nn.functional.pad(counts.cumsum(1), (1, 0))
-    start = ((t - delta1 - t_lo) / width).floor().long().clamp(0, n_bins)
-    stop = ((t - delta2 - t_lo) / width).floor().long().clamp(0, n_bins)
-    stop = torch.maximum(stop, start)
-
-    def window(sum_table: Tensor, count_table: Tensor, rows: Tensor | slice):
-        total = sum_table[rows, stop] - sum_table[rows, start]
-        number = count_table[rows, stop] - count_table[rows, start]
-        return total, number
-
-    total, number = window(cum_sums, cum_counts, cluster)
-    all_total, all_number = window(cum_sums.sum(0, keepdim=True).expand(n, -1, -1),
-                                   cum_counts.sum(0, keepdim=True).expand(n, -1),
-                                   torch.arange(n, device=t.device))
-    use_all = number < 0.5
-    total = torch.where(use_all[:, None], all_total, total)
-    number = torch.where(use_all, all_number, number)
-    found = number > 0.5
-    mean = total / number.clamp(min=1.0)[:, None]
-    mean = torch.where(found[:, None], mean, torch.zeros_like(mean))
-    t0 = torch.where(found, t - 0.5 * (delta1 + delta2), torch.full_like(t, float("nan")))
-    g = u.shape[1]
-    return t0, mean[:, :g], mean[:, g:]
+    rows = torch.nonzero(ref).squeeze(1)
+    table = window_table(t, c, [(rows, torch.cat([u, s], dim=1)[rows])], delta1, delta2,
+                         ref, n_clusters, n_bins, seed)
+    t0, u0, s0 = table.state(torch.arange(n, device=t.device))
+    return t0, u0.to(u.dtype), s0.to(s.dtype)
 
 
 def direction_score(

@@ -19,12 +19,16 @@ from pyro.nn import PyroModule
 from torch import Tensor, nn
 
 from . import kinetics
-from .initialize import RateInit
+from .initialize import RateInit, WindowTable
 from .likelihoods import Likelihood, Normal
 from .nn import Decoder
 from .priors import LogNormalRatePrior, NormalStatePrior, NormalTimePrior
 
 CELL_PLATE = "cells"
+
+
+#: buffers of a full model's per-cell initial conditions (see WindowTable)
+WINDOW_BUFFERS = tuple(f"window_{name}" for name in WindowTable.__dataclass_fields__)
 
 
 class BasicModel(PyroModule):
@@ -263,9 +267,8 @@ class FullModel(BasicModel):
                             if state_prior is None else state_prior)
         self.latent_dim = int(latent_dim)
         self.decoder = Decoder(self.latent_dim, self.n_genes, decoder_hidden)
-        self.register_buffer("initial_time", None)
-        self.register_buffer("initial_u", None)
-        self.register_buffer("initial_s", None)
+        for name in WINDOW_BUFFERS:
+            self.register_buffer(name, None)
 
     def c_dist(self, idx: Tensor) -> dist.Distribution:
         """Prior of the cell state (batch shape ``(B,)``, event shape ``(d,)``)."""
@@ -281,17 +284,36 @@ class FullModel(BasicModel):
 
     @property
     def has_initial_conditions(self) -> bool:
-        return self.initial_time is not None
+        return self.window_t0 is not None
 
-    def set_initial_conditions(self, t0: Tensor, u0: Tensor, s0: Tensor) -> None:
-        """Give every cell its own initial state ``(u0, s0)`` (observed scale) at ``t0``."""
-        self.initial_time = t0.detach().clone()
-        self.initial_u = u0.detach().clone()
-        self.initial_s = s0.detach().clone()
+    def set_initial_conditions(self, table: WindowTable) -> None:
+        """Give every cell its own initial state (observed scale), as a window table.
+
+        See :class:`~pyro_velo.initialize.WindowTable`; stored as buffers ``window_*``
+        (so they are saved and loaded with the state dict). For explicit per-cell states
+        use ``WindowTable.per_cell(t0, u0, s0)``.
+        """
+        for field, value in table.tensors().items():
+            setattr(self, f"window_{field}", value.detach().clone())
 
     def clear_initial_conditions(self) -> None:
         """Return to the first-stage model (every gene starts from zero at ``t_on``)."""
-        self.initial_time = self.initial_u = self.initial_s = None
+        for name in WINDOW_BUFFERS:
+            setattr(self, name, None)
+
+    def initial_conditions(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(t0, u0, s0)`` of the cells ``idx`` (t0 NaN: the cell has none)."""
+        table = WindowTable(**{name[len("window_"):]: getattr(self, name)
+                               for name in WINDOW_BUFFERS})
+        return table.state(idx)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # the window buffers are None until refinement and their sizes depend on the
+        # data: take them from the state being loaded (or clear them when it has none)
+        for name in WINDOW_BUFFERS:
+            value = state_dict.get(prefix + name)
+            setattr(self, name, None if value is None else value.detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def kinetic(self, t: Tensor, c: Tensor, idx: Tensor | None = None,
                 rates: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
@@ -308,11 +330,11 @@ class FullModel(BasicModel):
         if self.has_initial_conditions and idx is not None:
             # cells with an initial state evolve from it under the rate active at t;
             # the others (t0 = nan, at the start of time) keep the zero start
-            t0 = self.initial_time[idx]
+            t0, u0, s0 = self.initial_conditions(idx)
             has_start = ~torch.isnan(t0)
             tau = (t - t0.nan_to_num(0.0)).clamp(min=0.0).unsqueeze(-1)
-            u_w, s_w = kinetics.solve(tau, self.initial_u[idx] / r["scale_u"],
-                                      self.initial_s[idx], alpha_t, r["beta"], r["gamma"])
+            u_w, s_w = kinetics.solve(tau, u0 / r["scale_u"], s0, alpha_t, r["beta"],
+                                      r["gamma"])
             u = torch.where(has_start.unsqueeze(-1), u_w, u)
             s = torch.where(has_start.unsqueeze(-1), s_w, s)
         du, ds = kinetics.velocity(u, s, alpha_t, r["beta"], r["gamma"])

@@ -32,7 +32,7 @@ from .initialize import (
     direction_score,
     steady_state_init,
     time_informed_init,
-    window_initial_conditions,
+    window_table,
 )
 from .likelihoods import LIKELIHOODS, Likelihood, make_likelihood
 from .model import BasicModel, FullModel
@@ -63,7 +63,7 @@ PREFIX = "pyro_velo_"
 START_SAMPLE_CELLS = 20_000
 #: Version of the layout :meth:`VeloVAE.save` writes (``config.json['format_version']``);
 #: :meth:`VeloVAE.load` reads this version only.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.json"
 
@@ -540,9 +540,11 @@ class VeloVAE:
         Each cell gets an initial state ``(u0, s0)`` at ``t0 = t - (delta1 + delta2)/2``:
         the mean state of the training cells in the preceding window
         ``[t - delta1, t - delta2]`` within the cell's cell-state cluster
-        (:func:`~pyro_velo.initialize.window_initial_conditions`; vectorised, no
-        per-cell neighbour search). Cells at the start of time, whose window is empty,
-        keep the zero initial state at their genes' switch-on times. The ODE parameters
+        (:func:`~pyro_velo.initialize.window_table`; vectorised, no per-cell neighbour
+        search; the training cells are streamed in minibatches and only a (cluster,
+        time bin) table is kept, so memory does not grow with cells x genes). Cells at
+        the start of time, whose window is empty, keep the zero initial state at their
+        genes' switch-on times. The ODE parameters
         and the decoder are then fine-tuned with every cell's t and c held at their
         posterior means.
 
@@ -590,18 +592,22 @@ class VeloVAE:
         before = self._reconstruction(check_split)["log_likelihood"]
         saved = copy.deepcopy(self.model.state_dict())
         saved_guide = copy.deepcopy(self.guide.state_dict())
-        if source == "fitted":
-            expected = self._expected(scale=False)
-            u_source, s_source = expected["u"], expected["s"]
-        elif source == "observed":
-            u_source, s_source = self.data.u, self.data.s
-        else:
+        if source not in ("fitted", "observed"):
             raise InputError(f"source must be 'fitted' or 'observed', got {source!r}")
+
+        def window_values():  # [u | s] of the training cells, a minibatch at a time
+            train = self.data.indices("train").to(self.device)
+            for batch, (u, s, *_), _kwargs in self.data.minibatches(train, 4096):
+                if source == "fitted":
+                    fit = self._expected(idx=batch, scale=False,
+                                         encoded={"t": t[batch], "c": c[batch]})
+                    u, s = fit["u"], fit["s"]
+                yield batch, torch.cat([u, s], dim=1)
+
         train_mask = torch.as_tensor(self.data.split == 0, device=self.device)
-        t0, u0, s0 = window_initial_conditions(
-            t, c, u_source, s_source, delta1, delta2, reference=train_mask,
-            n_clusters=n_clusters, seed=self.config["seed"])
-        self.model.set_initial_conditions(t0, u0, s0)
+        table = window_table(t, c, window_values(), delta1, delta2, reference=train_mask,
+                             n_clusters=n_clusters, seed=self.config["seed"])
+        self.model.set_initial_conditions(table)
         self.config.update(refine_delta1=delta1, refine_delta2=delta2)
         with local_params():
             guide = FixedLatentGuide(t=t, c=c)
@@ -614,10 +620,7 @@ class VeloVAE:
         after = self._reconstruction(check_split)["log_likelihood"]
         self.config["refined"] = bool(after > before)
         if not after > before:
-            self.model.clear_initial_conditions()
-            if "initial_time" in saved:  # a previous refinement is restored with it
-                self.model.set_initial_conditions(
-                    saved["initial_time"], saved["initial_u"], saved["initial_s"])
+            # also restores (or clears) the initial conditions of a previous refinement
             self.model.load_state_dict(saved)
             self.guide.load_state_dict(saved_guide)
             warnings.warn(

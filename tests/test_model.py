@@ -12,6 +12,7 @@ from pyro_velo import kinetics
 from pyro_velo.guides import AmortizedGuide
 from pyro_velo.initialize import (
     RateInit,
+    WindowTable,
     steady_state_init,
     time_informed_init,
     window_initial_conditions,
@@ -229,7 +230,7 @@ def test_full_model_trace_has_cell_state_and_refined_kinetics(pair):
     # a refined cell starts from its own state: at t = t0 the fit equals (u0, s0)
     t0 = torch.full((N_CELLS,), 5.0)
     t0[0] = float("nan")
-    full.set_initial_conditions(t0, u, s)
+    full.set_initial_conditions(WindowTable.per_cell(t0, u, s))
     out = full.kinetic(torch.full((3,), 5.0), torch.zeros(3, 4), idx=torch.tensor([0, 1, 2]))
     torch.testing.assert_close(out["u"][1:], u[1:3])
     torch.testing.assert_close(out["s"][1:], s[1:3])
