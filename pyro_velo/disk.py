@@ -228,7 +228,8 @@ class DiskVelocityData:
         """
         idx = idx.cpu()
         if generator is None:
-            buffer = self.block_cells * self.buffer_blocks
+            # whole batches per read (the last may be smaller), about one buffer at a time
+            buffer = max(1, self.block_cells * self.buffer_blocks // batch_size) * batch_size
             for chunk in idx.split(buffer):
                 u, s = self.rows(chunk)
                 for pos in torch.arange(len(chunk)).split(batch_size):

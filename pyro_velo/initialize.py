@@ -392,6 +392,27 @@ def direction_score(
     return float(corr.mean())
 
 
+def knn_graph(x: np.ndarray, n_neighbors: int = 30, n_pcs: int = 30, seed: int = 0):
+    """Symmetric binary kNN graph of the rows of ``x`` in their leading principal components.
+
+    The stand-in for ``adata.obsp['connectivities']`` when there is none (e.g. for cells
+    streamed from a file): ``x`` holds the per-gene scaled ``[u | s]`` of the cells.
+    Returns an ``(N, N)`` scipy CSR matrix.
+    """
+    import scipy.sparse as sp
+    from sklearn.decomposition import PCA
+    from sklearn.neighbors import NearestNeighbors
+
+    n = x.shape[0]
+    n_pcs = max(1, min(n_pcs, n - 1, x.shape[1]))
+    pcs = PCA(n_components=n_pcs, random_state=seed).fit_transform(x)
+    k = max(1, min(n_neighbors, n - 1))
+    neighbours = NearestNeighbors(n_neighbors=k).fit(pcs).kneighbors(return_distance=False)
+    rows = np.repeat(np.arange(n), k)
+    graph = sp.csr_matrix((np.ones(n * k), (rows, neighbours.ravel())), shape=(n, n))
+    return graph.maximum(graph.T)
+
+
 def diffusion_pseudotimes(connectivities, n_comps: int = 10, n_roots: int = 3,
                           seed: int = 0) -> list[np.ndarray]:
     """Candidate orderings of the cells: diffusion pseudotimes from extreme cells.

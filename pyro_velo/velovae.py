@@ -20,6 +20,7 @@ from ._threads import cpu_threads
 from .capture import capture_time_axis, capture_times_from_obs
 from .data import SPLIT_NAMES, VelocityData
 from .disk import DiskVelocityData, read_annotations
+from .export import write_anndata, write_h5ad
 from .guides import (
     AmortizedGuide,
     AmortizedMVNGuide,
@@ -30,6 +31,7 @@ from .guides import (
 from .initialize import (
     diffusion_pseudotimes,
     direction_score,
+    knn_graph,
     steady_state_init,
     time_informed_init,
     window_table,
@@ -55,9 +57,6 @@ GUIDES = ("amortized", "amortized_mvn")
 COMPONENTS = ("likelihood", "guide", "time_prior", "state_prior", "rate_prior")
 # config value of a component passed as an object: it must be passed again to load()
 CUSTOM = "custom:"
-# rho is exported as a dense layer only below this many bytes (float32)
-MAX_DENSE_RHO_BYTES = 2 * 1024**3
-PREFIX = "pyro_velo_"
 #: cells (whole blocks, from all splits) a model fitted from a file is warmed up and
 #: initialised on; in memory all cells are used
 START_SAMPLE_CELLS = 20_000
@@ -706,15 +705,22 @@ class VeloVAE:
         (:func:`~pyro_velo.initialize.diffusion_pseudotimes`); the one whose order
         agrees best with ``ds/dt = beta u - gamma s``
         (:func:`~pyro_velo.initialize.direction_score`) is used, on ``[0, t_max]``.
-        None without a graph (``obsp['connectivities']``) or with fewer than 20 cells.
+        The graph is ``obsp['connectivities']`` of the AnnData; without one (or for a
+        sample of cells streamed from a file) a kNN graph of the scaled abundances
+        (:func:`~pyro_velo.initialize.knn_graph`). Of the cells of ``_start_data``;
+        None with fewer than 20 cells.
         """
-        n = self.data.n_cells
-        if self._graph is None or n < 20 or self._graph.shape != (n, n):
+        data = self._start_data
+        n = data.n_cells
+        if n < 20:
             return None
+        u, s = data.u.cpu(), data.s.cpu()
+        graph = self._graph
+        if graph is None or data is not self.data or graph.shape != (n, n):
+            graph = knn_graph(torch.cat([u, s], dim=1).numpy(), seed=self.config["seed"])
         rates = {k: v.detach().cpu() for k, v in model.rates().items()}
-        u, s = self.data.u.cpu(), self.data.s.cpu()
         best, best_score = None, -np.inf
-        for candidate in diffusion_pseudotimes(self._graph, seed=self.config["seed"]):
+        for candidate in diffusion_pseudotimes(graph, seed=self.config["seed"]):
             t = torch.as_tensor(candidate, dtype=torch.float32)
             score = direction_score(t, u, s, rates["beta"], rates["gamma"], rates["scale_u"])
             if score > best_score:
@@ -760,7 +766,9 @@ class VeloVAE:
         self.device = torch.device(device)
         self.model.to(self.device)
         self.guide.to(self.device)
+        same = self._start_data is self.data
         self.data = self.data.to(self.device)
+        self._start_data = self.data if same else self._start_data.to(self.device)
 
     # ---- posterior summaries ---------------------------------------------------------
     @torch.no_grad()
@@ -1193,7 +1201,7 @@ class VeloVAE:
         return self._reconstruction(split)["mse"]
 
     # ---- AnnData export --------------------------------------------------------------
-    def export_to_anndata(self, adata: AnnData) -> None:
+    def export_to_anndata(self, adata: AnnData, rho: bool | None = None) -> None:
         """Write the fit to ``adata`` (the scVelo / CellRank contract plus our own keys).
 
         Written keys: ``obs['latent_time']`` (posterior mean time rescaled to [0, 1]),
@@ -1203,58 +1211,30 @@ class VeloVAE:
         ours: ``obs['pyro_velo_time']`` (raw posterior mean), ``obs['pyro_velo_time_std']``,
         ``obs['pyro_velo_split']``, ``layers['pyro_velo_u']`` / ``layers['pyro_velo_s']``
         (fitted abundances) and ``var['pyro_velo_<rate>']`` for each column of
-        :meth:`get_rates`. Full model also: ``obsm['pyro_velo_cell_state']`` (posterior
-        mean c) and ``layers['pyro_velo_rho']`` (rho; only when the dense float32 array
-        is under 2 GiB, otherwise not exported: use :meth:`get_transcription_rate` on a
-        subset). Nothing is written if an error is raised.
+        :meth:`get_rates`; after :meth:`get_uncertainty` also ``obs['pyro_velo_time_cv']``,
+        ``obs['pyro_velo_state_cv']``, ``obs['pyro_velo_velocity_cv']``. Full model also:
+        ``obsm['pyro_velo_cell_state']`` (posterior mean c) and ``layers['pyro_velo_rho']``
+        (rho; by default (``rho=None``) only when the dense float32 array is under 2 GiB;
+        ``rho=False`` never). Nothing is written if an error is raised. For data that do
+        not fit in memory use :meth:`export_to_h5ad`.
         """
         self._check_trained()
-        if adata.n_obs != len(self.obs_names) or not np.array_equal(
-            np.asarray(adata.obs_names), self.obs_names
-        ):
-            raise InputError("adata's cells (obs_names) differ from the data the model was fit on")
-        if not np.array_equal(np.asarray(adata.var_names), self.var_names):
-            raise InputError("adata's genes (var_names) differ from the data the model was fit on")
-        latent_stats = self._encode()
-        t_loc = latent_stats["t"].cpu().numpy().astype(np.float64)
-        t_scale = latent_stats["t_std"].cpu().numpy().astype(np.float64)
-        velocity_s, velocity_u, fit_u, fit_s = self._numpy(
-            self._expected(encoded=latent_stats), "ds", "du", "u", "s")
-        rates = self.get_rates()
-        full = self.config["model"] == "full"
-        rho = None
-        if full and adata.n_obs * adata.n_vars * 4 <= MAX_DENSE_RHO_BYTES:
-            rho = self._transcription_rate(latent_stats["c"])
-        latent = (t_loc - t_loc.min()) / max(t_loc.max() - t_loc.min(), 1e-12)
-        params = {
-            "mode": "pyro_velo",
-            "model": self.config["model"],
-            "t_max": self.config["t_max"],
-            "version": __version__,
-            "unspliced_layer": self.config["unspliced_layer"],
-            "spliced_layer": self.config["spliced_layer"],
-        }
-        # everything is computed: now write
-        adata.obs["latent_time"] = latent
-        adata.obs[PREFIX + "time"] = t_loc
-        adata.obs[PREFIX + "time_std"] = t_scale
-        adata.obs[PREFIX + "split"] = self.get_split().values
-        adata.layers["velocity"] = velocity_s
-        adata.layers["velocity_u"] = velocity_u
-        adata.layers[PREFIX + "u"] = fit_u
-        adata.layers[PREFIX + "s"] = fit_s
-        if full:
-            adata.obsm[PREFIX + "cell_state"] = latent_stats["c"].cpu().numpy()
-        if rho is not None:
-            adata.layers[PREFIX + "rho"] = rho
-        adata.var["velocity_genes"] = self.data.fitted
-        for name in rates.columns.drop("fitted"):
-            adata.var[PREFIX + name] = rates[name].values
-        if self.uncertainty is not None:
-            for name in ("time_cv", "state_cv", "velocity_cv"):
-                if name in self.uncertainty:
-                    adata.obs[PREFIX + name] = self.uncertainty[name].to_numpy()
-        adata.uns["velocity_params"] = params
+        write_anndata(self, adata, rho)
+
+    def export_to_h5ad(self, path: str | Path, rho: bool | None = None,
+                       batch_size: int = 4096, progress_bar: bool = True) -> None:
+        """Write the keys of :meth:`export_to_anndata` into an ``.h5ad`` file, in chunks.
+
+        For data streamed from a file (``VeloVAE('atlas.h5ad')``): the cells x genes
+        layers are computed and written ``batch_size`` cells at a time, so memory does not
+        grow with the number of cells (rho is written when ``rho=True``, or by default
+        when it is under 2 GiB). ``path`` must hold the model's cells and genes in the
+        same order (typically the file the model was fitted on; the model reads it
+        again afterwards). The layers go to temporary datasets first and replace any
+        existing ones only when all are written: an error leaves the file as it was.
+        """
+        self._check_trained()
+        write_h5ad(self, path, rho, batch_size, progress_bar)
 
     # ---- persistence -----------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> None:
@@ -1317,7 +1297,7 @@ class VeloVAE:
         (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
     @classmethod
-    def load(cls, path: str | Path, adata: AnnData, **components) -> VeloVAE:
+    def load(cls, path: str | Path, adata: AnnData | str | Path, **components) -> VeloVAE:
         """Load a model saved by :meth:`save`, for the cells and genes of ``adata``.
 
         Components passed as objects when the model was built (``likelihood``,
@@ -1331,7 +1311,8 @@ class VeloVAE:
         and genes, in the same order, as the data the model was fitted on, with the same
         abundance layers. If its abundances differ from the fitted data's (their
         per-gene scales differ), a warning is given and the stored scales are used.
-        ``adata`` is not modified. The model is loaded on the CPU.
+        ``adata`` is not modified. The model is loaded on the CPU. ``adata`` may be the
+        path of an ``.h5ad`` file, as for a model that streams from it.
 
         Raises
         ------
@@ -1373,8 +1354,11 @@ class VeloVAE:
         missing = [k for k in required if not isinstance(state, dict) or k not in state]
         if missing:
             raise InputError(f"{path / MODEL_FILE} is damaged: it lacks {', '.join(missing)}")
-        for what, names, saved in (("cells (obs_names)", adata.obs_names, state["obs_names"]),
-                                   ("genes (var_names)", adata.var_names, state["var_names"])):
+        obs_names, var_names = ((adata.obs_names, adata.var_names)
+                                if isinstance(adata, AnnData)
+                                else (frame.index for frame in read_annotations(adata)))
+        for what, names, saved in (("cells (obs_names)", obs_names, state["obs_names"]),
+                                   ("genes (var_names)", var_names, state["var_names"])):
             if [str(n) for n in names] != saved:
                 raise InputError(
                     f"adata's {what} differ from those the model in {path} was saved with "
@@ -1412,11 +1396,14 @@ class VeloVAE:
                 "adata's abundances differ from the data the model was fitted on (their "
                 "per-gene scales differ); they are divided by the stored scales",
                 stacklevel=2)
-            data = VelocityData.for_new_cells(adata, vae.var_names, fitted, *scales,
-                                              config["unspliced_layer"],
-                                              config["spliced_layer"])
-            data.split = split.astype(np.int8)
-            data.counts = vae.data.counts  # raw counts of a count likelihood are unscaled
+            if isinstance(vae.data, DiskVelocityData):
+                data = DiskVelocityData(adata, *vae.data.layers, fitted, split, *scales)
+            else:
+                data = VelocityData.for_new_cells(adata, vae.var_names, fitted, *scales,
+                                                  config["unspliced_layer"],
+                                                  config["spliced_layer"])
+                data.split = split.astype(np.int8)
+                data.counts = vae.data.counts  # raw counts of a count likelihood: unscaled
             vae.data = data
         load_module_state(vae.model, state["model"])
         vae.guide.load_state_dict(state["guide"])
