@@ -245,7 +245,9 @@ class DiskVelocityData:
         carry_idx = np.zeros(0, dtype=np.int64)
         carry = np.zeros((0, 2 * self.n_genes), dtype=np.float32)
         for group in np.array_split(order, max(1, -(-len(order) // self.buffer_blocks))):
-            rows = cells[np.isin(blocks, group)]
+            group = np.sort(group)  # cells and blocks are sorted: slice each block's cells
+            lo, hi = np.searchsorted(blocks, group), np.searchsorted(blocks, group, "right")
+            rows = np.concatenate([cells[a:b] for a, b in zip(lo, hi, strict=True)])
             both = np.concatenate([carry, self._read_sorted(rows)])
             rows = np.concatenate([carry_idx, rows])
             shuffle = torch.randperm(len(rows), generator=generator).numpy()
