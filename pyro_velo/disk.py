@@ -65,10 +65,9 @@ class H5adLayer:
             self.data, self.indices = node["data"], node["indices"]
             self.indptr = node["indptr"][:]
             self.shape = tuple(int(x) for x in node.attrs["shape"])
-        self.kind = (self.dense if self.dense is not None else self.data).dtype.kind
-        if self.kind not in "iufb":
-            raise InputError(f"{name} in {file.filename} is not numeric "
-                             f"(dtype {(self.dense or self.data).dtype})")
+        dtype = (self.dense if self.dense is not None else self.data).dtype
+        if dtype.kind not in "iufb":
+            raise InputError(f"{name} in {file.filename} is not numeric (dtype {dtype})")
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` as a dense float64 array."""

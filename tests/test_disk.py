@@ -124,6 +124,12 @@ def test_disk_input_errors(h5ad, adata, tmp_path):
         pv.VeloVAE(tmp_path / "negative.h5ad")
     with pytest.raises(InputError, match="count likelihoods.*cannot stream"):
         pv.VeloVAE(h5ad, likelihood="poisson")
+    text = anndata.AnnData(X=np.zeros((20, 3)))
+    text.layers["Mu"] = np.full((20, 3), "a", dtype=object)
+    text.layers["Ms"] = np.ones((20, 3))
+    text.write_h5ad(tmp_path / "text_layer.h5ad")
+    with pytest.raises(InputError, match="Mu.*not numeric"):
+        pv.VeloVAE(tmp_path / "text_layer.h5ad")
 
 
 @pytest.fixture(scope="module")
