@@ -14,6 +14,7 @@ import math
 import numbers
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from pyro.infer import Trace_ELBO
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import distributed as dist_
 from ._checks import InputError, MissingFileError, check_int
 from .data import VelocityData
 
@@ -95,21 +97,37 @@ def evaluate_loss(
     """Mean negative ELBO per cell over the cells ``idx`` (networks in eval mode)."""
     if len(idx) == 0:
         return math.nan
+    return loss_total(model, guide, data, idx, batch_size).item() / len(idx)
+
+
+def loss_total(
+    model: torch.nn.Module,
+    guide: torch.nn.Module,
+    data: VelocityData | DiskVelocityData,
+    idx: Tensor,
+    batch_size: int = 1024,
+) -> Tensor:
+    """Negative ELBO summed over the cells ``idx`` (networks in eval mode).
+
+    A float64 scalar on the data's device (0 for no cells); accumulated there, so that
+    the host waits once, when the caller reads it, not once per minibatch.
+    """
     elbo = loss_module(model, guide)
     was_training = guide.training
     guide.eval()
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=data.device)
     with torch.no_grad(), local_params():
         for _batch, args, kwargs in data.minibatches(idx, batch_size):
-            total += elbo(*args, **kwargs).item()
+            total += elbo(*args, **kwargs).detach().double()
     guide.train(was_training)
-    return total / len(idx)
+    return total
 
 
 def check_training_arguments(**values: Any) -> None:
     """Validate training arguments by name (those given; ``None`` means "default").
 
-    ``max_epochs``, ``patience``, ``checkpoint_every``: integers >= 1; ``batch_size``:
+    ``max_epochs``, ``patience``, ``checkpoint_every``, ``divergence_check_every``:
+    integers >= 1; ``batch_size``:
     integer >= 2; ``warmup_epochs``, ``refine_epochs``: integers >= 0; ``lr``,
     ``lr_ode``: positive finite numbers.
 
@@ -119,7 +137,7 @@ def check_training_arguments(**values: Any) -> None:
         Naming the first invalid argument.
     """
     minimum = {"max_epochs": 1, "patience": 1, "checkpoint_every": 1, "batch_size": 2,
-               "warmup_epochs": 0, "refine_epochs": 0}
+               "warmup_epochs": 0, "refine_epochs": 0, "divergence_check_every": 1}
     for name, value in values.items():
         if value is None:
             continue
@@ -132,6 +150,10 @@ def check_training_arguments(**values: Any) -> None:
                 raise InputError(f"{name} must be a positive number, got {value!r}")
         else:
             raise TypeError(f"unknown training argument {name!r}")
+
+
+#: Minibatch steps between divergence checks when training off the CPU (see :func:`fit`).
+DEFERRED_CHECK_EVERY = 50
 
 
 def fit(
@@ -151,6 +173,8 @@ def fit(
     checkpoint: Callable[[dict[str, Any]], None] | None = None,
     checkpoint_every: int = 10,
     resume_state: dict[str, Any] | None = None,
+    distributed: bool | None = None,
+    divergence_check_every: int | None = None,
 ) -> TrainingHistory:
     """Train ``model``/``guide`` on the train cells of ``data`` by minibatch SVI.
 
@@ -162,17 +186,19 @@ def fit(
         ``log_*`` or ``t_*`` (rates, switch times, noise, rate posteriors) use ``lr_ode``;
         everything else (networks) uses ``lr``.
     data
-        Training data with its split; the test split is never looked at.
+        Training data with its split; the test split is never looked at. Minibatches
+        come on the data's ``device``, where the modules must be.
     max_epochs
         Upper bound on the number of passes over the train cells.
     batch_size, lr, lr_ode
-        Minibatch size and Adam learning rates.
+        Minibatch size and Adam learning rates. In distributed training ``batch_size``
+        is the global minibatch, split across the processes.
     early_stopping
         Stop when the validation loss has not improved by ``min_delta`` (relative) for
         ``patience`` epochs and restore the parameters of the best epoch. Without
         validation cells the train loss is monitored instead.
     progress_bar
-        Show a tqdm bar with the current losses.
+        Show a tqdm bar with the current losses (in distributed training on rank 0 only).
     history
         Append to this history (for multi-stage training) instead of a new one.
     description
@@ -181,7 +207,8 @@ def fit(
         Called with this loop's resumable state (see :func:`fit_state`) after every
         epoch at which ``len(history.train)`` is a multiple of ``checkpoint_every``; it
         is meant to write a checkpoint (the model and guide parameters are not in the
-        state: the caller saves them).
+        state: the caller saves them). In distributed training it is called on rank 0
+        only.
     checkpoint_every
         Epochs between calls of ``checkpoint``.
     resume_state
@@ -191,6 +218,23 @@ def fit(
         random states and the early-stopping state (best loss, best parameters, epochs
         since the best) restored. ``model`` and ``guide`` must already hold the
         parameters of that epoch.
+    distributed
+        Data-parallel training with :class:`~torch.nn.parallel.DistributedDataParallel`
+        over the default process group (see :mod:`pyro_velo.distributed`). None (default):
+        when a process group of two or more processes is initialised; True: always
+        (a process group must be initialised); False: never. Every process must call
+        ``fit`` with the same arguments, modules and data.
+    divergence_check_every
+        Minibatch steps between checks for a non-finite loss or gradient. Default: 1 on
+        CPU (where the check costs nothing), :data:`DEFERRED_CHECK_EVERY` on other
+        devices, where reading the check's result makes the host wait for the device.
+        With more than 1 (a *deferred* check) the finiteness of every step is recorded
+        on the device and read every ``divergence_check_every`` steps and at the end of
+        every epoch; from the first non-finite step on, no optimiser step updates the
+        parameters (Adam's fused implementation skips them on the device), so the
+        parameters are those before that step, as with the per-step check; the error
+        comes up to ``divergence_check_every - 1`` steps later and names the first
+        non-finite step.
 
     Returns
     -------
@@ -200,16 +244,20 @@ def fit(
     ------
     DivergenceError
         At the minibatch step where the loss or a gradient becomes NaN/inf (checked
-        before the optimiser step, so no parameter is updated with it), or at the end of
-        an epoch whose validation loss is NaN/inf. The message names the non-finite
-        gradients or parameters.
+        before the optimiser step, so no parameter is updated with it; with a deferred
+        check, at the next check), or at the end of an epoch whose validation loss is
+        NaN/inf. The message names the non-finite gradients or parameters.
     InputError
-        Invalid ``max_epochs``, ``batch_size``, learning rates or ``patience``.
+        Invalid ``max_epochs``, ``batch_size``, learning rates, ``patience`` or
+        ``divergence_check_every``.
     """
     check_training_arguments(max_epochs=max_epochs, batch_size=batch_size, lr=lr,
                              lr_ode=lr_ode, patience=patience,
-                             checkpoint_every=checkpoint_every)
+                             checkpoint_every=checkpoint_every,
+                             divergence_check_every=divergence_check_every)
     history = history if history is not None else TrainingHistory()
+    group = dist_.current_group(distributed)
+    device = torch.device(data.device)
     train_idx = data.indices("train")
     val_idx = data.indices("validation")
     n_train = len(train_idx)
@@ -217,9 +265,19 @@ def fit(
     ode_params = [p for n, p in elbo.named_parameters() if _is_ode_param(n)]
     ode_ids = {id(p) for p in ode_params}
     net_params = [p for p in elbo.parameters() if id(p) not in ode_ids]
-    optimizer = torch.optim.Adam(
-        [{"params": net_params, "lr": lr}, {"params": ode_params, "lr": lr_ode}]
-    )
+    groups = [{"params": net_params, "lr": lr}, {"params": ode_params, "lr": lr_ode}]
+    check_every = divergence_check_every or (
+        1 if device.type == "cpu" else DEFERRED_CHECK_EVERY)
+    checker = None
+    if check_every > 1:
+        try:  # the fused Adam skips steps flagged in ``found_inf`` without a host sync
+            optimizer = torch.optim.Adam(groups, fused=True)
+            checker = _DeferredCheck(device, group)
+            optimizer.found_inf = checker.bad
+        except (RuntimeError, TypeError):  # no fused Adam here: check every step
+            check_every = 1
+    if checker is None:
+        optimizer = torch.optim.Adam(groups)
 
     named = [(f"model.{n}", p) for n, p in model.named_parameters()] + [
         (f"guide.{n}", p) for n, p in guide.named_parameters()]
@@ -229,10 +287,13 @@ def fit(
         return _divergence_message(model, guide, epoch, lr, lr_ode, step, loss, named)
 
     best_loss, best_state, since_best, stopped = math.inf, None, 0, False
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,)).item()))
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    if group is not None:  # the same minibatch order on every rank
+        seed = dist_.broadcast_int(seed, device)
+    gen = torch.Generator().manual_seed(seed)
     start_epoch = 0
     if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
+        _load_optimizer_state(optimizer, resume_state["optimizer"])
         gen.set_state(resume_state["generator"])
         best_loss = resume_state["best_loss"]
         best_state = resume_state["best_state"]
@@ -240,37 +301,69 @@ def fit(
         stopped = resume_state["stopped"]
         start_epoch = resume_state["epoch"]
         set_rng_state(resume_state["rng"])
+    main = group is None or group.is_main
+    world = 1 if group is None else group.world_size
+    step_loss = elbo if group is None else dist_.wrap(elbo, device)
     epochs = range(start_epoch, max_epochs) if not stopped else range(0)
-    bar = tqdm(epochs, desc=description, disable=not progress_bar, leave=True)
+    bar = tqdm(epochs, desc=description, disable=not (progress_bar and main), leave=True)
     model.train()
     guide.train()
     for epoch in bar:
-        epoch_loss = torch.zeros((), device=data.device)
-        with local_params():
+        epoch_loss = torch.zeros((), device=device)
+        with local_params(), (nullcontext() if group is None
+                              else dist_.rank_random_stream(group, device)):
             batches = data.minibatches(train_idx, batch_size, n_train, generator=gen)
+            taken = 0
             for step, (batch, args, kwargs) in enumerate(batches):
-                if len(batch) < 2 and n_train >= 2:
-                    continue  # batch norm needs two cells
+                n = len(batch)
+                if n // world < 2 and n_train >= 2:
+                    continue  # batch norm needs two cells (on every rank)
+                if group is not None:  # this rank's part of the minibatch
+                    start, stop = dist_.shard(n, group)
+                    args, kwargs = dist_.take((args, kwargs), n, start, stop)
+                    n = stop - start
                 try:
-                    loss = elbo(*args, **kwargs)
+                    loss = step_loss(*args, **kwargs)
                 except ValueError as err:  # distribution validation of NaN parameters
                     if _all_finite(model) and _all_finite(guide):
                         raise
                     raise DivergenceError(diverged(epoch, step)) from err
                 optimizer.zero_grad()
                 loss.backward()
-                # one host sync per step checks the loss and every gradient together:
-                # NaN/inf in any of them makes the sum non-finite (before the step, so
-                # no parameter is ever updated with a non-finite gradient)
-                if not torch.isfinite(loss.detach() + _gradient_sum(all_params)):
-                    raise DivergenceError(diverged(epoch, step, loss))
+                if checker is None:
+                    # the loss and every gradient are checked together: NaN/inf in any
+                    # of them makes the sum non-finite (before the step, so no
+                    # parameter is ever updated with a non-finite gradient); on CPU
+                    # reading the result costs nothing
+                    if not torch.isfinite(loss.detach() + _gradient_sum(all_params)):
+                        raise DivergenceError(diverged(epoch, step, loss))
+                else:
+                    checker.record(step, loss.detach(), all_params)
                 optimizer.step()
-                epoch_loss += loss.detach() * (len(batch) / n_train)
-        history.train.append(epoch_loss.item() / n_train)
-        monitored = history.train[-1]
-        if len(val_idx):
-            history.validation.append(evaluate_loss(model, guide, data, val_idx))
-            monitored = history.validation[-1]
+                epoch_loss += loss.detach() * (n / n_train)
+                taken += 1
+                if checker is not None and taken % check_every == 0:
+                    checker.raise_if_diverged(diverged, epoch, step, check_every)
+            if checker is not None:
+                checker.raise_if_diverged(diverged, epoch, None, check_every)
+            if group is not None:
+                dist_.average_norm_statistics(elbo, group)
+            if len(val_idx):
+                start, stop = (0, len(val_idx)) if group is None else dist_.shard(
+                    len(val_idx), group)
+                val_total = loss_total(model, guide, data, val_idx[start:stop])
+        if group is None:
+            history.train.append(epoch_loss.item() / n_train)
+            if len(val_idx):
+                history.validation.append(val_total.item() / len(val_idx))
+        else:  # sums over the ranks: the same numbers (and decisions) on every rank
+            totals = torch.stack([epoch_loss.double(), val_total if len(val_idx)
+                                  else torch.zeros((), dtype=torch.float64, device=device)])
+            totals = dist_.all_reduce_sum(totals).tolist()
+            history.train.append(totals[0] / n_train)
+            if len(val_idx):
+                history.validation.append(totals[1] / len(val_idx))
+        monitored = history.validation[-1] if len(val_idx) else history.train[-1]
         if not math.isfinite(monitored):
             raise DivergenceError(diverged(epoch))
         bar.set_postfix(train=f"{history.train[-1]:.3f}",
@@ -285,18 +378,76 @@ def fit(
         stopped = early_stopping and since_best >= patience
         if stopped:
             history.stopped_early = True
-        if checkpoint is not None and len(history.train) % checkpoint_every == 0:
+        if checkpoint is not None and main and len(history.train) % checkpoint_every == 0:
             checkpoint(fit_state(epoch + 1, optimizer, gen, best_loss, best_state, since_best,
                                  stopped))
         if stopped:
             break
     bar.close()
+    del step_loss  # a DDP wrapper's hooks go with it
     if early_stopping and best_state is not None:
         model.load_state_dict(best_state[0])
         guide.load_state_dict(best_state[1])
     model.eval()
     guide.eval()
     return history
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(state)``, keeping the implementation it was built with.
+
+    A state saved by the other implementation (per-step check on CPU, fused Adam with the
+    deferred check elsewhere) would otherwise bring its ``fused`` flag along; the step
+    counts of a fused Adam live on the parameters' device.
+    """
+    built = [{k: group[k] for k in ("fused", "foreach", "capturable") if k in group}
+             for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, options in zip(optimizer.param_groups, built, strict=True):
+        group.update(options)
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if step is not None:
+                optimizer.state[p]["step"] = (
+                    step.to(device=p.device, dtype=torch.float32) if options.get("fused")
+                    else step.cpu())
+
+
+class _DeferredCheck:
+    """Finiteness of every step's loss and gradients, recorded on the device.
+
+    ``bad`` (float32, 0 or 1) is also the optimiser's ``found_inf``: once a step is
+    non-finite, the fused Adam skips that and every later step until the error is raised.
+    """
+
+    def __init__(self, device: torch.device, group: dist_.Group | None) -> None:
+        self.group = group
+        self.bad = torch.zeros((), dtype=torch.float32, device=device)
+        self.first_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.first_loss = torch.zeros((), dtype=torch.float32, device=device)
+
+    def record(self, step: int, loss: Tensor, params: list[Tensor]) -> None:
+        failed = ~torch.isfinite(loss + _gradient_sum(params))
+        first = failed & (self.bad == 0)
+        self.first_step.copy_(torch.where(first, step, self.first_step))
+        self.first_loss.copy_(torch.where(first, loss.float(), self.first_loss))
+        self.bad.copy_(torch.maximum(self.bad, failed.float()))
+
+    def raise_if_diverged(self, diverged: Callable[..., str], epoch: int, step: int | None,
+                          every: int) -> None:
+        """Read the record (the host waits here) and raise at a non-finite step."""
+        flags = torch.stack([self.bad, self.first_step.float()])
+        if self.group is not None:  # every rank raises if any rank saw one
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        bad, first = flags.tolist()
+        if not bad:
+            return
+        local = int(self.first_step.item()) >= 0
+        at = "the end of the epoch" if step is None else f"step {step}"
+        raise DivergenceError(
+            diverged(epoch, int(first), self.first_loss if local else None)
+            + f" (found by the check at {at}: off the CPU the check is read every "
+            f"{every} steps; no optimiser step was taken from step {int(first)} on)")
 
 
 def _is_ode_param(name: str) -> bool:
@@ -442,7 +593,8 @@ class Checkpointer:
     buffers of every registered module, the training history, the model configuration,
     the random states, the run's arguments and the position: the stage in progress and,
     inside a stage, the state of :func:`fit` (see its ``resume_state``). Checkpoints are
-    written every ``every`` epochs inside a stage and at the end of each stage.
+    written every ``every`` epochs inside a stage and at the end of each stage; in
+    distributed training by rank 0 only.
 
     With ``folder=None`` it does nothing: every stage is to do, nothing is written.
 
@@ -598,6 +750,8 @@ class Checkpointer:
     def _write(self, stage: str, done: bool, state: dict[str, Any] | None,
                history: TrainingHistory, config: dict[str, Any],
                finished: bool = False) -> None:
+        if not dist_.is_main_process():  # distributed training: rank 0 writes
+            return
         from . import __version__
 
         payload = {
