@@ -54,9 +54,6 @@ def test_cell_state_separates_branches(fits):
     assert accuracy >= 0.9, accuracy
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open (full-model issue): on the 2-branch simulation the full model's mean velocity "
-    "cosine measured 0.748 (3 branches: 0.868); see README 'Measured results'"))
 def test_velocity_agrees_with_true_velocity(fits):
     vae, adata = fits["full"], fits["adata"]
     genes = vae.data.fitted

@@ -79,9 +79,9 @@ def _assert_unchanged(adata: AnnData, snap: dict) -> None:
 
 @pytest.fixture(scope="module", params=REAL_FIXTURES)
 def real_pair(request, shared_data_dir) -> tuple[AnnData, AnnData]:
-    """(raw input, preprocessed copy with default parameters) of one real fixture."""
+    """(raw input, preprocessed copy with scVelo's total-count normalisation)."""
     raw = _read_fixture(shared_data_dir / request.param)
-    result = pp.preprocess(raw, copy=True)
+    result = pp.preprocess(raw, size_factors="total", copy=True)
     return raw, result
 
 
@@ -230,6 +230,33 @@ def test_x_none_uses_spliced(make_synthetic):
     np.testing.assert_allclose(without_x.layers["Ms"], with_x.layers["Ms"])
 
 
+def test_neighbourhood_size_factors_remove_library_noise_but_keep_trends():
+    """Within a neighbourhood libraries are equalised; between neighbourhoods not."""
+    from pyro_velo.pp import _neighbourhood_size_factors
+
+    work = AnnData(np.zeros((5, 1)))
+    work.obs["initial_size_spliced"] = [80.0, 160.0, 240.0, 900.0, 900.0]
+    work.obs["initial_size_unspliced"] = [20.0, 40.0, 60.0, 100.0, 100.0]
+    graph = np.zeros((5, 5))
+    graph[:3, :3] = 0.3  # two cliques: cells 0-2 (totals 100-300) and 3-4 (1000)
+    graph[3:, 3:] = 0.7
+    np.fill_diagonal(graph, 0.0)
+    work.obsp["connectivities"] = sp.csr_matrix(graph)
+    factors = _neighbourhood_size_factors(work)
+    np.testing.assert_allclose(factors, [0.5, 1.0, 1.5, 1.0, 1.0])
+    # so normalised abundances of clique 2 stay 5x those of clique 1 (the trend)
+
+
+def test_neighbourhood_normalisation_is_the_default_and_consistent(synthetic_adata):
+    res = pp.preprocess(synthetic_adata, copy=True)
+    total = pp.preprocess(synthetic_adata, size_factors="total", copy=True)
+    assert res.uns["pyro_velo"]["preprocess"]["size_factors"] == "neighbourhood"
+    np.testing.assert_array_equal(res.obs["size_factor_spliced"],
+                                  res.obs["size_factor_unspliced"])
+    assert not np.allclose(res.layers["Ms"], total.layers["Ms"])
+    np.testing.assert_allclose(_dense(res.X), _dense(total.X))  # X: total counts always
+
+
 def test_x_aliasing_spliced_is_not_normalised_twice(make_synthetic):
     """X and the spliced layer sharing one buffer must not be divided twice."""
     reference = pp.preprocess(make_synthetic(sparse=False), copy=True)
@@ -353,6 +380,7 @@ BAD_INPUTS = {
     "min_shared_counts": (None, {"min_shared_counts": -1}, InputError, r"min_shared_counts"),
     "same layers": (None, {"unspliced_layer": "spliced"}, InputError, r"must differ"),
     "output collision": (None, {"spliced_layer": "Ms"}, InputError, r"collides"),
+    "size factors": (None, {"size_factors": "median"}, InputError, r"size_factors must be"),
 }
 
 
