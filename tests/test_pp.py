@@ -79,9 +79,9 @@ def _assert_unchanged(adata: AnnData, snap: dict) -> None:
 
 @pytest.fixture(scope="module", params=REAL_FIXTURES)
 def real_pair(request, shared_data_dir) -> tuple[AnnData, AnnData]:
-    """(raw input, preprocessed copy with scVelo's total-count normalisation)."""
+    """(raw input, preprocessed copy with default parameters) of one real fixture."""
     raw = _read_fixture(shared_data_dir / request.param)
-    result = pp.preprocess(raw, size_factors="total", copy=True)
+    result = pp.preprocess(raw, copy=True)
     return raw, result
 
 
@@ -247,10 +247,16 @@ def test_neighbourhood_size_factors_remove_library_noise_but_keep_trends():
     # so normalised abundances of clique 2 stay 5x those of clique 1 (the trend)
 
 
-def test_neighbourhood_normalisation_is_the_default_and_consistent(synthetic_adata):
-    res = pp.preprocess(synthetic_adata, copy=True)
-    total = pp.preprocess(synthetic_adata, size_factors="total", copy=True)
+def test_neighbourhood_normalisation_is_consistent(synthetic_adata):
+    res = pp.preprocess(synthetic_adata, size_factors="neighbourhood", copy=True)
+    total = pp.preprocess(synthetic_adata, copy=True)
     assert res.uns["pyro_velo"]["preprocess"]["size_factors"] == "neighbourhood"
+    assert total.uns["pyro_velo"]["preprocess"]["size_factors"] == "total"
+    for role in ("spliced", "unspliced"):  # raw = size factor x normalised
+        np.testing.assert_allclose(
+            _dense(res.layers[f"raw_{role}"]),
+            res.obs[f"size_factor_{role}"].to_numpy()[:, None] * _dense(res.layers[role]),
+            rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(res.obs["size_factor_spliced"],
                                   res.obs["size_factor_unspliced"])
     assert not np.allclose(res.layers["Ms"], total.layers["Ms"])

@@ -115,7 +115,8 @@ def test_save_and_load_errors(basic, adata, tmp_path):
 
     config_file.write_text(good.replace(f'"format_version": {FORMAT_VERSION}',
                                         '"format_version": 99'))
-    with pytest.raises(InputError, match=f"format version 99.*reads format version {FORMAT_VERSION}"):
+    with pytest.raises(InputError,
+                       match=f"format version 99.*reads format version {FORMAT_VERSION}"):
         pv.VeloVAE.load(tmp_path / "m", adata)
     config = json.loads(good)
     del config["format_version"]
