@@ -23,6 +23,8 @@ from torch import Tensor
 
 from . import kinetics
 
+#: cells per block of the grid search in :func:`time_informed_init`
+GRID_BLOCK_CELLS = 64
 # Rates are kept inside these bounds at initialisation: outside them the steady-state
 # estimate is degenerate (a gene with ~no unspliced or spliced signal).
 RATE_BOUNDS = (1e-2, 1e2)
@@ -138,29 +140,53 @@ def time_informed_init(
     # t_on may lie far before the first cell: a gene on since long before is at steady state
     grid_on = torch.linspace(t_lo - 2.0 * span, t_hi, n_grid, dtype=u.dtype)
     grid_off = torch.linspace(t_lo, t_hi + span, n_grid, dtype=u.dtype)
-    on, off = torch.meshgrid(grid_on, grid_off, indexing="ij")
-    valid = off > on
-    on, off = on[valid], off[valid]  # (P,)
+    on_idx, off_idx = torch.nonzero(grid_off[None, :] > grid_on[:, None], as_tuple=True)
+    on, off = grid_on[on_idx], grid_off[off_idx]  # (P,) pairs t_on < t_off
     w_u = 1.0 / u.var(0).clamp(min=1e-8)
     w_s = 1.0 / s.var(0).clamp(min=1e-8)
-
-    best_err = torch.full((u.shape[1],), float("inf"), dtype=u.dtype)
-    best = torch.zeros(3, u.shape[1], dtype=u.dtype)
-    for p in range(on.shape[0]):
-        # unit-rate kinetics: u and s scale linearly with alpha when starting from zero
-        fu, fs, _ = kinetics.switching_solve(
-            t[:, None], torch.ones_like(beta), beta, gamma, on[p], off[p]
-        )
-        fu = fu * scale_u
-        num = w_u * (fu * u).sum(0) + w_s * (fs * s).sum(0)
-        den = w_u * (fu * fu).sum(0) + w_s * (fs * fs).sum(0)
-        alpha = (num / den.clamp(min=1e-12)).clamp(*RATE_BOUNDS)
-        err = w_u * ((u - alpha * fu) ** 2).sum(0) + w_s * ((s - alpha * fs) ** 2).sum(0)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best[0] = torch.where(better, on[p], best[0])
-        best[1] = torch.where(better, off[p], best[1])
-        best[2] = torch.where(better, alpha, best[2])
+    # Per pair and gene the fit needs only sums over cells: sum(f u), sum(f f) (and the
+    # constant sum(u u)). They are accumulated over blocks of cells, and within a block
+    # the unit-rate kinetics of a pair are assembled from pieces computed once per grid
+    # value: the on-phase from zero at each t_on, and the decay after each t_off of a
+    # unit u or s (the solution is linear in the state at t_off). This gives the
+    # switching solution of every pair with no exponential per pair (the direct
+    # evaluation of all pairs on all cells at once spent minutes in page faults).
+    n_pairs, n_genes = on.shape[0], u.shape[1]
+    cross = torch.zeros(2, n_pairs, n_genes, dtype=u.dtype)  # sum fu*u, sum fs*s
+    square = torch.zeros(2, n_pairs, n_genes, dtype=u.dtype)  # sum fu^2, sum fs^2
+    # state at t_off of each pair (unit rate from zero at t_on), (P, genes)
+    u_off, s_off = kinetics.solve((off - on)[:, None], 0.0, 0.0, 1.0, beta, gamma)
+    for block in torch.arange(u.shape[0]).split(GRID_BLOCK_CELLS):
+        ub, sb, tb = u[block], s[block], t[block, None]
+        rise_u, rise_s = zip(*(kinetics.solve((tb - a).clamp(min=0.0), 0.0, 0.0, 1.0,
+                                              beta, gamma) for a in grid_on), strict=True)
+        decay_uu, decay_us, decay_ss = [], [], []
+        for b in grid_off:
+            elapsed = (tb - b).clamp(min=0.0)
+            from_u = kinetics.solve(elapsed, 1.0, 0.0, 0.0, beta, gamma)
+            decay_uu.append(from_u[0])
+            decay_us.append(from_u[1])
+            decay_ss.append(kinetics.solve(elapsed, 0.0, 1.0, 0.0, beta, gamma)[1])
+        for p in range(n_pairs):
+            i, j = on_idx[p], off_idx[p]
+            before_off = tb < grid_off[j]
+            fu = torch.where(before_off, rise_u[i], u_off[p] * decay_uu[j]) * scale_u
+            fs = torch.where(before_off, rise_s[i],
+                             s_off[p] * decay_ss[j] + u_off[p] * decay_us[j])
+            cross[0, p] += (fu * ub).sum(0)
+            cross[1, p] += (fs * sb).sum(0)
+            square[0, p] += (fu * fu).sum(0)
+            square[1, p] += (fs * fs).sum(0)
+    num = w_u * cross[0] + w_s * cross[1]
+    den = w_u * square[0] + w_s * square[1]
+    alpha = (num / den.clamp(min=1e-12)).clamp(*RATE_BOUNDS)  # (pairs, genes)
+    # sum (x - alpha f)^2 = sum x^2 - 2 alpha sum f x + alpha^2 sum f^2
+    err = (w_u * ((u * u).sum(0) - 2 * alpha * cross[0] + alpha ** 2 * square[0])
+           + w_s * ((s * s).sum(0) - 2 * alpha * cross[1] + alpha ** 2 * square[1]))
+    pick = err.argmin(0)  # the first minimum, as a strict "better" scan would keep
+    genes = torch.arange(n_genes)
+    best_err = err[pick, genes]
+    best = torch.stack([on[pick], off[pick], alpha[pick, genes]])
     error = (best_err.sum() / (2 * u.shape[0] * u.shape[1])).item()
     return best[0].float(), best[1].float(), best[2].float(), error
 
