@@ -310,9 +310,11 @@ class FullModel(BasicModel):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # the window buffers are None until refinement and their sizes depend on the
         # data: take them from the state being loaded (or clear them when it has none)
+        device = next(self.parameters()).device
         for name in WINDOW_BUFFERS:
             value = state_dict.get(prefix + name)
-            setattr(self, name, None if value is None else value.detach().clone())
+            setattr(self, name, None if value is None else value.detach().to(device,
+                                                                            copy=True))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def kinetic(self, t: Tensor, c: Tensor, idx: Tensor | None = None,

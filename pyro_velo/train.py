@@ -563,22 +563,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def load_module_state(module: torch.nn.Module, state: dict[str, Tensor]) -> None:
-    """``module.load_state_dict(state)``, also for per-cell initial-condition buffers.
-
-    A full model's ``initial_time/u/s`` buffers are ``None`` until refinement sets them;
-    they are set (or cleared) to match ``state`` before loading.
-    """
-    if hasattr(module, "set_initial_conditions"):
-        if "initial_time" in state:
-            device = next(module.parameters()).device
-            module.set_initial_conditions(*(state[f"initial_{k}"].to(device)
-                                            for k in ("time", "u", "s")))
-        else:
-            module.clear_initial_conditions()
-    module.load_state_dict(state)
-
-
 #: Version of the checkpoint layout written by :class:`Checkpointer`.
 CHECKPOINT_FORMAT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -698,7 +682,7 @@ class Checkpointer:
         if self.saved is None:
             return
         for name, module in modules.items():
-            load_module_state(module, self.saved["modules"][name])
+            module.load_state_dict(self.saved["modules"][name])
         config.clear()
         config.update(self.saved["header"]["config"])
         saved_history = self.saved["history"]

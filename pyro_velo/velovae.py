@@ -47,7 +47,6 @@ from .train import (
     check_training_arguments,
     evaluate_loss,
     fit,
-    load_module_state,
     local_params,
     set_seed,
 )
@@ -1405,7 +1404,7 @@ class VeloVAE:
                 data.split = split.astype(np.int8)
                 data.counts = vae.data.counts  # raw counts of a count likelihood: unscaled
             vae.data = data
-        load_module_state(vae.model, state["model"])
+        vae.model.load_state_dict(state["model"])
         vae.guide.load_state_dict(state["guide"])
         history = state["history"]
         vae.history = TrainingHistory(
