@@ -260,7 +260,8 @@ class DiskVelocityData:
             for start in range(0, n_full, batch_size):
                 yield self._batch(rows[start:start + batch_size],
                                   both[start:start + batch_size], n_obs)
-            carry_idx, carry = rows[n_full:], both[n_full:]
+            # copies: a view would keep the whole buffer alive until the next one
+            carry_idx, carry = rows[n_full:].copy(), both[n_full:].copy()
         if len(carry_idx):
             yield self._batch(carry_idx, carry, n_obs)
 
