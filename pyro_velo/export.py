@@ -51,7 +51,7 @@ def annotations(vae: VeloVAE, latent: dict[str, torch.Tensor]) -> Annotations:
     out.obs[PREFIX + "time_std"] = latent["t_std"].cpu().numpy().astype(np.float64)
     out.obs[PREFIX + "split"] = vae.get_split().values
     if vae.uncertainty is not None:
-        for name in ("time_cv", "state_cv", "velocity_cv"):
+        for name in ("time_cv", "state_cv", "rho_cv", "velocity_cv"):
             if name in vae.uncertainty:
                 out.obs[PREFIX + name] = vae.uncertainty[name].to_numpy()
     if vae.config["model"] == "full":

@@ -251,10 +251,11 @@ def test_every_option_trains_and_gives_per_cell_posteriors(small, kwargs):
     unc = vae.get_uncertainty(n_samples=5, batch_size=100)
     assert list(unc.index) == list(small.obs_names)
     assert (unc["time_cv"] > 0).all() and np.isfinite(unc.to_numpy()).all()
-    assert ("state_cv" in unc) == (vae.config["model"] == "full")
+    assert ("state_cv" in unc) == ("rho_cv" in unc) == (vae.config["model"] == "full")
     adata = small.copy()
     vae.export_to_anndata(adata)
-    np.testing.assert_array_equal(adata.obs["pyro_velo_time_cv"], unc["time_cv"])
+    for name in unc.columns.intersection(["time_cv", "state_cv", "rho_cv", "velocity_cv"]):
+        np.testing.assert_array_equal(adata.obs[f"pyro_velo_{name}"], unc[name])
 
 
 def test_uncertainty_is_accumulated_exactly(small):
@@ -268,6 +269,10 @@ def test_uncertainty_is_accumulated_exactly(small):
     c = draws["c"].astype(np.float64)
     state_cv = np.sqrt(c.var(0, ddof=1).sum(-1) / (c.mean(0) ** 2).sum(-1))
     np.testing.assert_allclose(unc["state_cv"], state_cv, rtol=1e-4)
+    with torch.no_grad():
+        rho = vae.model.transcription_rate(torch.as_tensor(draws["c"])).double().numpy()
+    rho_cv = np.sqrt(rho.var(0, ddof=1).sum(-1) / (rho.mean(0) ** 2).sum(-1))
+    np.testing.assert_allclose(unc["rho_cv"], rho_cv, rtol=1e-4)
     v = draws["velocity"].astype(np.float64)
     velocity_cv = np.sqrt(v.var(0, ddof=1).sum(-1) / (v.mean(0) ** 2).sum(-1))
     np.testing.assert_allclose(unc["velocity_cv"], velocity_cv, rtol=1e-4)
@@ -357,9 +362,10 @@ def test_full_covariance_guide_correlates_time_and_state(bifurcation_mvn):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=False, reason=(
-    "open (probabilistic-modelling issue): the paper's Figure 8 claim does not hold yet; "
-    "measured median state CV near the branch point / terminal cells = 0.65 (1000 x 100 "
-    "bifurcation, seed 3, amortized_mvn guide)"))
+    "open (probabilistic-modelling issue): the paper's Figure 8 claim does not hold for "
+    "the CV of c; median state CV near the branch point / terminal cells = 0.65 (1000 x "
+    "100 bifurcation, seed 3, amortized_mvn guide). In rho space (rho_cv) it is 1.22 here "
+    "but 0.97-0.98 with the default guide (benchmarks/RESULTS.md)"))
 def test_state_uncertainty_is_higher_at_the_branch_point(bifurcation_mvn):
     """Paper, Figure 8: the cell state is less certain where branches split."""
     adata, vae = bifurcation_mvn
