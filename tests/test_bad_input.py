@@ -298,6 +298,7 @@ def test_unknown_keyword_arguments_are_rejected(entry, prepared, trained):
     ({"patience": 0}, "patience must be at least 1"),
     ({"warmup_epochs": -1}, "warmup_epochs must be at least 0"),
     ({"refine_epochs": -2}, "refine_epochs must be at least 0"),
+    ({"basic_epochs": 0}, "basic_epochs must be at least 1"),
 ])
 def test_invalid_training_arguments_fail_before_training(kwargs, match, prepared):
     vae = pv.VeloVAE(prepared, **TINY)

@@ -144,6 +144,25 @@ def test_cell_state_and_rho_exported(fits):
     assert adata.uns["velocity_params"]["model"] == "full"
 
 
+def _stage_lengths(history):
+    bounds = [first for _, first in history.stages] + [len(history.train)]
+    return {name: bounds[i + 1] - bounds[i] for i, (name, _) in enumerate(history.stages)}
+
+
+@pytest.mark.parametrize(("model", "basic_epochs", "expected"),
+                         [("full", None, 2), ("full", 3, 3), ("basic", None, 8)])
+def test_basic_stage_length(model, basic_epochs, expected):
+    """The full model's basic stage is only its start: a quarter of max_epochs by default."""
+    adata = pv.datasets.simulate(n_cells=200, n_genes=20, topology="bifurcation", seed=0)
+    pv.pp.preprocess(adata, random_state=0, n_pcs=10)
+    vae = pv.VeloVAE(adata, model=model, hidden=(16,), latent_dim=2, seed=0)
+    vae.train(max_epochs=8, warmup_epochs=1, basic_epochs=basic_epochs, refine_epochs=0,
+              early_stopping=False, progress_bar=False)
+    lengths = _stage_lengths(vae.history)
+    assert lengths["basic"] == expected
+    assert lengths.get("full", 8) == 8
+
+
 def test_refinement_rejects_unknown_options_before_changing_anything():
     adata = pv.datasets.simulate(n_cells=200, n_genes=20, topology="bifurcation", seed=0)
     pv.pp.preprocess(adata, random_state=0, n_pcs=10)
