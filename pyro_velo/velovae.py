@@ -386,12 +386,11 @@ class VeloVAE:
             Epochs before the re-initialisation (default ``max(20, max_epochs // 10)``;
             0 skips the warm-up and the re-initialisation).
         basic_epochs
-            Upper bound on epochs of the ``basic`` stage. Default ``max_epochs`` for the
-            basic model; for the full model, whose stage ``full`` trains the same rates
-            and time encoder again, ``max(1, max_epochs // 4)``: the basic stage only
-            gives the mixture of ODEs its start (at 3,700 cells x 2,000 genes the full
-            model's validation loss after its first epoch was already half the basic
-            model's after 108 epochs).
+            Upper bound on epochs of the ``basic`` stage (default ``max_epochs``). For
+            the full model this stage is the start of the mixture of ODEs; shortening
+            it saves time but costs accuracy: with ``max_epochs // 4`` on the 2-branch
+            test simulation the correlation of predicted displacement with the true
+            velocity fell below 0.7 (0.63), see ``benchmarks/RESULTS.md``.
         refine_epochs
             Epochs of the initial-condition refinement (full model; default
             ``max_epochs // 4``; 0 skips it).
@@ -456,7 +455,7 @@ class VeloVAE:
             refine_epochs = max_epochs // 4
         full = self.config["model"] == "full"
         if basic_epochs is None:
-            basic_epochs = max(1, max_epochs // 4) if full else max_epochs
+            basic_epochs = max_epochs
         # ---- checkpoints (begin): validate before anything changes ----
         ckpt = Checkpointer(
             checkpoint_dir, checkpoint_every,

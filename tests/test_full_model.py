@@ -150,9 +150,10 @@ def _stage_lengths(history):
 
 
 @pytest.mark.parametrize(("model", "basic_epochs", "expected"),
-                         [("full", None, 2), ("full", 3, 3), ("basic", None, 8)])
+                         [("full", None, 8), ("full", 3, 3), ("basic", None, 8),
+                          ("basic", 2, 2)])
 def test_basic_stage_length(model, basic_epochs, expected):
-    """The full model's basic stage is only its start: a quarter of max_epochs by default."""
+    """``basic_epochs`` bounds the basic stage (default ``max_epochs``), not the others."""
     adata = pv.datasets.simulate(n_cells=200, n_genes=20, topology="bifurcation", seed=0)
     pv.pp.preprocess(adata, random_state=0, n_pcs=10)
     vae = pv.VeloVAE(adata, model=model, hidden=(16,), latent_dim=2, seed=0)
