@@ -119,9 +119,9 @@ def current_group(distributed: bool | None = None) -> Group | None:
     return Group(torch.distributed.get_rank(), world_size)
 
 
-def is_main_process() -> bool:
-    """True except on ranks other than 0 of an initialised process group."""
-    group = current_group()
+def is_main_process(distributed: bool | None = None) -> bool:
+    """True except on ranks other than 0 of the group :func:`current_group` would use."""
+    group = current_group(distributed)
     return group is None or group.is_main
 
 

@@ -595,6 +595,9 @@ class Checkpointer:
     run
         The run's arguments that determine its course (epochs, batch size, learning
         rates, seed...): a resume must pass the same.
+    distributed
+        As for :func:`fit`: whether the run is data-parallel over the process group
+        (then only rank 0 writes); ``False`` makes every process write its own.
     """
 
     #: config keys written by training itself (warm-up start, refinement): not matched
@@ -606,11 +609,13 @@ class Checkpointer:
         every: int,
         header: dict[str, Any],
         run: dict[str, Any],
+        distributed: bool | None = None,
     ) -> None:
         self.folder = None if folder is None else Path(folder)
         self.every = check_int(every, "checkpoint_every", minimum=1)
         self.header = header
         self.run = run
+        self.distributed = distributed
         self.modules: dict[str, torch.nn.Module] = {}
         self.saved: dict[str, Any] | None = None
 
@@ -735,7 +740,7 @@ class Checkpointer:
     def _write(self, stage: str, done: bool, state: dict[str, Any] | None,
                history: TrainingHistory, config: dict[str, Any],
                finished: bool = False) -> None:
-        if not dist_.is_main_process():  # distributed training: rank 0 writes
+        if not dist_.is_main_process(self.distributed):  # distributed: rank 0 writes
             return
         from . import __version__
 

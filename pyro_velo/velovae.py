@@ -20,6 +20,7 @@ from ._threads import cpu_threads
 from .capture import capture_time_axis, capture_times_from_obs
 from .data import SPLIT_NAMES, VelocityData
 from .disk import DiskVelocityData, read_annotations
+from .distributed import current_group
 from .export import write_anndata, write_h5ad
 from .guides import (
     AmortizedGuide,
@@ -348,6 +349,7 @@ class VeloVAE:
         checkpoint_dir: str | Path | None = None,
         checkpoint_every: int = 10,
         resume: bool = False,
+        distributed: bool | None = None,
     ) -> TrainingHistory:
         """Fit by minibatch SVI with early stopping on the validation ELBO.
 
@@ -422,6 +424,13 @@ class VeloVAE:
             a run interrupted during the warm-up restarts it, one interrupted during the
             refinement restarts the refinement from the end of the ``full`` stage.
             Resuming a finished run restores its final state without training.
+        distributed
+            Data-parallel training over the default process group (every stage; see
+            :func:`pyro_velo.train.fit` and :mod:`pyro_velo.distributed`). None
+            (default): used whenever a group of two or more processes is initialised,
+            so every process must call ``train`` with the same arguments; ``False``:
+            this process trains alone even inside a group (e.g. one fit per rank), and
+            writes its own checkpoints; ``True``: requires a group.
 
         Returns
         -------
@@ -443,6 +452,10 @@ class VeloVAE:
         """
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise InputError("device='cuda' was requested but CUDA is not available")
+        if distributed not in (None, True, False):
+            raise InputError(f"distributed must be None, True or False, got {distributed!r}")
+        if distributed:
+            current_group(True)  # RuntimeError now, before anything changes
         check_training_arguments(
             max_epochs=max_epochs, batch_size=batch_size, lr=lr, lr_ode=lr_ode,
             patience=patience, warmup_epochs=warmup_epochs, basic_epochs=basic_epochs,
@@ -465,13 +478,14 @@ class VeloVAE:
             run=dict(max_epochs=max_epochs, batch_size=batch_size, lr=lr, lr_ode=lr_ode,
                      seed=seed, early_stopping=early_stopping, patience=patience,
                      warmup_epochs=warmup_epochs, basic_epochs=basic_epochs,
-                     refine_epochs=refine_epochs))
+                     refine_epochs=refine_epochs),
+            distributed=distributed)
         ckpt.start(resume)
         # ---- checkpoints (end) ----
         self._to(device)
         set_seed(seed)
         opts = dict(batch_size=batch_size, lr=lr, lr_ode=lr_ode, progress_bar=progress_bar,
-                    history=self.history, patience=patience)
+                    history=self.history, patience=patience, distributed=distributed)
         with cpu_threads(num_threads if self.device.type == "cpu" else None):
             if full:
                 basic_model, basic_guide = self._make_pair("basic")

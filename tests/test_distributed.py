@@ -29,6 +29,8 @@ RUN = dict(max_epochs=20, warmup_epochs=0, seed=0, progress_bar=False)
 #: difference, and well below what a loop taking fewer steps per epoch would give: the
 #: loss still falls by ~0.8 per epoch at epoch 20 (88.7 after 10 epochs, 84.7 after 15).
 TOLERANCE = 1.5
+#: a short run of one rank alone (``distributed=False``), compared with a single process
+ALONE = dict(max_epochs=3, warmup_epochs=1, seed=2, progress_bar=False)
 #: the worker processes must finish within this (a collective that hangs fails the test)
 DEADLINE_S = 240
 
@@ -96,8 +98,16 @@ def _worker(rank: int, world_size: int, port: int, adata, out: str) -> None:
                     divergence_check_every=every)
             except DivergenceError as err:
                 errors[every] = str(err)
+        # distributed=False: rank 1 trains alone (no collective waits for rank 0, which
+        # is already at the barrier) and writes its own checkpoint
+        alone = None
+        if rank == 1:
+            alone = _vae(adata)
+            alone.train(**ALONE, distributed=False, checkpoint_dir=os.path.join(out, "alone"))
+            alone = (alone.history, _states(alone))
+        torch.distributed.barrier()
         torch.save({"basic": (vae.history, _states(vae)), "full": (full.history, _states(full)),
-                    "deferred": (None, _states(deferred)), "errors": errors},
+                    "deferred": (None, _states(deferred)), "errors": errors, "alone": alone},
                    os.path.join(out, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
@@ -145,6 +155,15 @@ def test_two_processes_match_one(adata, tmp_path):
     assert checkpoint["finished"] and checkpoint["history"]["train"] == history.train
     assert not (tmp_path / "ckpt" / "checkpoint.pt.tmp").exists()
 
+    # one rank alone inside the group = a single process, bitwise (CPU, same seed)
+    assert ranks[0]["alone"] is None
+    alone_history, alone_states = ranks[1]["alone"]
+    single_alone = _vae(adata)
+    single_alone.train(**ALONE)
+    assert alone_history == single_alone.history
+    assert _equal_states(alone_states, _states(single_alone))
+    assert torch.load(tmp_path / "alone" / "checkpoint.pt", weights_only=True)["finished"]
+
     two = ranks[0]["basic"][0]
     single = pv.VeloVAE(adata, **SMALL)
     single.train(**RUN)
@@ -176,11 +195,18 @@ def test_take_slices_per_cell_tensors_only():
     assert torch.equal(kwargs["counts"][0], u[1:3]) and kwargs["counts"][1] is genes
 
 
-def test_single_process_is_not_distributed():
+def test_single_process_is_not_distributed(adata):
     assert distributed.current_group() is None
     assert distributed.is_main_process()
     with pytest.raises(RuntimeError, match="init_process_group"):
         distributed.current_group(True)
+    vae = _vae(adata)
+    before = _states(vae)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        vae.train(**ALONE, distributed=True)
+    with pytest.raises(InputError, match="distributed must be None, True or False"):
+        vae.train(**ALONE, distributed="yes")
+    assert _equal_states(before, _states(vae)) and not vae.history.train
 
 
 # ---- deferred divergence check (the CUDA default, exercised on CPU) ------------------
