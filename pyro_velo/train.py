@@ -176,6 +176,7 @@ def fit(
     resume_state: dict[str, Any] | None = None,
     distributed: bool | None = None,
     divergence_check_every: int | None = None,
+    stop_when: Callable[[TrainingHistory], bool] | None = None,
 ) -> TrainingHistory:
     """Train ``model``/``guide`` on the train cells of ``data`` by minibatch SVI.
 
@@ -236,6 +237,11 @@ def fit(
         parameters are those before that step, as with the per-step check; the error
         comes up to ``divergence_check_every - 1`` steps later and names the first
         non-finite step.
+    stop_when
+        Called with the history after every epoch (after the early-stopping
+        bookkeeping); returning True ends training there, as early stopping does (the
+        best epoch's parameters are restored when ``early_stopping``). In distributed
+        training it must give the same answer on every process.
 
     Returns
     -------
@@ -377,6 +383,8 @@ def fit(
         else:
             since_best += 1
         stopped = early_stopping and since_best >= patience
+        if not stopped and stop_when is not None and stop_when(history):
+            stopped = True
         if stopped:
             history.stopped_early = True
         if checkpoint is not None and main and len(history.train) % checkpoint_every == 0:

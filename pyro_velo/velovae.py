@@ -53,6 +53,10 @@ from .train import (
 )
 
 MODELS = ("basic", "full")
+#: epochs between the refinement's checks of the validation log-likelihood, and the
+#: epochs before the first (see ``VeloVAE._hopeless_refinement``)
+REFINE_CHECK_EVERY = 5
+REFINE_MIN_EPOCHS = 10
 GUIDES = ("amortized", "amortized_mvn")
 COMPONENTS = ("likelihood", "guide", "time_prior", "state_prior", "rate_prior")
 # config value of a component passed as an object: it must be passed again to load()
@@ -573,7 +577,10 @@ class VeloVAE:
         The refinement is kept only if it raises the reconstruction log-likelihood of
         the validation cells (see :meth:`evaluate`); otherwise the model is restored to
         its state before the call, with a warning (noisy or sparse data can make the
-        window means a worse start than the first-stage model).
+        window means a worse start than the first-stage model). While the fine-tuning
+        runs, that log-likelihood is checked every few epochs and the fine-tuning ends
+        once the refinement cannot catch up with the first stage by its last epoch (see
+        ``_hopeless_refinement``): rejected refinements cost a fraction of ``epochs``.
 
         Parameters
         ----------
@@ -638,17 +645,62 @@ class VeloVAE:
         self.history.stages.append(("refine", len(self.history.train)))
         fit_options.setdefault("history", self.history)
         fit_options.setdefault("description", "Refining initial conditions")
-        history = _fit_stage(self.model, guide, self.data, epochs, **fit_options)
+        hopeless = self._hopeless_refinement(fit_options["history"], epochs, check_split,
+                                             before)
+        user_stop = fit_options.pop("stop_when", None)
+        history = _fit_stage(
+            self.model, guide, self.data, epochs, **fit_options,
+            stop_when=hopeless if user_stop is None else
+            (lambda h: bool(user_stop(h)) or hopeless(h)))
         after = self._reconstruction(check_split)["log_likelihood"]
         self.config["refined"] = bool(after > before)
         if not after > before:
             # also restores (or clears) the initial conditions of a previous refinement
             self.model.load_state_dict(saved)
             self.guide.load_state_dict(saved_guide)
+            ended = (f" (stopped after {hopeless.epochs_done} of {epochs} epochs: it "
+                     "could not catch up)" if hopeless.gave_up else "")
             warnings.warn(
                 f"initial-condition refinement lowered the {check_split} log-likelihood "
-                f"({before:.3f} -> {after:.3f}); kept the model without it", stacklevel=2)
+                f"({before:.3f} -> {after:.3f}){ended}; kept the model without it",
+                stacklevel=2)
         return history
+
+    def _hopeless_refinement(self, history: TrainingHistory, epochs: int, split: str,
+                             before: float):
+        """A ``stop_when`` for the refinement: end it once it cannot beat ``before``.
+
+        Every :data:`REFINE_CHECK_EVERY` epochs from :data:`REFINE_MIN_EPOCHS` on, the
+        ``split`` log-likelihood is compared with ``before`` (the first-stage model's).
+        While it is lower, the refinement stops if the gain, extrapolated linearly at its
+        rate over the last checks (about 10 epochs) to the last epoch, stays below zero:
+        the gain grows ever more slowly, so a straight line overestimates it and a
+        refinement that would have been accepted is not cut short. On simulations the
+        rejected refinements started 8-60 nats per cell below the first stage and were
+        still below after 100 epochs, while the accepted one crossed zero by epoch 9.
+        """
+        first = len(history.train)
+        gains: list[tuple[int, float]] = []
+
+        def stop(h: TrainingHistory) -> bool:
+            done = len(h.train) - first
+            stop.epochs_done = done
+            if done < REFINE_MIN_EPOCHS or done % REFINE_CHECK_EVERY:
+                return False
+            was_training = self.model.training
+            self.model.eval()
+            gain = self._reconstruction(split)["log_likelihood"] - before
+            self.model.train(was_training)
+            gains.append((done, gain))
+            if gain > 0 or len(gains) < 2:
+                return False
+            (e0, g0), (e1, g1) = gains[-3:][0], gains[-1]
+            rate = max((g1 - g0) / (e1 - e0), 0.0)
+            stop.gave_up = gain + rate * (epochs - done) < 0
+            return stop.gave_up
+
+        stop.gave_up, stop.epochs_done = False, 0
+        return stop
 
     def _warm_up(self, model: BasicModel, guide, epochs: int, opts: dict) -> None:
         """Warm-up, then re-initialise the rates from the encoded times.

@@ -4,6 +4,9 @@ Each bifurcation (2 and 3 branches; 2000 cells x 200 genes, negative-binomial co
 fitted once with the basic and once with the full model; the tests read those fits.
 """
 
+import copy
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -162,6 +165,57 @@ def test_basic_stage_length(model, basic_epochs, expected):
     lengths = _stage_lengths(vae.history)
     assert lengths["basic"] == expected
     assert lengths.get("full", 8) == 8
+
+
+@pytest.fixture(scope="module")
+def small_full():
+    adata = pv.datasets.simulate(n_cells=200, n_genes=20, topology="bifurcation", seed=0)
+    pv.pp.preprocess(adata, random_state=0, n_pcs=10)
+    vae = pv.VeloVAE(adata, hidden=(16,), latent_dim=2, seed=0)
+    vae.train(max_epochs=3, warmup_epochs=1, refine_epochs=0, progress_bar=False)
+    return vae
+
+
+@pytest.mark.parametrize(("gains", "stops_at"), [
+    # far below the first stage and creeping up: cannot reach 0 in the remaining epochs
+    ({10: -30.0, 15: -29.0, 20: -28.5}, 15),
+    # below at first, but rising fast enough to catch up: runs on
+    ({10: -3.0, 15: -1.5, 20: -0.5, 25: 0.4}, None),
+    # slowing down: the straight line over the last ~10 epochs stops falling short late
+    ({10: -8.0, 15: -7.0, 20: -6.0, 25: -5.7, 30: -5.5, 35: -5.45}, 30),
+])
+def test_hopeless_refinement_rule(small_full, monkeypatch, gains, stops_at):
+    vae, before = small_full, -100.0
+    history = pv.train.TrainingHistory()
+    checked = []
+
+    def scripted(split):
+        checked.append(len(history.train))
+        return {"log_likelihood": before + gains[len(history.train)]}
+
+    monkeypatch.setattr(vae, "_reconstruction", scripted)
+    stop = vae._hopeless_refinement(history, 100, "validation", before)
+    stopped_at = None
+    for epoch in range(1, max(gains) + 1):
+        history.train.append(0.0)
+        if stop(history):
+            stopped_at = epoch
+            break
+    assert stopped_at == stops_at
+    assert stop.gave_up == (stops_at is not None)
+    assert checked == [e for e in sorted(gains) if stops_at is None or e <= stops_at]
+
+
+def test_refinement_takes_a_users_stop_rule(small_full):
+    vae = copy.deepcopy(small_full)
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        history = vae.refine_initial_conditions(
+            epochs=6, progress_bar=False, early_stopping=False,
+            stop_when=lambda h: seen.append(len(h.train)) or len(seen) == 2)
+    first = dict(history.stages)["refine"]
+    assert len(history.train) - first == 2 and len(seen) == 2
 
 
 def test_refinement_rejects_unknown_options_before_changing_anything():
