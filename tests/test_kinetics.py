@@ -128,6 +128,38 @@ def test_switching_solve_against_ode_with_switch():
     assert a_t.tolist() == [0.0, 0.0, alpha, alpha, 0.0, 0.0, 0.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_switching_solve_equals_two_segment_piecewise_solve(dtype):
+    """The written-out switching solution = the general one, values and gradients."""
+    gen = torch.Generator().manual_seed(0)
+    n_genes = 50
+    t = torch.linspace(-2.0, 25.0, 40, dtype=dtype).unsqueeze(-1)
+    beta = torch.rand(n_genes, generator=gen, dtype=dtype) * 2 + 0.05
+    gamma = torch.rand(n_genes, generator=gen, dtype=dtype) * 2 + 0.05
+    gamma[:5] = beta[:5]  # beta == gamma exactly
+    alpha = torch.rand(n_genes, generator=gen, dtype=dtype) * 3
+    t_on = torch.rand(n_genes, generator=gen, dtype=dtype) * 10
+    t_off = t_on + torch.rand(n_genes, generator=gen, dtype=dtype) * 10
+    t_off[5:8] = t_on[5:8]  # never on
+
+    def run(solver):
+        leaves = [x.clone().requires_grad_(True) for x in (alpha, beta, gamma, t_on, t_off)]
+        a, b, g, on, off = leaves
+        if solver == "switching":
+            u, s, a_t = kinetics.switching_solve(t, a, b, g, on, off)
+        else:
+            starts = torch.stack([on, off], dim=-1)
+            alphas = torch.stack([a, torch.zeros_like(a)], dim=-1)
+            u, s, a_t = kinetics.piecewise_solve(t, starts, alphas, b, g)
+        (u.sum() + 2 * s.sum()).backward()
+        return [u.detach(), s.detach(), a_t.detach()] + [x.grad for x in leaves]
+
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5,
+                                                                           atol=1e-5)
+    for new, old in zip(run("switching"), run("piecewise"), strict=True):
+        torch.testing.assert_close(new, old, **tol)
+
+
 def test_piecewise_solve_three_segments_continuity():
     starts = torch.tensor([[0.0, 2.0, 5.0]], dtype=torch.float64)
     alphas = torch.tensor([[1.0, 4.0, 0.0]], dtype=torch.float64)
