@@ -16,6 +16,7 @@ import scanpy as sc
 import scipy.sparse as sp
 import scvelo as scv
 from anndata import AnnData
+from pynndescent import PyNNDescentTransformer
 
 from ._checks import (
     InputError,
@@ -396,6 +397,35 @@ def _neighbourhood_size_factors(work: AnnData) -> np.ndarray:
     return factors
 
 
+#: From this many cells on scanpy switches from exact to approximate (pynndescent) kNN.
+APPROXIMATE_KNN_FROM = 8192
+
+
+class _SparseMatrixKNN(PyNNDescentTransformer):
+    """pynndescent's kNN transformer, returning a ``scipy.sparse.csr_matrix``.
+
+    pynndescent 0.6+ returns a ``csr_array``, which scanpy 1.11's neighbour code cannot
+    read (it calls ``getnnz(axis=1)``, which sparse arrays lack): ``sc.pp.neighbors``
+    then fails on every data set of 8192 cells or more.
+    """
+
+    def fit_transform(self, X: Any, y: Any = None, **fit_params: Any) -> sp.csr_matrix:  # noqa: N803 (sklearn's name)
+        return sp.csr_matrix(super().fit_transform(X, y, **fit_params))
+
+
+def _knn_transformer(n_obs: int, n_neighbors: int,
+                     random_state: int | None) -> _SparseMatrixKNN | None:
+    """scanpy's default kNN below :data:`APPROXIMATE_KNN_FROM` cells, else ours."""
+    if n_obs < APPROXIMATE_KNN_FROM:
+        return None
+    # scanpy's own settings for large data (UMAP's nearest_neighbors defaults), so the
+    # graph is the one scanpy would build if it could read pynndescent's output
+    return _SparseMatrixKNN(
+        n_neighbors=n_neighbors, metric="euclidean", random_state=random_state,
+        n_jobs=sc.settings.n_jobs, n_trees=min(64, 5 + round(n_obs**0.5 / 20.0)),
+        n_iters=max(5, round(np.log2(n_obs))))
+
+
 def _run_pipeline(
     adata: AnnData,
     *,
@@ -499,6 +529,7 @@ def _run_pipeline(
         n_pcs=n_pcs_used,
         use_rep="X_pca",
         random_state=random_state,
+        transformer=_knn_transformer(work.n_obs, n_neighbors, random_state),
     )
 
     # 8. Library sizes relative to the cell's neighbourhood (keeps trends in total RNA).

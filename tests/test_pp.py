@@ -497,3 +497,24 @@ def test_check_int():
             check_int(bad, "k")
     with pytest.raises(InputError, match="at least 5"):
         check_int(4, "k", minimum=5)
+
+
+def test_large_data_gets_an_approximate_knn_graph():
+    """From 8192 cells scanpy switches to pynndescent, whose sparse-array output scanpy
+    1.11 cannot read; preprocess must still build the kNN graph."""
+    from pyro_velo.datasets import simulate
+
+    adata = simulate(n_cells=pp.APPROXIMATE_KNN_FROM, n_genes=20, seed=0)
+    out = pp.preprocess(adata, n_top_genes=20, random_state=0, copy=True)
+    distances = out.obsp["distances"]
+    assert sp.issparse(distances) and distances.shape == (adata.n_obs,) * 2
+    neighbours = np.asarray((distances > 0).sum(axis=1)).ravel()  # self is stored as 0
+    assert neighbours.min() >= 29 and neighbours.max() <= 30
+    # approximate, but close to exact on 20 genes: most neighbours are the true ones
+    exact = sc.pp.neighbors(out, n_neighbors=30, use_rep="X_pca", transformer="sklearn",
+                            copy=True).obsp["distances"]
+    rows = np.random.default_rng(0).choice(adata.n_obs, 200, replace=False)
+    overlap = [len(set(distances[i].indices) & set(exact[i].indices) - {i}) / exact[i].nnz
+               for i in rows]
+    assert np.mean(overlap) > 0.9, np.mean(overlap)
+    assert {"Ms", "Mu"} <= set(out.layers)
