@@ -305,6 +305,34 @@ def check_int(
     return int(value)
 
 
+def check_real(
+    value: Any,
+    name: str,
+    *,
+    positive: bool = False,
+    allow_none: bool = False,
+) -> float | None:
+    """Check that a parameter is a finite real number (optionally a positive one).
+
+    Returns
+    -------
+    float or None
+        ``value`` as a Python ``float`` (or ``None``).
+
+    Raises
+    ------
+    InputError
+        If ``value`` is not a finite real number, or not positive when it must be.
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value!r}.")
+    if positive and not value > 0:
+        raise InputError(f"{name} must be positive, got {value!r}.")
+    return float(value)
+
+
 def _listing(names: list[str], limit: int = 10) -> str:
     shown = ", ".join(repr(n) for n in names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import os
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -28,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import distributed as dist_
-from ._checks import InputError, MissingFileError, check_int
+from ._checks import InputError, MissingFileError, check_int, check_real
 from .data import VelocityData
 
 if TYPE_CHECKING:
@@ -145,10 +144,7 @@ def check_training_arguments(**values: Any) -> None:
         if name in minimum:
             check_int(value, name, minimum=minimum[name])
         elif name in ("lr", "lr_ode"):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-                math.isfinite(value) and value > 0
-            ):
-                raise InputError(f"{name} must be a positive number, got {value!r}")
+            check_real(value, name, positive=True)
         else:
             raise TypeError(f"unknown training argument {name!r}")
 

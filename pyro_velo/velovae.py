@@ -15,7 +15,7 @@ import torch
 from anndata import AnnData
 
 from . import __version__
-from ._checks import InputError, MissingFileError
+from ._checks import InputError, MissingFileError, check_int, check_real
 from ._threads import cpu_threads
 from .capture import capture_time_axis, capture_times_from_obs
 from .data import SPLIT_NAMES, VelocityData
@@ -175,8 +175,11 @@ class VeloVAE:
     ) -> None:
         if model not in MODELS:
             raise InputError(f"unknown model {model!r}; choose one of {MODELS}")
-        if t_max <= 0:
-            raise InputError(f"t_max must be positive, got {t_max}")
+        self._check_settings(t_max=t_max, time_prior_loc=time_prior_loc,
+                             time_prior_scale=time_prior_scale, hidden=hidden,
+                             dropout=dropout, latent_dim=latent_dim,
+                             c_prior_scale=c_prior_scale,
+                             capture_time_scale=capture_time_scale, seed=seed)
         components = self._check_components(model, likelihood, guide, time_prior, state_prior,
                                             rate_prior, capture_time_key)
         self.config = {
@@ -233,8 +236,6 @@ class VeloVAE:
             if capture_time_scale is None:
                 capture_time_scale = default_time_scale(
                     len(np.unique(times[np.isfinite(times)])), t_max)
-            elif not capture_time_scale > 0:
-                raise InputError(f"capture_time_scale must be positive, got {capture_time_scale}")
             self.config["capture_time_scale"] = float(capture_time_scale)
         set_seed(seed)
         self._init = steady_state_init(
@@ -245,6 +246,27 @@ class VeloVAE:
         #: per-cell posterior uncertainty from :meth:`get_uncertainty` (None until then)
         self.uncertainty: pd.DataFrame | None = None
         self.device = torch.device("cpu")
+
+    @staticmethod
+    def _check_settings(*, t_max, time_prior_loc, time_prior_scale, hidden, dropout,
+                        latent_dim, c_prior_scale, capture_time_scale, seed) -> None:
+        """Numbers and sizes of the constructor, checked before anything is built."""
+        check_real(t_max, "t_max", positive=True)
+        check_real(time_prior_loc, "time_prior_loc", allow_none=True)
+        for name, value in (("time_prior_scale", time_prior_scale),
+                            ("capture_time_scale", capture_time_scale)):
+            check_real(value, name, positive=True, allow_none=True)
+        check_real(c_prior_scale, "c_prior_scale", positive=True)
+        check_real(dropout, "dropout")
+        if not 0 <= dropout < 1:
+            raise InputError(f"dropout must be in [0, 1), got {dropout!r}.")
+        if isinstance(hidden, str | bytes) or not isinstance(hidden, Sequence) or not hidden:
+            raise InputError(f"hidden must be a non-empty sequence of layer widths, got "
+                             f"{hidden!r}.")
+        for width in hidden:
+            check_int(width, "each width in hidden", minimum=1)
+        check_int(latent_dim, "latent_dim", minimum=1)
+        check_int(seed, "seed", minimum=0)
 
     @staticmethod
     def _check_components(model, likelihood, guide, time_prior, state_prior, rate_prior,

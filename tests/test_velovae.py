@@ -112,6 +112,27 @@ def test_same_seed_same_fit_and_models_do_not_share_parameters(linear_adata):
     assert not np.array_equal(a.get_latent_time(), c.get_latent_time())
 
 
+@pytest.mark.parametrize("setting, message", [
+    ({"latent_dim": 0}, "latent_dim must be at least 1"),
+    ({"latent_dim": 2.5}, "latent_dim must be an integer"),
+    ({"hidden": 0}, "hidden must be a non-empty sequence"),
+    ({"hidden": ()}, "hidden must be a non-empty sequence"),
+    ({"hidden": (16, 0)}, "each width in hidden must be at least 1"),
+    ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+    ({"dropout": -0.1}, r"dropout must be in \[0, 1\)"),
+    ({"t_max": 0}, "t_max must be positive"),
+    ({"t_max": float("nan")}, "t_max must be a finite number"),
+    ({"time_prior_scale": -1.0}, "time_prior_scale must be positive"),
+    ({"time_prior_loc": "early"}, "time_prior_loc must be a finite number"),
+    ({"c_prior_scale": 0}, "c_prior_scale must be positive"),
+    ({"capture_time_scale": 0.0}, "capture_time_scale must be positive"),
+    ({"seed": -1}, "seed must be at least 0"),
+])
+def test_bad_settings_are_named(linear_adata, setting, message):
+    with pytest.raises(InputError, match=message):
+        pv.VeloVAE(linear_adata, **setting)
+
+
 def test_bad_inputs_give_clear_errors(linear_adata):
     with pytest.raises(InputError, match="Mx"):
         pv.VeloVAE(linear_adata, spliced_layer="Mx")
