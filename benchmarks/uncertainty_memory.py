@@ -75,7 +75,7 @@ def measure(folder: Path, which: str, samples: int) -> float:
     vae = pv.VeloVAE.load(folder / "model", adata)
     del adata
     call = (vae.get_velocity if which == "mean"
-            else lambda: vae.get_uncertainty(n_samples=samples))
+            else lambda: vae.get_uncertainty(n_samples=samples, progress_bar=False))
     start = time.perf_counter()
     with PeakAbove() as peak:
         call()

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import torch
 from pyro import poutine
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ._threads import cpu_threads
 from .data import VelocityData
@@ -29,13 +30,14 @@ def _rate_guide(guide):
 @torch.no_grad()
 def draws(
     model, guide, data: VelocityData, idx: Tensor, n_samples: int, batch_size: int,
-    derived: bool = True,
+    derived: bool = True, progress_bar: bool = False,
 ) -> Iterator[tuple[Tensor, int, dict[str, Tensor]]]:
     """Yield ``(batch_idx, sample_number, values)`` for every minibatch and sample.
 
     ``values`` holds the guide's latent sites (``t``, ``c``, random rates) and, when
     ``derived``, the model's ``velocity`` (ds/dt), ``velocity_u`` (du/dt), ``u`` and ``s``
-    on the model's scale at the drawn latent values.
+    on the model's scale at the drawn latent values. ``progress_bar``: a tqdm bar over
+    the minibatches.
     """
     was_training = guide.training
     guide.eval()
@@ -49,7 +51,10 @@ def draws(
         # parameters out of Pyro's global store; minibatch work is fastest on one CPU
         # thread (as in training)
         with local_params(), cpu_threads(1 if data.device.type == "cpu" else None):
-            for batch, args, kwargs in data.minibatches(idx, batch_size):
+            batches = tqdm(data.minibatches(idx, batch_size), desc="Posterior draws",
+                           total=-(-len(idx) // batch_size), unit="batch",
+                           disable=not progress_bar)
+            for batch, args, kwargs in batches:
                 for k in range(n_samples):
                     conditioned = poutine.condition(guide, data=global_draws[k])
                     trace = poutine.trace(conditioned).get_trace(*args, **kwargs)

@@ -952,14 +952,16 @@ class VeloVAE:
         self._require_full("get_cell_state")
         return self._encode(data=self._cells(adata))["c"].cpu().numpy()
 
-    def get_transcription_rate(self) -> np.ndarray:
+    def get_transcription_rate(self, adata: AnnData | None = None) -> np.ndarray:
         """Relative transcription rate ``rho = g(c)`` of every cell and gene.
 
         Returns a dense ``(n_cells, n_vars)`` float32 array (NaN for genes not fitted).
+        ``adata``: new cells to encode instead of the fitted ones (see
+        :meth:`get_latent_time`).
         """
         self._check_trained()
         self._require_full("get_transcription_rate")
-        return self._transcription_rate(self._encode()["c"])
+        return self._transcription_rate(self._encode(data=self._cells(adata))["c"])
 
     def _transcription_rate(self, c: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
@@ -1037,16 +1039,20 @@ class VeloVAE:
         self._check_trained()
         return tuple(self._numpy(self._expected(data=self._cells(adata)), "u", "s"))
 
-    def predict_future(self, delta_t: float) -> tuple[np.ndarray, np.ndarray]:
+    def predict_future(self, delta_t: float, adata: AnnData | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
         """Expected ``(u, s)`` of every cell at ``t + delta_t`` under its own ODE.
 
-        ``delta_t`` is in the model's time units (the time axis has length ``t_max``);
-        each cell keeps its cell state (so its ``rho``) and, after refinement, its
-        initial condition. Returns ``(n_cells, n_vars)`` arrays on the ``Mu`` / ``Ms``
-        scale.
+        ``delta_t`` is in the model's time units (the time axis has length ``t_max``;
+        negative values look back); each cell keeps its cell state (so its ``rho``)
+        and, after refinement, its initial condition. ``adata``: new cells, as for
+        :meth:`get_velocity` (no per-cell initial condition). Returns
+        ``(n_cells, n_vars)`` arrays on the ``Mu`` / ``Ms`` scale.
         """
         self._check_trained()
-        return tuple(self._numpy(self._expected(delta_t=float(delta_t)), "u", "s"))
+        delta_t = check_real(delta_t, "delta_t")
+        return tuple(self._numpy(self._expected(delta_t=delta_t, data=self._cells(adata)),
+                                 "u", "s"))
 
     def get_rates(self) -> pd.DataFrame:
         """Per-gene ODE parameters on the data scale (NaN rows for genes not fitted).
@@ -1091,9 +1097,10 @@ class VeloVAE:
     def sample_posterior(
         self,
         n_samples: int = 100,
-        return_sites: Sequence[str] = ("t", "c"),
+        return_sites: Sequence[str] | None = None,
         batch_size: int = 1024,
         seed: int = 0,
+        progress_bar: bool = True,
     ) -> dict[str, np.ndarray]:
         """Joint draws from the fitted posterior (the guide) for every cell.
 
@@ -1102,6 +1109,7 @@ class VeloVAE:
         n_samples
             Number of draws.
         return_sites
+            Default: the per-cell latent sites (``'t'``, and ``'c'`` for the full model).
             Latent sites (``'t'``, ``'c'``; ``'alpha'``, ``'beta'``, ``'gamma'`` when the
             rates are random) and derived quantities at the drawn values
             (``'velocity'`` = ds/dt and ``'velocity_u'`` = du/dt on the ``Ms`` / ``Mu``
@@ -1112,6 +1120,8 @@ class VeloVAE:
             Cells per minibatch.
         seed
             Seeds the draws (reproducible on CPU; reseeds torch and Pyro's global RNG).
+        progress_bar
+            Show a tqdm bar over the minibatches of cells.
 
         Returns
         -------
@@ -1122,6 +1132,8 @@ class VeloVAE:
         self._check_trained()
         check_training_arguments(max_epochs=n_samples, batch_size=batch_size)
         available = self._posterior_sites()
+        if return_sites is None:
+            return_sites = [name for name in ("t", "c") if name in available]
         unknown = [name for name in return_sites if name not in available]
         if unknown:
             raise InputError(f"unknown site(s) {unknown}; available: {available}")
@@ -1131,7 +1143,7 @@ class VeloVAE:
         idx = torch.arange(self.data.n_cells, device=self.device)
         derived = any(name in DERIVED for name in return_sites)
         for batch, k, values in draws(self.model, self.guide, self.data, idx, n_samples,
-                                      batch_size, derived):
+                                      batch_size, derived, progress_bar):
             for name in return_sites:
                 if name in RATE_SITES:
                     if batch[0] == 0:
@@ -1154,8 +1166,8 @@ class VeloVAE:
             return value * self.data.gene_scale_u
         return value
 
-    def get_uncertainty(self, n_samples: int = 100, batch_size: int = 1024, seed: int = 0
-                        ) -> pd.DataFrame:
+    def get_uncertainty(self, n_samples: int = 100, batch_size: int = 1024, seed: int = 0,
+                        progress_bar: bool = True) -> pd.DataFrame:
         """Per-cell posterior uncertainty of time, cell state and velocity (paper, Fig. 8).
 
         Summaries are accumulated online over ``n_samples`` draws for one minibatch of
@@ -1181,6 +1193,8 @@ class VeloVAE:
         ----------
         n_samples, batch_size, seed
             Draws per cell, cells per minibatch, seed of the draws.
+        progress_bar
+            Show a tqdm bar over the minibatches of cells.
         """
         self._check_trained()
         check_training_arguments(max_epochs=n_samples, batch_size=batch_size)
@@ -1189,7 +1203,7 @@ class VeloVAE:
         columns: dict[str, list[torch.Tensor]] = {}
         moments: dict[str, Moments] = {}
         for _batch, k, values in draws(self.model, self.guide, self.data, idx, n_samples,
-                                      batch_size):
+                                      batch_size, progress_bar=progress_bar):
             if "c" in values:
                 with torch.no_grad():  # draws() is no_grad only while it runs
                     values["rho"] = self.model.transcription_rate(values["c"])

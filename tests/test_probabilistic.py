@@ -258,6 +258,20 @@ def test_every_option_trains_and_gives_per_cell_posteriors(small, kwargs):
         np.testing.assert_array_equal(adata.obs[f"pyro_velo_{name}"], unc[name])
 
 
+def test_posterior_draws_show_progress_unless_asked_not_to(small, capsys):
+    vae = pv.VeloVAE(small, **TINY, model="basic")
+    vae.train(**QUICK)
+    batches = -(-small.n_obs // 50)
+    for call in (vae.get_uncertainty, vae.sample_posterior):
+        call(2, batch_size=50)
+        err = capsys.readouterr().err
+        assert "Posterior draws: 100%" in err and f"{batches}/{batches}" in err, err
+    assert set(vae.sample_posterior(2, progress_bar=False)) == {"t"}  # no c in the basic model
+    vae.get_uncertainty(n_samples=2, batch_size=50, progress_bar=False)
+    vae.sample_posterior(2, batch_size=50, progress_bar=False)
+    assert "Posterior draws" not in capsys.readouterr().err
+
+
 def test_uncertainty_is_accumulated_exactly(small):
     """Online summaries equal the summaries of the stored draws (same seed)."""
     vae = pv.VeloVAE(small, **TINY)

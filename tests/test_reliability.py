@@ -180,6 +180,16 @@ def test_new_cells_velocity_and_fit(basic, full, adata):
         assert _equal(a, b[10:40])
     u, s = full.get_expression_fit(subset)
     assert u.shape == s.shape == (30, adata.n_vars)
+    # rho depends on the cell state only, so new cells get the fitted cells' rates
+    assert _equal(full.get_transcription_rate(subset), full.get_transcription_rate()[10:40])
+    # the future of new cells: the first-stage ODE too; delta_t = 0 is the fit itself
+    for a, b in zip(full.predict_future(0.5, subset), first_stage.predict_future(0.5),
+                    strict=True):
+        assert _equal(a, b[10:40])
+    for a, b in zip(full.predict_future(0.0, subset), (u, s), strict=True):
+        assert _equal(a, b)
+    with pytest.raises(InputError, match="delta_t must be a finite number"):
+        full.predict_future(float("inf"))
 
 
 def test_new_cells_errors_leave_adata_unchanged(basic, adata):
