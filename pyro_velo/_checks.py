@@ -326,10 +326,10 @@ def check_real(
     """
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
-        raise InputError(f"{name} must be a finite number, got {value!r}.")
-    if positive and not value > 0:
-        raise InputError(f"{name} must be positive, got {value!r}.")
+    what = "a positive number" if positive else "a finite number"
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not np.isfinite(value) or (positive and not value > 0)):
+        raise InputError(f"{name} must be {what}, got {value!r}.")
     return float(value)
 
 

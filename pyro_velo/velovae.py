@@ -1007,8 +1007,26 @@ class VeloVAE:
         full[:, self.data.fitted] = x
         return full
 
-    def _numpy(self, expected: dict[str, torch.Tensor], *keys: str) -> list[np.ndarray]:
-        return [self._full_width(expected[k].cpu().numpy()) for k in keys]
+    def _expected_arrays(self, keys: tuple[str, ...], delta_t: float = 0.0,
+                         data: VelocityData | None = None,
+                         chunk: int = 4096) -> tuple[np.ndarray, ...]:
+        """Full-width ``(cells, n_vars)`` float32 arrays of :meth:`_expected`'s ``keys``.
+
+        Filled ``chunk`` cells at a time, so that only the returned arrays are of size
+        cells x genes (not the four expectations, their scaled copies and a float64 copy).
+        """
+        data = self.data if data is None else data
+        latent = self._encode(data=data)
+        columns = np.flatnonzero(self.data.fitted)
+        out = tuple(np.full((data.n_cells, len(self.var_names)), np.nan, dtype=np.float32)
+                    for _ in keys)
+        for pos in torch.arange(data.n_cells, device=self.device).split(chunk):
+            part = self._expected(delta_t, idx=pos, data=data,
+                                  encoded={k: v[pos] for k, v in latent.items()})
+            rows = slice(int(pos[0]), int(pos[-1]) + 1)
+            for array, key in zip(out, keys, strict=True):
+                array[rows, columns] = part[key].cpu().numpy()
+        return out
 
     def get_velocity(self, adata: AnnData | None = None) -> tuple[np.ndarray, np.ndarray]:
         """RNA velocity ``(ds/dt, du/dt)`` at each cell's inferred state.
@@ -1027,7 +1045,7 @@ class VeloVAE:
             cell's own rho).
         """
         self._check_trained()
-        return tuple(self._numpy(self._expected(data=self._cells(adata)), "ds", "du"))
+        return self._expected_arrays(("ds", "du"), data=self._cells(adata))
 
     def get_expression_fit(self, adata: AnnData | None = None
                            ) -> tuple[np.ndarray, np.ndarray]:
@@ -1037,7 +1055,7 @@ class VeloVAE:
         genes not fitted). ``adata``: new cells, as for :meth:`get_velocity`.
         """
         self._check_trained()
-        return tuple(self._numpy(self._expected(data=self._cells(adata)), "u", "s"))
+        return self._expected_arrays(("u", "s"), data=self._cells(adata))
 
     def predict_future(self, delta_t: float, adata: AnnData | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
@@ -1051,8 +1069,7 @@ class VeloVAE:
         """
         self._check_trained()
         delta_t = check_real(delta_t, "delta_t")
-        return tuple(self._numpy(self._expected(delta_t=delta_t, data=self._cells(adata)),
-                                 "u", "s"))
+        return self._expected_arrays(("u", "s"), delta_t, self._cells(adata))
 
     def get_rates(self) -> pd.DataFrame:
         """Per-gene ODE parameters on the data scale (NaN rows for genes not fitted).

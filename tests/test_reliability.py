@@ -192,6 +192,25 @@ def test_new_cells_velocity_and_fit(basic, full, adata):
         full.predict_future(float("inf"))
 
 
+def test_dense_outputs_do_not_depend_on_the_chunk_size(full):
+    """get_velocity & co. fill their outputs in chunks of cells (memory): same values as
+    one pass over all cells (exactly with the default chunk, which matches the kinetic
+    calls' own; up to float32 rounding of other BLAS paths with a chunk of 7 cells)."""
+    whole = full._expected(delta_t=0.3)
+    genes = full.data.fitted
+    keys = ("u", "s", "ds", "du")
+    for chunk, rtol in ((4096, 0), (7, 1e-5)):
+        arrays = full._expected_arrays(keys, 0.3, chunk=chunk)
+        for key, array in zip(keys, arrays, strict=True):
+            assert array.shape == (full.data.n_cells, len(full.var_names))
+            assert np.isnan(array[:, ~genes]).all()
+            reference = whole[key].cpu().numpy()
+            # velocities are differences (beta u - gamma s): rounding relative to the scale
+            np.testing.assert_allclose(array[:, genes], reference, rtol=rtol,
+                                       atol=rtol * np.abs(reference).max())
+    assert _equal(full.predict_future(0.3)[1], full._expected_arrays(("s",), 0.3)[0])
+
+
 def test_new_cells_errors_leave_adata_unchanged(basic, adata):
     fitted_genes = adata.var_names[basic.get_rates()["fitted"].to_numpy()]
     missing = adata[:, [g for g in adata.var_names if g not in fitted_genes[:2]]].copy()

@@ -120,12 +120,12 @@ def test_same_seed_same_fit_and_models_do_not_share_parameters(linear_adata):
     ({"hidden": (16, 0)}, "each width in hidden must be at least 1"),
     ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
     ({"dropout": -0.1}, r"dropout must be in \[0, 1\)"),
-    ({"t_max": 0}, "t_max must be positive"),
-    ({"t_max": float("nan")}, "t_max must be a finite number"),
-    ({"time_prior_scale": -1.0}, "time_prior_scale must be positive"),
+    ({"t_max": 0}, "t_max must be a positive number"),
+    ({"t_max": float("nan")}, "t_max must be a positive number"),
+    ({"time_prior_scale": -1.0}, "time_prior_scale must be a positive number"),
     ({"time_prior_loc": "early"}, "time_prior_loc must be a finite number"),
-    ({"c_prior_scale": 0}, "c_prior_scale must be positive"),
-    ({"capture_time_scale": 0.0}, "capture_time_scale must be positive"),
+    ({"c_prior_scale": 0}, "c_prior_scale must be a positive number"),
+    ({"capture_time_scale": 0.0}, "capture_time_scale must be a positive number"),
     ({"seed": -1}, "seed must be at least 0"),
 ])
 def test_bad_settings_are_named(linear_adata, setting, message):
