@@ -404,13 +404,13 @@ APPROXIMATE_KNN_FROM = 8192
 class _SparseMatrixKNN(PyNNDescentTransformer):
     """pynndescent's kNN transformer, returning a ``scipy.sparse.csr_matrix``.
 
-    pynndescent 0.6+ returns a ``csr_array``, which scanpy 1.11's neighbour code cannot
-    read (it calls ``getnnz(axis=1)``, which sparse arrays lack): ``sc.pp.neighbors``
-    then fails on every data set of 8192 cells or more.
+    pynndescent's transformer returns a ``csr_array`` (version 0.7 here), which scanpy
+    1.11's neighbour code cannot read (it calls ``getnnz(axis=1)``, which sparse arrays
+    lack): ``sc.pp.neighbors`` then fails on every data set of 8192 cells or more.
     """
 
-    def fit_transform(self, X: Any, y: Any = None, **fit_params: Any) -> sp.csr_matrix:  # noqa: N803 (sklearn's name)
-        return sp.csr_matrix(super().fit_transform(X, y, **fit_params))
+    def fit_transform(self, x: Any, y: Any = None, **fit_params: Any) -> sp.csr_matrix:
+        return sp.csr_matrix(super().fit_transform(x, y, **fit_params))
 
 
 def _knn_transformer(n_obs: int, n_neighbors: int,

@@ -189,7 +189,7 @@ class VeloVAE:
             "t_max": float(t_max),
             "time_prior_loc": time_prior_loc,
             "time_prior_scale": time_prior_scale,
-            "hidden": list(hidden),
+            "hidden": [int(width) for width in hidden],
             "dropout": float(dropout),
             "latent_dim": int(latent_dim),
             "c_prior_scale": float(c_prior_scale),
@@ -260,10 +260,14 @@ class VeloVAE:
         check_real(dropout, "dropout")
         if not 0 <= dropout < 1:
             raise InputError(f"dropout must be in [0, 1), got {dropout!r}.")
-        if isinstance(hidden, str | bytes) or not isinstance(hidden, Sequence) or not hidden:
+        try:
+            widths = [] if isinstance(hidden, str | bytes) else list(hidden)
+        except TypeError:
+            widths = []
+        if not widths:
             raise InputError(f"hidden must be a non-empty sequence of layer widths, got "
                              f"{hidden!r}.")
-        for width in hidden:
+        for width in widths:
             check_int(width, "each width in hidden", minimum=1)
         check_int(latent_dim, "latent_dim", minimum=1)
         check_int(seed, "seed", minimum=0)

@@ -133,6 +133,14 @@ def test_bad_settings_are_named(linear_adata, setting, message):
         pv.VeloVAE(linear_adata, **setting)
 
 
+def test_layer_widths_may_come_as_an_array(linear_adata, tmp_path):
+    vae = pv.VeloVAE(linear_adata, hidden=np.array([16, 8]), latent_dim=np.int64(3))
+    assert vae.config["hidden"] == [16, 8] and vae.config["latent_dim"] == 3
+    vae.train(max_epochs=2, warmup_epochs=1, refine_epochs=0, progress_bar=False)
+    vae.save(tmp_path / "m")  # the config is written as JSON
+    assert pv.VeloVAE.load(tmp_path / "m", linear_adata).config["hidden"] == [16, 8]
+
+
 def test_bad_inputs_give_clear_errors(linear_adata):
     with pytest.raises(InputError, match="Mx"):
         pv.VeloVAE(linear_adata, spliced_layer="Mx")
