@@ -174,9 +174,8 @@ def write_anndata(vae: VeloVAE, adata, rho: bool | None = None) -> None:
     check_same_cells(vae, adata.obs_names, adata.var_names, "adata")
     latent = vae._encode()
     notes = annotations(vae, latent)
-    expected = vae._expected(encoded=latent)
-    layers = {name: vae._full_width(expected[key].cpu().numpy())
-              for name, key in LAYERS.items()}
+    layers = dict(zip(LAYERS, vae._expected_arrays(tuple(LAYERS.values()), encoded=latent),
+                      strict=True))
     if export_rho(vae, rho):
         layers[PREFIX + "rho"] = vae._transcription_rate(latent["c"])
     # everything is computed: now write

@@ -1012,15 +1012,17 @@ class VeloVAE:
         return full
 
     def _expected_arrays(self, keys: tuple[str, ...], delta_t: float = 0.0,
-                         data: VelocityData | None = None,
-                         chunk: int = 4096) -> tuple[np.ndarray, ...]:
+                         data: VelocityData | None = None, chunk: int = 4096,
+                         encoded: dict[str, torch.Tensor] | None = None,
+                         ) -> tuple[np.ndarray, ...]:
         """Full-width ``(cells, n_vars)`` float32 arrays of :meth:`_expected`'s ``keys``.
 
         Filled ``chunk`` cells at a time, so that only the returned arrays are of size
         cells x genes (not the four expectations, their scaled copies and a float64 copy).
+        ``encoded``: the output of :meth:`_encode` for all cells of ``data``, if at hand.
         """
         data = self.data if data is None else data
-        latent = self._encode(data=data)
+        latent = self._encode(data=data) if encoded is None else encoded
         columns = np.flatnonzero(self.data.fitted)
         out = tuple(np.full((data.n_cells, len(self.var_names)), np.nan, dtype=np.float32)
                     for _ in keys)
