@@ -1012,7 +1012,7 @@ class VeloVAE:
         return full
 
     def _expected_arrays(self, keys: tuple[str, ...], delta_t: float = 0.0,
-                         data: VelocityData | None = None, chunk: int = 4096,
+                         data: VelocityData | None = None, chunk: int = 1024,
                          encoded: dict[str, torch.Tensor] | None = None,
                          ) -> tuple[np.ndarray, ...]:
         """Full-width ``(cells, n_vars)`` float32 arrays of :meth:`_expected`'s ``keys``.

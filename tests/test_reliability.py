@@ -194,8 +194,8 @@ def test_new_cells_velocity_and_fit(basic, full, adata):
 
 def test_dense_outputs_do_not_depend_on_the_chunk_size(full):
     """get_velocity & co. fill their outputs in chunks of cells (memory): same values as
-    one pass over all cells (exactly with the default chunk, which matches the kinetic
-    calls' own; up to float32 rounding of other BLAS paths with a chunk of 7 cells)."""
+    one pass over all cells (exactly with chunks of 4096, the size of that pass's own
+    kinetic calls; up to float32 rounding of other BLAS paths with 7 cells)."""
     whole = full._expected(delta_t=0.3)
     genes = full.data.fitted
     keys = ("u", "s", "ds", "du")
