@@ -137,6 +137,9 @@ class VeloVAE:
         Fractions of cells for train, validation (early stopping) and test (held out).
     seed
         Seed of the split and of the parameter initialisation.
+    progress_bar
+        When ``adata`` is a file: show a tqdm bar over the pass that checks its layers
+        and computes the per-gene scales (minutes for 10^6 cells).
 
     Examples
     --------
@@ -171,6 +174,7 @@ class VeloVAE:
         capture_time_scale: float | None = None,
         split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
         seed: int = 0,
+        progress_bar: bool = True,
         _split: np.ndarray | None = None,
     ) -> None:
         if model not in MODELS:
@@ -208,7 +212,8 @@ class VeloVAE:
                     "count likelihoods read raw counts into memory and cannot stream from "
                     "a file: pass an AnnData, or use the default likelihood='normal'")
             self.data = DiskVelocityData.from_h5ad(
-                adata, unspliced_layer, spliced_layer, tuple(split_fractions), _split, seed)
+                adata, unspliced_layer, spliced_layer, tuple(split_fractions), _split, seed,
+                progress_bar=progress_bar)
             obs, var = read_annotations(adata)
             adata = AnnData(obs=obs)  # the annotations (capture times) without matrices
             self._graph = None

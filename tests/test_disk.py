@@ -132,6 +132,13 @@ def test_disk_input_errors(h5ad, adata, tmp_path):
         pv.VeloVAE(tmp_path / "text_layer.h5ad")
 
 
+def test_reading_a_file_shows_progress_unless_asked_not_to(h5ad, capsys):
+    pv.VeloVAE(h5ad, hidden=(8,))
+    assert "Reading layers: 100%" in capsys.readouterr().err
+    pv.VeloVAE(h5ad, hidden=(8,), progress_bar=False)
+    assert "Reading layers" not in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def streamed(h5ad):
     vae = pv.VeloVAE(str(h5ad), model="full", seed=0)
