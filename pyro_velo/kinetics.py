@@ -172,19 +172,17 @@ def switching_solve(
     every step).
     """
     t = torch.as_tensor(t, dtype=alpha.dtype, device=alpha.device)
-    m, d = torch.minimum(beta, gamma), (gamma - beta).abs()
     # on-phase, from (0, 0) at t_on for tau1 (at most until t_off)
     tau1 = torch.minimum((t - t_on).clamp(min=0.0), (t_off - t_on).clamp(min=0.0))
-    quotient1 = -tau1 * torch.exp(-m * tau1) * _expm1_ratio(-d * tau1)
     u1 = -alpha / beta * torch.expm1(-beta * tau1)
-    s1 = -alpha / gamma * torch.expm1(-gamma * tau1) + alpha * quotient1
+    s1 = (-alpha / gamma * torch.expm1(-gamma * tau1)
+          + alpha * _exp_difference_quotient(beta, gamma, tau1))
     # off-phase: decay of (u1, s1) for tau2 after t_off (zero before it)
     tau2 = (t - t_off).clamp(min=0.0)
     exp_b = torch.exp(-beta * tau2)
     exp_g = torch.exp(-gamma * tau2)
-    quotient2 = -tau2 * torch.exp(-m * tau2) * _expm1_ratio(-d * tau2)
     u = u1 * exp_b
-    s = s1 * exp_g - beta * u1 * quotient2
+    s = s1 * exp_g - beta * u1 * _exp_difference_quotient(beta, gamma, tau2)
     alpha_t = torch.where((t >= t_on) & (t < t_off), alpha, torch.zeros_like(alpha))
     return u, s, alpha_t
 
