@@ -698,7 +698,7 @@ class VeloVAE:
         return history
 
     def _hopeless_refinement(self, history: TrainingHistory, epochs: int, split: str,
-                             before: float):
+                             before: float) -> _RefinementCutoff:
         """A ``stop_when`` for the refinement: end it once it cannot beat ``before``.
 
         Every :data:`REFINE_CHECK_EVERY` epochs from :data:`REFINE_MIN_EPOCHS` on, the
@@ -710,28 +710,7 @@ class VeloVAE:
         rejected refinements started 8-60 nats per cell below the first stage and were
         still below after 100 epochs, while the accepted one crossed zero by epoch 9.
         """
-        first = len(history.train)
-        gains: list[tuple[int, float]] = []
-
-        def stop(h: TrainingHistory) -> bool:
-            done = len(h.train) - first
-            stop.epochs_done = done
-            if done < REFINE_MIN_EPOCHS or done % REFINE_CHECK_EVERY:
-                return False
-            was_training = self.model.training
-            self.model.eval()
-            gain = self._reconstruction(split)["log_likelihood"] - before
-            self.model.train(was_training)
-            gains.append((done, gain))
-            if gain > 0 or len(gains) < 2:
-                return False
-            (e0, g0), (e1, g1) = gains[-3:][0], gains[-1]
-            rate = max((g1 - g0) / (e1 - e0), 0.0)
-            stop.gave_up = gain + rate * (epochs - done) < 0
-            return stop.gave_up
-
-        stop.gave_up, stop.epochs_done = False, 0
-        return stop
+        return _RefinementCutoff(self, len(history.train), epochs, split, before)
 
     def _warm_up(self, model: BasicModel, guide, epochs: int, opts: dict) -> None:
         """Warm-up, then re-initialise the rates from the encoded times.
@@ -1569,6 +1548,38 @@ class VeloVAE:
         vae.guide.eval()
         return vae
 
+
+
+class _RefinementCutoff:
+    """The ``stop_when`` of :meth:`VeloVAE._hopeless_refinement` (see there).
+
+    ``epochs_done`` counts the refinement's epochs so far; ``gave_up`` tells whether it
+    was the rule that ended them.
+    """
+
+    def __init__(self, vae: VeloVAE, first: int, epochs: int, split: str,
+                 before: float) -> None:
+        self.vae, self.first, self.epochs = vae, first, epochs
+        self.split, self.before = split, before
+        self.gains: list[tuple[int, float]] = []
+        self.epochs_done, self.gave_up = 0, False
+
+    def __call__(self, history: TrainingHistory) -> bool:
+        done = self.epochs_done = len(history.train) - self.first
+        if done < REFINE_MIN_EPOCHS or done % REFINE_CHECK_EVERY:
+            return False
+        model = self.vae.model
+        was_training = model.training
+        model.eval()
+        gain = self.vae._reconstruction(self.split)["log_likelihood"] - self.before
+        model.train(was_training)
+        self.gains.append((done, gain))
+        if gain > 0 or len(self.gains) < 2:
+            return False
+        (e0, g0), (e1, g1) = self.gains[-3:][0], self.gains[-1]
+        rate = max((g1 - g0) / (e1 - e0), 0.0)
+        self.gave_up = gain + rate * (self.epochs - done) < 0
+        return self.gave_up
 
 
 def default_max_epochs(n_cells: int) -> int:
