@@ -4,8 +4,9 @@ The probabilistic-modelling issue asks that ``get_uncertainty(100)`` on 50k cell
 genes stays within 2x of the memory of one posterior-mean pass. Both are measured on the
 same fitted model (saved once, loaded in a fresh process for each call, so that memory
 freed by one call cannot hide the other's), as the peak resident memory *above* the
-resident memory just before the call (sampled every 2 ms by a thread): the data and the
-model, which both calls share, are not counted:
+resident memory just before the call (``compare.PeakMemory``: the kernel's peak, reset
+before the call where Linux allows it): the data and the model, which both calls share,
+are not counted:
 
 - posterior-mean pass: ``get_velocity()`` (encode every cell at its posterior mean,
   evaluate the ODE, return ds/dt and du/dt as dense cells x genes arrays);
@@ -25,48 +26,13 @@ import argparse
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import anndata
+from compare import PeakMemory  # this folder is on sys.path when run as a script
 
 import pyro_velo as pv
-
-PAGE = 4096
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-
-
-class PeakAbove:
-    """Peak resident memory above the level at entry, sampled by a thread."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        self.interval = interval
-
-    def __enter__(self) -> PeakAbove:
-        self.base = self.peak = rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-
-    @property
-    def above_mb(self) -> float:
-        return (self.peak - self.base) / 2**20
 
 
 def measure(folder: Path, which: str, samples: int) -> float:
@@ -77,11 +43,13 @@ def measure(folder: Path, which: str, samples: int) -> float:
     call = (vae.get_velocity if which == "mean"
             else lambda: vae.get_uncertainty(n_samples=samples, progress_bar=False))
     start = time.perf_counter()
-    with PeakAbove() as peak:
-        call()
-    print(f"{which}: +{peak.above_mb:.1f} MiB above {peak.base / 2**20:.0f} MiB, "
+    peak = PeakMemory()
+    peak.start()
+    call()
+    above = peak.stop()
+    print(f"{which}: +{above:.1f} MiB above {peak.before / 1024:.0f} MiB, "
           f"{time.perf_counter() - start:.0f} s", flush=True)
-    return peak.above_mb
+    return above
 
 
 def main(argv: list[str] | None = None) -> None:
