@@ -15,12 +15,12 @@ fresh Python process so that its peak resident memory is its own:
     file; construction = one pass over the file for the per-gene scales and checks, a
     20k-cell sample loaded for the initialisation), then ``--epochs`` epochs of the
     full-model stage timed one by one: ``pyro_velo.train.fit(vae.model, vae.guide,
-    vae.data, max_epochs=1, early_stopping=False)`` on one torch thread (as
-    ``VeloVAE.train`` runs it): block-shuffled minibatches of 128 over the 70% training
-    cells, then the validation ELBO over the 10% validation cells. Reported: seconds per
-    epoch (median), of it the seconds spent reading and scaling rows from the file and
-    the validation pass, and the process's peak resident memory (``VmHWM``) over the
-    whole run (imports, construction, epochs).
+    vae.data, max_epochs=1, early_stopping=False)`` on one torch thread (so that
+    the figures compare across sizes and loads): block-shuffled minibatches of 128 over
+    the 70% training cells, then the validation ELBO over the 10% validation cells.
+    Reported: seconds per epoch (median), of it the seconds spent reading and scaling
+    rows from the file and the validation pass, and the process's peak resident memory
+    (``VmHWM``) over the whole run (imports, construction, epochs).
 (c) ``overhead``: one training step (Trace_ELBO loss module + backward + Adam, as
     ``train.fit``) of the full model on in-memory minibatches of 128 cells x ``--genes``
     genes, against a plain-torch function computing the same ELBO by hand with the same
@@ -30,9 +30,9 @@ fresh Python process so that its peak resident memory is its own:
     in alternating rounds so that a change of machine load hits both alike; with
     distribution argument validation on (the default) and off.
 (d) ``pancreas``: ``pv.datasets.simulate(3700, 2000)`` + ``pv.pp.preprocess`` in memory,
-    then the default ``pv.VeloVAE(adata).train()``: wall time and epochs per stage;
-    ``--profile`` adds a pyinstrument profile of ``train()`` (needs ``pip install
-    pyinstrument``).
+    then the default ``pv.VeloVAE(adata).train()``: wall time and epochs per stage, on
+    torch's default threads (one per core) or ``--threads N``; ``--profile`` adds a
+    pyinstrument profile of ``train()`` (needs ``pip install pyinstrument``).
 
 Machine load (``os.getloadavg`` and the busiest other processes) is recorded around every
 measurement: the CPU may be shared. ``--results`` writes the table, the commands and the
@@ -318,8 +318,11 @@ def child_pancreas(args: argparse.Namespace) -> dict:
     construct_s = time.perf_counter() - start
     if profiler is not None:
         profiler.start()
+    import torch
+
+    threads = args.threads or torch.get_num_threads()
     start = time.perf_counter()
-    history = vae.train(progress_bar=args.progress)
+    history = vae.train(progress_bar=args.progress, num_threads=args.threads)
     train_s = time.perf_counter() - start
     profile = None
     if profiler is not None:
@@ -333,7 +336,8 @@ def child_pancreas(args: argparse.Namespace) -> dict:
             "construct_s": construct_s, "train_s": train_s, "stages": stages,
             "stage_seconds": stage_times, "warm_start": vae.config.get("warm_start"),
             "refined": vae.config.get("refined"), "stopped_early": history.stopped_early,
-            "train_cells": int((vae.data.split == 0).sum()), "peak_rss_mb": peak_rss_mb()}
+            "train_cells": int((vae.data.split == 0).sum()), "peak_rss_mb": peak_rss_mb(),
+            "threads": threads}
 
 
 CHILDREN = {"generate": child_generate, "train": child_train, "overhead": child_overhead,
@@ -408,7 +412,7 @@ def report(results: dict) -> str:
                                     "commit": results["commit"], "argv": results["argv"]}]
     lines = [BEGIN, "",
              f"Machine: {results['cpus']} CPU cores, {results['mem_gb']:.0f} GB RAM, no GPU; "
-             "torch on one thread (as `VeloVAE.train`). Commands (run from the repository "
+             "torch on one thread for (a-c). Commands (run from the repository "
              "root):", "", "```bash"]
     lines += [f"# {run['started']}, {run['commit']}\npython " + shlex.join(run["argv"])
               for run in runs]
@@ -473,7 +477,7 @@ def report(results: dict) -> str:
         lines += [f"**(d) Pancreas-size run** (`simulate(n_cells={p['n_cells']}, "
                   f"n_genes={results['pancreas_genes']})` + `pp.preprocess` -> "
                   f"{p['n_genes']} fitted genes, {p['train_cells']} training cells; default "
-                  "`VeloVAE(adata).train()`):", "",
+                  f"`VeloVAE(adata).train()` on {p.get('threads', 1)} torch thread(s)):", "",
                   "| simulate (s) | preprocess (s) | construct (s) | train (s) | epochs per "
                   "stage | seconds per stage | warm start | refined | peak RSS (GiB) | "
                   "load avg before / after |",
@@ -526,6 +530,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="measure nothing: report the results saved by earlier runs' "
                              "--json (merged)")
     parser.add_argument("--progress", action="store_true", help="progress bars (to the log)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the pancreas-size train() (default: torch's)")
     # internal: one measurement in a child process
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
@@ -594,7 +600,8 @@ def main(argv: list[str] | None = None) -> None:
         cells, genes = (600, 200) if args.quick else (PANCREAS_CELLS, PANCREAS_GENES)
         results["pancreas_genes"] = genes
         results["pancreas"] = run_child("pancreas", log, n_cells=cells, genes=genes,
-                                        profile=args.profile, progress=args.progress)
+                                        profile=args.profile, progress=args.progress,
+                                        threads=args.threads)
         results["loads"].append(results["pancreas"]["load_before"]["busy"])
     block = report(results)
     print(block)

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0, help="seed for a reproducible run")
         p.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--threads", type=_positive_int, default=None,
+                       help="CPU threads for training (default: torch's setting, i.e. "
+                            "OMP_NUM_THREADS or one per core; use 1 on a busy machine)")
 
     demo = sub.add_parser("demo", help="simulate data, fit, export and plot a summary")
     demo.add_argument("-o", "--out", default="pyro_velo_demo", help="output folder")
@@ -87,7 +90,7 @@ def _fit(adata, args):
 
     vae = VeloVAE(adata, model=args.model, seed=args.seed)
     vae.train(max_epochs=args.max_epochs, batch_size=args.batch_size, seed=args.seed,
-              device=args.device, progress_bar=not args.quiet)
+              device=args.device, progress_bar=not args.quiet, num_threads=args.threads)
     vae.export_to_anndata(adata)
     return vae
 

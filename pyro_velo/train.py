@@ -126,7 +126,7 @@ def check_training_arguments(**values: Any) -> None:
     """Validate training arguments by name (those given; ``None`` means "default").
 
     ``max_epochs``, ``basic_epochs``, ``patience``, ``checkpoint_every``,
-    ``divergence_check_every``: integers >= 1; ``batch_size``:
+    ``divergence_check_every``, ``num_threads``: integers >= 1; ``batch_size``:
     integer >= 2; ``warmup_epochs``, ``refine_epochs``: integers >= 0; ``lr``,
     ``lr_ode``: positive finite numbers.
 
@@ -137,7 +137,7 @@ def check_training_arguments(**values: Any) -> None:
     """
     minimum = {"max_epochs": 1, "patience": 1, "checkpoint_every": 1, "batch_size": 2,
                "warmup_epochs": 0, "basic_epochs": 1, "refine_epochs": 0,
-               "divergence_check_every": 1}
+               "divergence_check_every": 1, "num_threads": 1}
     for name, value in values.items():
         if value is None:
             continue

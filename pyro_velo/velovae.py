@@ -380,7 +380,7 @@ class VeloVAE:
         basic_epochs: int | None = None,
         refine_epochs: int | None = None,
         progress_bar: bool = True,
-        num_threads: int | None = 1,
+        num_threads: int | None = None,
         checkpoint_dir: str | Path | None = None,
         checkpoint_every: int = 10,
         resume: bool = False,
@@ -434,8 +434,13 @@ class VeloVAE:
         progress_bar
             Show tqdm progress bars with the current losses.
         num_threads
-            CPU threads torch may use while training (restored afterwards). Minibatches
-            are small, so one thread is fastest on CPU; ``None`` keeps torch's setting.
+            CPU threads torch may use while training (restored afterwards). ``None``
+            (default) keeps torch's own setting: ``torch.set_num_threads`` or
+            ``OMP_NUM_THREADS``, else one thread per core. On an idle 2-core machine two
+            threads train the pancreas-size set about 1.5x faster than one; on cores
+            busy with other work, pass 1: two threads next to another busy process took
+            80 s per epoch instead of 1.9 s (OpenMP oversubscription; see
+            ``benchmarks/RESULTS.md``).
         checkpoint_dir
             Folder for a training checkpoint (``checkpoint.pt``, rewritten atomically),
             written every ``checkpoint_every`` epochs (counted over all stages) and at the
@@ -494,7 +499,8 @@ class VeloVAE:
         check_training_arguments(
             max_epochs=max_epochs, batch_size=batch_size, lr=lr, lr_ode=lr_ode,
             patience=patience, warmup_epochs=warmup_epochs, basic_epochs=basic_epochs,
-            refine_epochs=refine_epochs, checkpoint_every=checkpoint_every)
+            refine_epochs=refine_epochs, checkpoint_every=checkpoint_every,
+            num_threads=num_threads)
         if max_epochs is None:
             max_epochs = default_max_epochs(self.data.n_cells)
         if warmup_epochs is None:

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 from anndata import AnnData
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# pytest-xdist runs one worker per core: a worker (or a process it starts) that also
+# spread its torch work over every core would oversubscribe them, which costs OpenMP up
+# to ~50x (see ``VeloVAE.train``'s ``num_threads``). Training uses torch's setting.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

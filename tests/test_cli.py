@@ -63,3 +63,17 @@ def test_console_script_help():
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0
     assert "demo" in result.stdout and "fit" in result.stdout
+
+
+def test_threads_option_reaches_training(monkeypatch, tmp_path):
+    options = {}
+    monkeypatch.setattr(pv.VeloVAE, "train", lambda self, **kw: options.update(kw))
+    monkeypatch.setattr(pv.VeloVAE, "export_to_anndata", lambda self, adata: None)
+    args = cli.build_parser().parse_args(["demo", "--threads", "3", "-o", str(tmp_path)])
+    adata = pv.datasets.simulate(n_cells=60, n_genes=20, topology="linear", seed=0)
+    pv.pp.preprocess(adata, n_neighbors=10, n_pcs=10)
+    cli._fit(adata, args)
+    assert options["num_threads"] == 3
+    assert cli.build_parser().parse_args(["demo"]).threads is None
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["demo", "--threads", "0"])

@@ -112,6 +112,32 @@ def test_same_seed_same_fit_and_models_do_not_share_parameters(linear_adata):
     assert not np.array_equal(a.get_latent_time(), c.get_latent_time())
 
 
+def test_training_uses_torchs_thread_setting_unless_told(linear_adata, monkeypatch):
+    torch = __import__("torch")
+    seen = []
+    fit_stage = pv.velovae._fit_stage
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return fit_stage(*args, **kwargs)
+
+    monkeypatch.setattr(pv.velovae, "_fit_stage", recording)
+    vae = pv.VeloVAE(linear_adata, model="basic", hidden=(8,))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # the user's choice
+        vae.train(max_epochs=1, warmup_epochs=1, progress_bar=False)
+        assert set(seen) == {2}
+        seen.clear()
+        vae.train(max_epochs=1, warmup_epochs=1, progress_bar=False, num_threads=1)
+        assert set(seen) == {1}
+        assert torch.get_num_threads() == 2  # restored
+        with pytest.raises(InputError, match="num_threads must be at least 1"):
+            vae.train(max_epochs=1, num_threads=0)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("setting, message", [
     ({"latent_dim": 0}, "latent_dim must be at least 1"),
     ({"latent_dim": 2.5}, "latent_dim must be an integer"),
