@@ -10,13 +10,17 @@ import torch
 
 @contextmanager
 def cpu_threads(n: int | None) -> Iterator[None]:
-    """Temporarily set torch's intra-op CPU threads (``None`` leaves them alone).
+    """Temporarily set torch's intra-op CPU threads; on exit restore the previous count.
 
-    Our tensors are small (minibatches, cache-sized kinetics blocks): splitting them over
-    threads gains little and, on a shared or oversubscribed CPU, costs up to ~10x in
-    synchronisation. Measured on a 2-core machine with the other core busy: a training
-    epoch of 1050 cells x 200 genes took 0.23 s on one thread and 6.6 s on two; simulating
-    100k cells x 100 genes 4 s on one thread and 36 s on two.
+    ``None`` sets nothing but still restores the count on exit: code inside that changes
+    it behind torch's back (scanpy's numba kernels reset the OpenMP thread count that
+    torch shares) cannot leak the change to the caller.
+
+    The simulator runs on one thread: its tensors are small, and on a shared or
+    oversubscribed CPU more threads cost up to ~10x in synchronisation. Measured on a
+    2-core machine with the other core busy: a training epoch of 1050 cells x 200 genes
+    took 0.23 s on one thread and 6.6 s on two; simulating 100k cells x 100 genes 4 s on
+    one thread and 36 s on two.
     """
     previous = torch.get_num_threads()
     if n is not None:

@@ -28,6 +28,7 @@ from ._checks import (
     check_same_shape,
     is_integer_valued,
 )
+from ._threads import cpu_threads
 
 __all__ = ["InputError", "preprocess"]
 
@@ -226,8 +227,11 @@ def preprocess(
         raise InputError(f"size_factors must be one of {SIZE_FACTORS}, got {size_factors!r}")
     _validate_adata(adata, spliced_layer, unspliced_layer, params["n_neighbors"])
 
-    result = _run_pipeline(adata, random_state=random_state, size_factors=size_factors,
-                           **params)
+    # scanpy's numba kernels (highly_variable_genes) reset the OpenMP thread count that
+    # torch shares, e.g. 1 -> 2 on two cores: keep the user's torch.set_num_threads
+    with cpu_threads(None):
+        result = _run_pipeline(adata, random_state=random_state, size_factors=size_factors,
+                               **params)
 
     if copy:
         return result

@@ -20,6 +20,13 @@ os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Re-pin one thread before every test: scanpy's numba kernels (called directly by
+    some tests) reset the OpenMP thread count that torch shares."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """Folder with the real 50-cell fixtures (``pancreas_50obs.h5ad`` etc.)."""

@@ -213,6 +213,19 @@ def test_copy_true_leaves_input_untouched(synthetic_adata):
     _assert_unchanged(synthetic_adata, snap)
 
 
+def test_torch_thread_setting_survives_preprocessing(synthetic_adata):
+    # scanpy's numba kernels reset the OpenMP thread count that torch shares (1 -> the
+    # number of cores), which then silently changed how many threads training used
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        pp.preprocess(synthetic_adata, copy=True)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_in_place_on_a_view_leaves_parent_untouched(synthetic_adata):
     snap = _snapshot(synthetic_adata)
     view = synthetic_adata[:150]
