@@ -27,7 +27,7 @@ def fitted():
     """A tiny full-model fit shared by all tests: (adata, history), plus uncertainty
     columns filled with random positive numbers (until get_uncertainty writes them)."""
     adata = pv.datasets.simulate(n_cells=300, n_genes=30, topology="bifurcation", seed=0)
-    pv.pp.preprocess(adata, random_state=0)
+    pv.pp.preprocess(adata, n_pcs=25, random_state=0)
     vae = pv.VeloVAE(adata, model="full", seed=0)
     vae.train(max_epochs=10, warmup_epochs=3, refine_epochs=3, progress_bar=False)
     vae.export_to_anndata(adata)

@@ -164,7 +164,7 @@ def test_mvn_guide_samples_a_joint_site_and_starts_mean_field():
 def small():
     adata = pv.datasets.simulate(n_cells=300, n_genes=30, topology="bifurcation",
                                  n_capture_times=4, seed=1)
-    pv.pp.preprocess(adata, random_state=0)
+    pv.pp.preprocess(adata, n_pcs=26, random_state=0)
     return adata
 
 
