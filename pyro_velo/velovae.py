@@ -438,8 +438,8 @@ class VeloVAE:
             (default) keeps torch's own setting: ``torch.set_num_threads`` or
             ``OMP_NUM_THREADS``, else one thread per core. On an idle 2-core machine two
             threads train the pancreas-size set about 1.5x faster than one; on cores
-            busy with other work, pass 1: two threads next to another busy process took
-            80 s per epoch instead of 1.9 s (OpenMP oversubscription; see
+            busy with other work, pass 1: two threads next to another busy process were
+            2-40x slower than one (OpenMP oversubscription; see
             ``benchmarks/RESULTS.md``).
         checkpoint_dir
             Folder for a training checkpoint (``checkpoint.pt``, rewritten atomically),
