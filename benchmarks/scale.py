@@ -160,16 +160,15 @@ def child_train(args: argparse.Namespace) -> dict:
 
 
 def _adam(module):
-    """Adam with the two parameter groups of ``train.fit``."""
-    import torch
-
+    """Adam with the two parameter groups of ``train.fit`` (and its implementation)."""
+    from pyro_velo.train import _adam as fit_adam
     from pyro_velo.train import _is_ode_param
 
     named = list(module.named_parameters())
     ode = [p for n, p in named if _is_ode_param(n)]
     ids = {id(p) for p in ode}
     net = [p for _, p in named if id(p) not in ids]
-    return torch.optim.Adam([{"params": net, "lr": 2e-4}, {"params": ode, "lr": 1e-2}])
+    return fit_adam([{"params": net, "lr": 2e-4}, {"params": ode, "lr": 1e-2}])
 
 
 def child_overhead(args: argparse.Namespace) -> dict:

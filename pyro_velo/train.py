@@ -272,15 +272,14 @@ def fit(
     check_every = divergence_check_every or (
         1 if device.type == "cpu" else DEFERRED_CHECK_EVERY)
     checker = None
+    optimizer = _adam(groups)
     if check_every > 1:
-        try:  # the fused Adam skips steps flagged in ``found_inf`` without a host sync
-            optimizer = torch.optim.Adam(groups, fused=True)
+        if optimizer.defaults.get("fused"):
+            # the fused Adam skips steps flagged in ``found_inf`` without a host sync
             checker = _DeferredCheck(device, group)
             optimizer.found_inf = checker.bad
-        except (RuntimeError, TypeError):  # no fused Adam here: check every step
+        else:  # no fused Adam here: check every step
             check_every = 1
-    if checker is None:
-        optimizer = torch.optim.Adam(groups)
 
     named = [(f"model.{n}", p) for n, p in model.named_parameters()] + [
         (f"guide.{n}", p) for n, p in guide.named_parameters()]
@@ -398,12 +397,24 @@ def fit(
     return history
 
 
+def _adam(groups: list[dict[str, Any]]) -> torch.optim.Adam:
+    """Adam over ``groups``: the fused implementation where torch has it for the device.
+
+    Same update rule; on CPU it is about 3x cheaper than the default per-tensor loop
+    (3 vs 10 ms per step for the full model at 2000 genes, one thread).
+    """
+    try:
+        return torch.optim.Adam(groups, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(groups)
+
+
 def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """``optimizer.load_state_dict(state)``, keeping the implementation it was built with.
 
-    A state saved by the other implementation (per-step check on CPU, fused Adam with the
-    deferred check elsewhere) would otherwise bring its ``fused`` flag along; the step
-    counts of a fused Adam live on the parameters' device.
+    A state saved by the other implementation (the per-tensor Adam where no fused one
+    was available, or by an earlier version) would otherwise bring its ``fused`` flag
+    along; the step counts of a fused Adam live on the parameters' device.
     """
     built = [{k: group[k] for k in ("fused", "foreach", "capturable") if k in group}
              for group in optimizer.param_groups]

@@ -243,23 +243,51 @@ def test_deferred_check_trains_like_the_per_step_check(adata):
         histories.append(fit(vae.model, vae.guide, vae.data, 3, progress_bar=False,
                              divergence_check_every=every))
     per_step, deferred = histories
-    # the fused Adam rounds differently; the course is the same
+    # both run the fused Adam here; only when the check is read differs
     assert per_step.validation == pytest.approx(deferred.validation, rel=1e-3)
 
 
-def test_resume_switches_between_check_modes(adata):
-    """A checkpoint of the per-step check (plain Adam) resumes with the deferred one (fused
-    Adam, e.g. on GPU) and back."""
+def test_resume_switches_between_check_modes_and_adam_implementations(adata, monkeypatch):
+    """A checkpoint written by the per-tensor Adam (where torch has no fused one for the
+    device, or by an earlier version) resumes with the fused one, and back; likewise
+    between the per-step and the deferred check."""
+    import pyro_velo.train as train_module
+
+    fused_adam = train_module._adam
+
+    def plain_adam(groups):
+        return torch.optim.Adam(groups)
+
     for first, then in ((None, 4), (4, None)):
-        vae, states = _vae(adata), []
-        fit(vae.model, vae.guide, vae.data, 1, progress_bar=False, checkpoint=states.append,
-            checkpoint_every=1, divergence_check_every=first)
-        history = fit(vae.model, vae.guide, vae.data, 2, progress_bar=False,
-                      resume_state=states[-1], divergence_check_every=then)
-        assert len(history.train) == 1 and math.isfinite(history.validation[0])
+        for write_with, resume_with in ((plain_adam, fused_adam), (fused_adam, plain_adam)):
+            vae, states = _vae(adata), []
+            monkeypatch.setattr(train_module, "_adam", write_with)
+            fit(vae.model, vae.guide, vae.data, 1, progress_bar=False,
+                checkpoint=states.append, checkpoint_every=1, divergence_check_every=first)
+            monkeypatch.setattr(train_module, "_adam", resume_with)
+            history = fit(vae.model, vae.guide, vae.data, 2, progress_bar=False,
+                          resume_state=states[-1], divergence_check_every=then)
+            assert len(history.train) == 1 and math.isfinite(history.validation[0])
 
 
 def test_divergence_check_every_is_validated(adata):
     vae = _vae(adata)
     with pytest.raises(InputError, match="divergence_check_every"):
         fit(vae.model, vae.guide, vae.data, 1, progress_bar=False, divergence_check_every=0)
+
+
+def test_adam_is_fused_where_torch_has_it_and_falls_back(monkeypatch):
+    import pyro_velo.train as train_module
+
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(3))], "lr": 0.1}]
+    assert train_module._adam(groups).defaults["fused"]  # torch 2.x has a CPU kernel
+    real_adam = torch.optim.Adam
+
+    def no_fused(params, **kwargs):
+        if kwargs.get("fused"):
+            raise RuntimeError("fused=True requires all the params to be CUDA tensors")
+        return real_adam(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", no_fused)
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(3))], "lr": 0.1}]
+    assert not train_module._adam(groups).defaults["fused"]
