@@ -54,6 +54,24 @@ def test_disk_data_equals_memory_data(adata, fixture, request):
     assert (disk.n_cells, disk.n_genes) == (memory.n_cells, memory.n_genes)
 
 
+
+def test_memory_data_keeps_each_cell_contiguous(adata):
+    """Minibatches gather rows: every in-memory matrix is row-major, whatever the layer's
+    layout or the gene selection (numpy hands back column-major arrays for some)."""
+    fortran = adata.copy()
+    for name in ("Mu", "Ms"):
+        fortran.layers[name] = np.asfortranarray(fortran.layers[name])
+    fortran.layers["Mu"][:, 0] = 0.0  # an unfitted gene: the layers are column-selected
+    data = VelocityData.from_anndata(fortran).with_counts(fortran)
+    new = VelocityData.for_new_cells(fortran, fortran.var_names.to_numpy(), data.fitted,
+                                     data.gene_scale_u, data.gene_scale_s)
+    assert not data.fitted[0]
+    for matrix in (data.u, data.s, *data.counts[:2], new.u, new.s):
+        assert matrix.is_contiguous()
+    np.testing.assert_allclose(
+        data.u.numpy(), adata.layers["Mu"][:, data.fitted] / data.gene_scale_u.numpy(),
+        rtol=1e-6)
+    torch.testing.assert_close(new.u, data.u)
 def test_shuffled_minibatches_visit_every_cell_once_in_blocks(h5ad, adata):
     disk = DiskVelocityData.from_h5ad(h5ad, block_cells=32, buffer_blocks=3)
     memory = VelocityData.from_anndata(adata)
