@@ -83,6 +83,15 @@ class VelocityData:
         """Scaled ``(u, s)`` of the cells ``idx``."""
         return self.u[idx], self.s[idx]
 
+    def validation_cells(self) -> tuple[VelocityData, Tensor]:
+        """``(data, idx)`` on which training evaluates its per-epoch validation loss.
+
+        In memory: this data and all its validation cells. (The same protocol as
+        :meth:`pyro_velo.disk.DiskVelocityData.validation_cells`, which reads them from
+        disk once.)
+        """
+        return self, self.indices("validation")
+
     def minibatches(self, idx: Tensor, batch_size: int, n_obs: int | None = None,
                     generator: torch.Generator | None = None
                     ) -> Iterator[tuple[Tensor, tuple, dict]]:

@@ -185,7 +185,11 @@ def fit(
         everything else (networks) uses ``lr``.
     data
         Training data with its split; the test split is never looked at. Minibatches
-        come on the data's ``device``, where the modules must be.
+        come on the data's ``device``, where the modules must be. The validation loss is
+        taken on ``data.validation_cells()``: every validation cell in memory; from a
+        file, those cells read once into memory (a fixed, evenly spaced subset of them
+        when they exceed 256 MiB, see
+        :meth:`~pyro_velo.disk.DiskVelocityData.validation_cells`).
     max_epochs
         Upper bound on the number of passes over the train cells.
     batch_size, lr, lr_ode
@@ -262,7 +266,7 @@ def fit(
     group = dist_.current_group(distributed)
     device = torch.device(data.device)
     train_idx = data.indices("train")
-    val_idx = data.indices("validation")
+    val_data, val_idx = data.validation_cells()
     n_train = len(train_idx)
     elbo = loss_module(model, guide)
     ode_params = [p for n, p in elbo.named_parameters() if _is_ode_param(n)]
@@ -353,7 +357,7 @@ def fit(
             if len(val_idx):
                 start, stop = (0, len(val_idx)) if group is None else dist_.shard(
                     len(val_idx), group)
-                val_total = loss_total(model, guide, data, val_idx[start:stop])
+                val_total = loss_total(model, guide, val_data, val_idx[start:stop])
         if group is None:
             history.train.append(epoch_loss.item() / n_train)
             if len(val_idx):

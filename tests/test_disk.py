@@ -150,6 +150,48 @@ def test_disk_input_errors(h5ad, adata, tmp_path):
         pv.VeloVAE(tmp_path / "text_layer.h5ad")
 
 
+def test_validation_cells_are_held_in_memory_within_a_budget(h5ad, adata):
+    disk = DiskVelocityData.from_h5ad(h5ad, seed=3, block_cells=64)
+    memory = VelocityData.from_anndata(adata, seed=3)
+    validation = disk.indices("validation")
+    held, idx = disk.validation_cells()
+    assert isinstance(held, VelocityData)
+    torch.testing.assert_close(held.cell_ids, validation)
+    torch.testing.assert_close(idx, torch.arange(len(validation)))
+    for got, want in zip(held.rows(idx), memory.rows(validation), strict=True):
+        torch.testing.assert_close(got, want)
+    # over budget: a fixed, evenly spaced subset of them, first and last included
+    held, idx = disk.validation_cells(max_bytes=10 * 2 * disk.n_genes * 4)
+    assert len(idx) == 10
+    chosen = held.cell_ids.numpy()
+    assert chosen[0] == validation[0] and chosen[-1] == validation[-1]
+    assert np.isin(chosen, validation.numpy()).all() and (np.diff(chosen) > 0).all()
+    gaps = np.diff(np.searchsorted(validation.numpy(), chosen))
+    assert gaps.max() - gaps.min() <= 1
+    again, _ = disk.validation_cells(max_bytes=10 * 2 * disk.n_genes * 4)
+    torch.testing.assert_close(again.cell_ids, held.cell_ids)
+
+
+def test_training_from_a_file_reads_the_validation_cells_once(h5ad, monkeypatch):
+    """Each further epoch reads only the blocks of the train cells, not the file again."""
+    from pyro_velo import train as train_module
+
+    vae = pv.VeloVAE(str(h5ad), model="basic", hidden=(8,), seed=0, progress_bar=False)
+    data = DiskVelocityData.from_h5ad(h5ad, split=vae.data.split, block_cells=64)
+    reads = []
+    original = DiskVelocityData._read_range
+    monkeypatch.setattr(DiskVelocityData, "_read_range",
+                        lambda self, a, b: reads.append(a) or original(self, a, b))
+    counts = []
+    for epochs in (1, 3):
+        reads.clear()
+        train_module.fit(vae.model, vae.guide, data, max_epochs=epochs,
+                         early_stopping=False, progress_bar=False)
+        counts.append(len(reads))
+    train_blocks = len(np.unique(data.indices("train").numpy() // 64))
+    assert counts[1] - counts[0] == 2 * train_blocks
+
+
 def test_reading_a_file_shows_progress_unless_asked_not_to(h5ad, capsys):
     pv.VeloVAE(h5ad, hidden=(8,))
     assert "Reading layers: 100%" in capsys.readouterr().err
