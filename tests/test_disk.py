@@ -54,7 +54,6 @@ def test_disk_data_equals_memory_data(adata, fixture, request):
     assert (disk.n_cells, disk.n_genes) == (memory.n_cells, memory.n_genes)
 
 
-
 def test_memory_data_keeps_each_cell_contiguous(adata):
     """Minibatches gather rows: every in-memory matrix is row-major, whatever the layer's
     layout or the gene selection (numpy hands back column-major arrays for some)."""
@@ -72,6 +71,8 @@ def test_memory_data_keeps_each_cell_contiguous(adata):
         data.u.numpy(), adata.layers["Mu"][:, data.fitted] / data.gene_scale_u.numpy(),
         rtol=1e-6)
     torch.testing.assert_close(new.u, data.u)
+
+
 def test_shuffled_minibatches_visit_every_cell_once_in_blocks(h5ad, adata):
     disk = DiskVelocityData.from_h5ad(h5ad, block_cells=32, buffer_blocks=3)
     memory = VelocityData.from_anndata(adata)
