@@ -186,10 +186,11 @@ def fit(
     data
         Training data with its split; the test split is never looked at. Minibatches
         come on the data's ``device``, where the modules must be. The validation loss is
-        taken on ``data.validation_cells()``: every validation cell in memory; from a
-        file, those cells read once into memory (a fixed, evenly spaced subset of them
-        when they exceed 256 MiB, see
-        :meth:`~pyro_velo.disk.DiskVelocityData.validation_cells`).
+        taken on ``data.validation_cells()`` where the data has it: every validation
+        cell in memory; from a file, those cells read once into memory (a fixed, evenly
+        spaced subset of them when they exceed 256 MiB, see
+        :meth:`~pyro_velo.disk.DiskVelocityData.validation_cells`); other data objects
+        are validated on all their validation cells in place.
     max_epochs
         Upper bound on the number of passes over the train cells.
     batch_size, lr, lr_ode
@@ -266,7 +267,8 @@ def fit(
     group = dist_.current_group(distributed)
     device = torch.device(data.device)
     train_idx = data.indices("train")
-    val_data, val_idx = data.validation_cells()
+    held = getattr(data, "validation_cells", None)  # other data objects: validate in place
+    val_data, val_idx = held() if held is not None else (data, data.indices("validation"))
     n_train = len(train_idx)
     elbo = loss_module(model, guide)
     ode_params = [p for n, p in elbo.named_parameters() if _is_ode_param(n)]

@@ -193,6 +193,33 @@ def test_training_from_a_file_reads_the_validation_cells_once(h5ad, monkeypatch)
     assert counts[1] - counts[0] == 2 * train_blocks
 
 
+def test_data_without_held_validation_cells_is_validated_in_place(adata):
+    """fit takes any data object with the minibatch protocol; one without
+    ``validation_cells`` has its validation cells scored where they are."""
+    from pyro_velo import train as train_module
+
+    class Plain:  # the VelocityData protocol minus validation_cells
+        def __init__(self, inner):
+            self._inner = inner
+
+        def __getattr__(self, name):
+            if name == "validation_cells":
+                raise AttributeError(name)
+            return getattr(self._inner, name)
+
+    vae = pv.VeloVAE(adata, model="basic", hidden=(8,), seed=0)
+    seen = []
+    original = train_module.loss_total
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "loss_total",
+                      lambda m, g, data, idx: seen.append((data, idx)) or original(m, g, data, idx))
+        history = train_module.fit(vae.model, vae.guide, Plain(vae.data), max_epochs=2,
+                                   progress_bar=False)
+    assert len(history.validation) == 2 and np.isfinite(history.validation).all()
+    assert all(isinstance(data, Plain) for data, _ in seen)
+    torch.testing.assert_close(seen[0][1], vae.data.indices("validation"))
+
+
 def test_reading_a_file_shows_progress_unless_asked_not_to(h5ad, capsys):
     pv.VeloVAE(h5ad, hidden=(8,))
     assert "Reading layers: 100%" in capsys.readouterr().err
