@@ -213,7 +213,10 @@ class DiskVelocityData:
         """Scaled ``(u, s)`` of the cells ``idx`` (any order, repeats allowed)."""
         idx = np.asarray(idx.cpu(), dtype=np.int64)
         distinct, inverse = np.unique(idx, return_inverse=True)
-        return self._split_tensor(self._read_sorted(distinct)[inverse])
+        both = self._read_sorted(distinct)
+        if len(distinct) < len(idx) or not np.array_equal(distinct, idx):
+            both = both[inverse]  # sorted, distinct rows (samples, held cells): no copy
+        return self._split_tensor(both)
 
     def model_inputs(self, idx: Tensor, n_obs: int) -> tuple[tuple, dict]:
         """``(args, kwargs)`` of a model / guide call on the cells ``idx``."""
