@@ -61,8 +61,8 @@ def test_cell_state_separates_branches(fits):
     "open (full-model issue): with the default total-count normalisation the 2-branch "
     "velocity cosine is 0.60-0.79 over seeds 0-5 (mean 0.70; 3 branches: 0.86 and 0.88 "
     "in two seed-0 runs); "
-    "pp.preprocess(size_factors='neighbourhood') gave 0.816 / 0.926 at one seed but costs "
-    "latent time elsewhere (README, benchmarks/RESULTS.md)"))
+    "pp.preprocess(size_factors='neighbourhood') gives 0.73-0.82 over the same seeds "
+    "(mean 0.78), not the default (README, benchmarks/RESULTS.md)"))
 def test_velocity_agrees_with_true_velocity(fits):
     vae, adata = fits["full"], fits["adata"]
     genes = vae.data.fitted
