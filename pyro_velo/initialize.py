@@ -274,10 +274,12 @@ def window_table(
     ``O(cells x genes)`` with no per-cell neighbour search, and ``values`` can be streamed
     in minibatches (the table is all that is kept).
 
-    Cells whose window holds no cell of their cluster use the window over all clusters
-    (the table's last group); cells with an empty window even then (at the start of
-    time) keep the first-stage initial condition: ``u0 = s0 = 0`` at the genes'
-    switch-on times (``t0 = nan``).
+    Cells whose window holds no reference cell of their cluster (at the start of time,
+    or where a cluster is sparse) keep the first-stage initial condition: ``u0 = s0 = 0``
+    at the genes' switch-on times (``t0 = nan``). They do not borrow the window of all
+    clusters: past a branch point that mixes the branches, and on the 2-branch
+    simulations such borrowed starts cost both velocity and log-likelihood (see
+    ``benchmarks/RESULTS.md``).
 
     Parameters
     ----------
@@ -328,22 +330,15 @@ def window_table(
                                                     device=t.device))
     if sums is None:
         raise ValueError("values is empty: no reference cell to summarise")
-    sums = sums.view(k, n_bins, -1)
-    counts = counts.view(k, n_bins)
-    # the last group pools all clusters; cumulative along time with a leading zero bin:
-    # window [a, b) sum = cum[b] - cum[a]
-    sums = torch.nn.functional.pad(torch.cat([sums, sums.sum(0, keepdim=True)]).cumsum(1),
-                                   (0, 0, 1, 0))
-    counts = torch.nn.functional.pad(torch.cat([counts, counts.sum(0, keepdim=True)]
-                                               ).cumsum(1), (1, 0))
+    # cumulative along time with a leading zero bin: window [a, b) sum = cum[b] - cum[a]
+    sums = torch.nn.functional.pad(sums.view(k, n_bins, -1).cumsum(1), (0, 0, 1, 0))
+    counts = torch.nn.functional.pad(counts.view(k, n_bins).cumsum(1), (1, 0))
     start = ((t - delta1 - t_lo) / width).floor().long().clamp(0, n_bins)
     stop = ((t - delta2 - t_lo) / width).floor().long().clamp(0, n_bins)
     stop = torch.maximum(stop, start)
-    in_cluster = counts[cluster, stop] - counts[cluster, start]
-    group = torch.where(in_cluster < 0.5, torch.full_like(cluster, k), cluster)
-    found = (counts[group, stop] - counts[group, start]) > 0.5
+    found = (counts[cluster, stop] - counts[cluster, start]) > 0.5
     t0 = torch.where(found, t - 0.5 * (delta1 + delta2), torch.full_like(t, float("nan")))
-    return WindowTable(t0, group, start, stop, sums, counts)
+    return WindowTable(t0, cluster, start, stop, sums, counts)
 
 
 def window_initial_conditions(

@@ -605,11 +605,12 @@ class VeloVAE:
         ``[t - delta1, t - delta2]`` within the cell's cell-state cluster
         (:func:`~pyro_velo.initialize.window_table`; vectorised, no per-cell neighbour
         search; the training cells are streamed in minibatches and only a (cluster,
-        time bin) table is kept, so memory does not grow with cells x genes). Cells at
-        the start of time, whose window is empty, keep the zero initial state at their
-        genes' switch-on times. The ODE parameters
-        and the decoder are then fine-tuned with every cell's t and c held at their
-        posterior means.
+        time bin) table is kept, so memory does not grow with cells x genes). Cells
+        whose window holds no training cell of their cluster (at the start of time, or
+        where the cluster is sparse, e.g. just past a branch point) keep the zero
+        initial state at their genes' switch-on times. The ODE parameters and the
+        decoder are then fine-tuned with every cell's t and c held at their posterior
+        means.
 
         The refinement is kept only if it raises the reconstruction log-likelihood of
         the validation cells (see :meth:`evaluate`); otherwise the model is restored to

@@ -197,6 +197,16 @@ def test_window_initial_conditions_average_the_preceding_cells_of_the_same_state
     _, u0_ref, _ = window_initial_conditions(t, c, u_poisoned, s, 1.0, 0.2, reference=reference,
                                              n_clusters=2, n_bins=1000)
     assert u0_ref.max() < 100
+    # a state that appears late (a branch) does not borrow the other state's window:
+    # its first cells keep the zero start
+    late_b = state_b & (t < 5.0)
+    t0_l, _, s0_l = window_initial_conditions(t[~late_b], c[~late_b], u[~late_b], s[~late_b],
+                                              1.0, 0.2, n_clusters=2, n_bins=1000)
+    t_l, b_l = t[~late_b], state_b[~late_b]
+    assert torch.isnan(t0_l[b_l & (t_l < 5.2)]).all()
+    assert not torch.isnan(t0_l[b_l & (t_l > 5.3)]).any()
+    np.testing.assert_allclose(s0_l[b_l & (t_l > 6.0), 0].numpy(),
+                               (10 * (t_l[b_l & (t_l > 6.0)] - 0.6) + 100).numpy(), atol=0.2)
     with pytest.raises(ValueError, match="delta1"):
         window_initial_conditions(t, c, u, s, delta1=0.1, delta2=0.5)
 
