@@ -596,6 +596,7 @@ class VeloVAE:
         delta2: float | None = None,
         n_clusters: int = 10,
         source: str = "fitted",
+        require_improvement: bool = True,
         **fit_options,
     ) -> TrainingHistory:
         """Initial-condition refinement of the full model (paper, "Initial Conditions").
@@ -612,13 +613,14 @@ class VeloVAE:
         decoder are then fine-tuned with every cell's t and c held at their posterior
         means.
 
-        The refinement is kept only if it raises the reconstruction log-likelihood of
-        the validation cells (see :meth:`evaluate`); otherwise the model is restored to
-        its state before the call, with a warning (noisy or sparse data can make the
-        window means a worse start than the first-stage model). While the fine-tuning
-        runs, that log-likelihood is checked every few epochs and the fine-tuning ends
-        once the refinement cannot catch up with the first stage by its last epoch (see
-        ``_hopeless_refinement``): rejected refinements cost a fraction of ``epochs``.
+        By default (``require_improvement=True``) the refinement is kept only if it
+        raises the reconstruction log-likelihood of the validation cells (see
+        :meth:`evaluate`); otherwise the model is restored to its state before the call,
+        with a warning (noisy or sparse data can make the window means a worse start
+        than the first-stage model). While the fine-tuning runs, that log-likelihood is
+        checked every few epochs and the fine-tuning ends once the refinement cannot
+        catch up with the first stage by its last epoch (see ``_hopeless_refinement``):
+        rejected refinements cost a fraction of ``epochs``.
 
         Parameters
         ----------
@@ -637,6 +639,15 @@ class VeloVAE:
             spurious velocity (e.g. on genes at steady state); on the 2-branch simulation
             of ``benchmarks/full_vs_basic.py`` the mean velocity cosine after refinement
             was 0.666 with ``'observed'`` and 0.787 with ``'fitted'``.
+        require_improvement
+            Keep the refinement only if it raises the validation log-likelihood (see
+            above). ``False`` runs all ``epochs`` and always keeps it, as the paper does.
+            The rule is a safeguard, not a velocity criterion: on the 2-branch
+            simulation with ``pp.preprocess(size_factors='neighbourhood')`` it rejected
+            refinements that lowered the log-likelihood by 4-13 nats per cell but raised
+            the velocity cosine by 0.03-0.10, while on 3 branches with total-count
+            normalisation it rejected ones that lowered the cosine by 0.06-0.08
+            (``benchmarks/RESULTS.md``, session 9).
         fit_options
             Passed to :func:`pyro_velo.train.fit` (``lr``, ``lr_ode``, ``batch_size``...).
         """
@@ -661,6 +672,9 @@ class VeloVAE:
         saved_guide = copy.deepcopy(self.guide.state_dict())
         if source not in ("fitted", "observed"):
             raise InputError(f"source must be 'fitted' or 'observed', got {source!r}")
+        if not isinstance(require_improvement, bool):
+            raise InputError("require_improvement must be True or False, got "
+                             f"{require_improvement!r}")
 
         def window_values():  # [u | s] of the training cells, a minibatch at a time
             train = self.data.indices("train").to(self.device)
@@ -686,13 +700,18 @@ class VeloVAE:
         hopeless = self._hopeless_refinement(fit_options["history"], epochs, check_split,
                                              before)
         user_stop = fit_options.pop("stop_when", None)
-        history = _fit_stage(
-            self.model, guide, self.data, epochs, **fit_options,
-            stop_when=hopeless if user_stop is None else
-            (lambda h: bool(user_stop(h)) or hopeless(h)))
+        if not require_improvement:
+            stop_when = user_stop
+        elif user_stop is None:
+            stop_when = hopeless
+        else:
+            def stop_when(h):
+                return bool(user_stop(h)) or hopeless(h)
+        history = _fit_stage(self.model, guide, self.data, epochs, **fit_options,
+                             stop_when=stop_when)
         after = self._reconstruction(check_split)["log_likelihood"]
-        self.config["refined"] = bool(after > before)
-        if not after > before:
+        self.config["refined"] = bool(after > before) or not require_improvement
+        if not self.config["refined"]:
             # also restores (or clears) the initial conditions of a previous refinement
             self.model.load_state_dict(saved)
             self.guide.load_state_dict(saved_guide)

@@ -221,9 +221,31 @@ def test_full_model_quick_fit_refines_and_exports(linear_adata):
     assert u_next.shape == s_next.shape == linear_adata.shape
     with pytest.raises(InputError, match="source"):
         vae.refine_initial_conditions(epochs=1, source="both")
+    with pytest.raises(InputError, match="require_improvement"):
+        vae.refine_initial_conditions(epochs=1, require_improvement="yes")
     basic = pv.VeloVAE(linear_adata, model="basic", hidden=(8,))
     basic.train(max_epochs=1, warmup_epochs=0, progress_bar=False)
     with pytest.raises(RuntimeError, match="full model"):
         basic.refine_initial_conditions()
     with pytest.raises(RuntimeError, match="full model"):
         basic.get_cell_state()
+
+
+def test_refinement_that_lowers_the_likelihood_is_rejected_unless_told_to_keep_it(
+        linear_adata):
+    """A fine-tuning that wrecks the rates (a huge ODE learning rate) lowers the
+    validation log-likelihood: the default rule restores the first-stage model with a
+    warning, ``require_improvement=False`` keeps the refinement and runs every epoch."""
+    vae = pv.VeloVAE(linear_adata, model="full", hidden=(32, 16), latent_dim=3, seed=0)
+    vae.train(max_epochs=4, warmup_epochs=2, refine_epochs=0, progress_bar=False)
+    first = vae.evaluate().loc["test", "log_likelihood"]
+    wreck = dict(epochs=3, lr=0.01, lr_ode=2.0, early_stopping=False, progress_bar=False)
+    with pytest.warns(UserWarning, match="kept the model without it"):
+        vae.refine_initial_conditions(**wreck)
+    assert vae.config["refined"] is False and not vae.model.has_initial_conditions
+    assert vae.evaluate().loc["test", "log_likelihood"] == pytest.approx(first)
+    n_before = len(vae.history.train)
+    vae.refine_initial_conditions(require_improvement=False, **wreck)
+    assert vae.config["refined"] is True and vae.model.has_initial_conditions
+    assert len(vae.history.train) - n_before == 3
+    assert vae.evaluate().loc["test", "log_likelihood"] < first
