@@ -642,12 +642,12 @@ class VeloVAE:
         require_improvement
             Keep the refinement only if it raises the validation log-likelihood (see
             above). ``False`` runs all ``epochs`` and always keeps it, as the paper does.
-            The rule is a safeguard, not a velocity criterion: on the 2-branch
-            simulation with ``pp.preprocess(size_factors='neighbourhood')`` it rejected
-            refinements that lowered the log-likelihood by 4-13 nats per cell but raised
-            the velocity cosine by 0.03-0.10, while on 3 branches with total-count
-            normalisation it rejected ones that lowered the cosine by 0.06-0.08
-            (``benchmarks/RESULTS.md``, session 9).
+            The rule is a safeguard, not a velocity criterion. On the 2-branch
+            simulation with ``pp.preprocess(size_factors='neighbourhood')``, refinements
+            kept by force lowered the held-out log-likelihood by 4-13 nats per cell at
+            all 6 seeds, yet raised the velocity cosine at 5 of them (mean +0.035); on
+            3 branches they lowered both the log-likelihood and the cosine (-0.01 to
+            -0.10). See ``benchmarks/RESULTS.md``, session 9.
         fit_options
             Passed to :func:`pyro_velo.train.fit` (``lr``, ``lr_ode``, ``batch_size``...).
         """
