@@ -277,9 +277,9 @@ def window_table(
     Cells whose window holds no reference cell of their cluster (at the start of time,
     or where a cluster is sparse) keep the first-stage initial condition: ``u0 = s0 = 0``
     at the genes' switch-on times (``t0 = nan``). They do not borrow the window of all
-    clusters: past a branch point that mixes the branches, and on the 2-branch
-    simulations such borrowed starts cost both velocity and log-likelihood (see
-    ``benchmarks/RESULTS.md``).
+    clusters: past a branch point that mixes the branches. On the 2-branch and linear
+    simulations such borrowed starts cost velocity and log-likelihood at most seeds
+    (see ``benchmarks/RESULTS.md``, session 9).
 
     Parameters
     ----------
