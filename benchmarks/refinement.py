@@ -5,11 +5,11 @@ Usage: python benchmarks/refinement.py [--sets 2 3 linear] [--size-factors total
            [--epochs 50] [--lr-ode 0.01]
 
 For every simulation, normalisation and model seed, the full model's first stage is
-trained once (``train(refine_epochs=0, num_threads=1)``) and saved; the refinement then
-runs twice from that same state: with the default rule (``require_improvement=True``:
-kept only if the validation log-likelihood rises) and kept by force
-(``require_improvement=False``). Comparing the two from one first stage separates the
-refinement's effect from the run-to-run spread of whole fits.
+trained once (``train(refine_epochs=0)``; one torch thread throughout) and saved; the
+refinement then runs twice from that same state: with the default rule
+(``require_improvement=True``: kept only if the validation log-likelihood rises) and
+kept by force (``require_improvement=False``). Comparing the two from one first stage
+separates the refinement's effect from the run-to-run spread of whole fits.
 
 Simulations (``pp.preprocess(random_state=0, size_factors=...)`` after each):
 ``2``: ``simulate(n, g, topology='bifurcation', n_branches=2, noise='nb', seed=2)``;
@@ -31,6 +31,7 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
 from full_vs_basic import velocity_metrics
 
 import pyro_velo as pv
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--lr-ode", type=float, default=1e-2)
     args = parser.parse_args()
+    torch.set_num_threads(1)  # the refinements too: the rows then do not depend on the cores
     print("| simulation | size factors | seed | first stage: cosine / future / test LL | "
           "likelihood rule | kept by force | Spearman t | first-stage wall |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
