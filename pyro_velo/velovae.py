@@ -663,20 +663,21 @@ class VeloVAE:
         if unknown:
             raise InputError(f"unknown option(s) {unknown} for refine_initial_conditions; "
                              f"accepted: {sorted(allowed)}")
+        if source not in ("fitted", "observed"):
+            raise InputError(f"source must be 'fitted' or 'observed', got {source!r}")
+        if not isinstance(require_improvement, bool):
+            raise InputError("require_improvement must be True or False, got "
+                             f"{require_improvement!r}")
         latent = self._encode()
         t, c = latent["t"], latent["c"]
         span = float(t.max() - t.min())
         delta1 = 0.03 * span if delta1 is None else float(delta1)
         delta2 = 0.005 * span if delta2 is None else float(delta2)
         check_split = "validation" if (self.data.split == 1).any() else "train"
-        before = self._reconstruction(check_split)["log_likelihood"]
-        saved = copy.deepcopy(self.model.state_dict())
-        saved_guide = copy.deepcopy(self.guide.state_dict())
-        if source not in ("fitted", "observed"):
-            raise InputError(f"source must be 'fitted' or 'observed', got {source!r}")
-        if not isinstance(require_improvement, bool):
-            raise InputError("require_improvement must be True or False, got "
-                             f"{require_improvement!r}")
+        if require_improvement:  # the first stage to compare with and to restore
+            before = self._reconstruction(check_split)["log_likelihood"]
+            saved = copy.deepcopy(self.model.state_dict())
+            saved_guide = copy.deepcopy(self.guide.state_dict())
 
         def window_values():  # [u | s] of the training cells, a minibatch at a time
             train = self.data.indices("train").to(self.device)
@@ -699,20 +700,20 @@ class VeloVAE:
         self.history.stages.append(("refine", len(self.history.train)))
         fit_options.setdefault("history", self.history)
         fit_options.setdefault("description", "Refining initial conditions")
-        hopeless = self._hopeless_refinement(fit_options["history"], epochs, check_split,
-                                             before)
-        user_stop = fit_options.pop("stop_when", None)
-        if not require_improvement:
-            stop_when = user_stop
-        elif user_stop is None:
-            stop_when = hopeless
-        else:
-            def stop_when(h):
-                return bool(user_stop(h)) or hopeless(h)
+        stop_when = fit_options.pop("stop_when", None)
+        if require_improvement:
+            hopeless = self._hopeless_refinement(fit_options["history"], epochs,
+                                                 check_split, before)
+            user_stop = stop_when
+            stop_when = hopeless if user_stop is None else (
+                lambda h: bool(user_stop(h)) or hopeless(h))
         history = _fit_stage(self.model, guide, self.data, epochs, **fit_options,
                              stop_when=stop_when)
+        if not require_improvement:
+            self.config["refined"] = True
+            return history
         after = self._reconstruction(check_split)["log_likelihood"]
-        self.config["refined"] = bool(after > before) or not require_improvement
+        self.config["refined"] = bool(after > before)
         if not self.config["refined"]:
             # also restores (or clears) the initial conditions of a previous refinement
             self.model.load_state_dict(saved)
