@@ -3,18 +3,21 @@
 Usage::
 
     python benchmarks/compare.py [--quick] [--out results.csv] [--markdown benchmarks/RESULTS.md]
-        [--datasets linear bifurcation2 bifurcation3 capture] [--methods ...]
+        [--datasets linear bifurcation2 bifurcation3 capture scvelo] [--methods ...]
+        [--size-factors total|neighbourhood]
         [--n-cells N --n-genes G --max-epochs E]
         [--h5ad PATH --cluster-key KEY [--transitions A:B,B:C] [--time-key COLUMN]]
         [--scvelo-genes scvelo|pyro_velo] [--timeout SECONDS] [--verbose]
 
 Data sets: built-in simulations (``pv.datasets.simulate``, negative binomial noise): a linear
 trajectory, bifurcations with 2 and 3 branches, and a 2-branch bifurcation with 4 capture
-times (``obs['capture_time']``; no method uses it yet), plus an optional user h5ad with raw
+times (``obs['capture_time']``; no method uses it yet); ``scvelo``: scVelo's own simulator
+(``pv.datasets.simulate_scvelo``: one lineage, Gaussian noise, no library-size variation;
+``obs['cell_type']`` = four stages of true time); plus an optional user h5ad with raw
 ``spliced`` / ``unspliced`` count layers. Each data set is preprocessed once with
-``pv.pp.preprocess(adata, random_state=0)``; every method then runs on its own copy, in its
-own fresh process, so that methods never see each other's outputs and their costs are
-measured separately.
+``pv.pp.preprocess(adata, random_state=0, size_factors=--size-factors)``; every method then
+runs on its own copy, in its own fresh process, so that methods never see each other's
+outputs and their costs are measured separately.
 
 Methods:
 
@@ -119,7 +122,12 @@ SIMULATIONS = {
     "capture": ("bifurcation, 4 capture times",
                 dict(topology="bifurcation", n_branches=2, noise="nb", n_capture_times=4,
                      seed=4)),
+    # a simulator we did not write (pv.datasets.simulate_scvelo): one lineage, Gaussian
+    # noise, no library-size variation
+    "scvelo": ("scVelo's simulator", dict(simulator="scvelo", seed=0)),
 }
+#: consecutive stages of true time given to scVelo's simulation (it has no cell types)
+SCVELO_STAGES = 4
 CSV_COLUMNS = ("dataset", "method", "spearman_t", "velocity_cosine", "cbdir", "time_score",
                "mse_train", "mse_test", "ll_train", "ll_test", "wall_s", "peak_mem_mb",
                "n_genes", "status")
@@ -579,6 +587,21 @@ def run_in_subprocess(spec: dict, timeout: float | None) -> dict:
 # --------------------------------------------------------------------------- data sets
 
 
+def staged_scvelo_simulation(n_cells: int, n_genes: int, seed: int):
+    """``pv.datasets.simulate_scvelo`` with ``obs['cell_type']`` = quantile stages of true
+    time (``stage_1`` ... ``stage_4``) and their transitions, for CBDir and the time score."""
+    import pandas as pd
+
+    import pyro_velo as pv
+
+    adata = pv.datasets.simulate_scvelo(n_cells=n_cells, n_genes=n_genes, seed=seed)
+    labels = [f"stage_{k + 1}" for k in range(SCVELO_STAGES)]
+    adata.obs["cell_type"] = pd.qcut(adata.obs["true_t"].rank(method="first"),
+                                     SCVELO_STAGES, labels=labels)
+    adata.uns["transitions"] = list(zip(labels[:-1], labels[1:], strict=True))
+    return adata
+
+
 def load_datasets(args) -> list[dict]:
     """Unprocessed data sets: ``{'name', 'make' (callable), 'cluster_key', ...}``."""
     import anndata
@@ -590,6 +613,8 @@ def load_datasets(args) -> list[dict]:
         label, kwargs = SIMULATIONS[key]
 
         def make(kwargs=kwargs):
+            if kwargs.get("simulator") == "scvelo":
+                return staged_scvelo_simulation(args.n_cells, args.n_genes, kwargs["seed"])
             adata = pv.datasets.simulate(n_cells=args.n_cells, n_genes=args.n_genes, **kwargs)
             adata.uns["transitions"] = [tuple(map(str, t)) for t in adata.uns["transitions"]]
             return adata
@@ -624,7 +649,7 @@ def prepare(dataset: dict, args, folder: Path) -> dict:
     if transitions is None:
         transitions = [tuple(map(str, t)) for t in adata.uns.get("transitions", [])]
     pv.pp.preprocess(adata, random_state=0, spliced_layer=args.spliced_layer,
-                     unspliced_layer=args.unspliced_layer)
+                     unspliced_layer=args.unspliced_layer, size_factors=args.size_factors)
     for key in ("true_schedule", "simulation"):
         adata.uns.pop(key, None)
     cluster_key = dataset["cluster_key"]
@@ -675,6 +700,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cluster-key", help="obs column with cell types (with --h5ad)")
     parser.add_argument("--transitions", help="cell-type transitions 'A:B,B:C' (with --h5ad)")
     parser.add_argument("--time-key", help="obs column with a reference time (with --h5ad)")
+    parser.add_argument("--size-factors", choices=("total", "neighbourhood"),
+                        default="total",
+                        help="pv.pp.preprocess's size_factors for every data set")
     parser.add_argument("--spliced-layer", default="spliced")
     parser.add_argument("--unspliced-layer", default="unspliced")
     parser.add_argument("--scvelo-genes", choices=("scvelo", "pyro_velo"), default="scvelo",

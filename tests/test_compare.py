@@ -64,8 +64,21 @@ def test_parse_args_sizes():
     assert (quick.n_cells, quick.n_genes, quick.max_epochs) == (1000, 100, 100)
     full = compare.parse_args(["--n-genes", "50", "--datasets", "linear"])
     assert (full.n_cells, full.n_genes, full.max_epochs) == (2000, 50, None)
+    assert full.size_factors == "total"
+    assert compare.parse_args(["--size-factors", "neighbourhood"]).size_factors == "neighbourhood"
     with pytest.raises(SystemExit):
         compare.parse_args(["--datasets"])  # nothing to run
+
+
+def test_scvelo_simulation_gets_stages_in_time_order():
+    adata = compare.staged_scvelo_simulation(200, 5, seed=0)
+    stages = adata.obs["cell_type"].astype(str).to_numpy()
+    t = adata.obs["true_t"].to_numpy()
+    labels = [f"stage_{k}" for k in range(1, compare.SCVELO_STAGES + 1)]
+    assert sorted(set(stages)) == labels
+    assert [t[stages == label].max() <= t[stages == nxt].min()
+            for label, nxt in zip(labels[:-1], labels[1:], strict=True)] == [True] * 3
+    assert adata.uns["transitions"] == list(zip(labels[:-1], labels[1:], strict=True))
 
 
 def test_fixed_leastsq_generalized_matches_scvelo_semantics():
