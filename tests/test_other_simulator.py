@@ -77,7 +77,8 @@ def test_default_model_recovers_time_and_velocity_on_scvelo_data():
     vae = pv.VeloVAE(adata, seed=0, progress_bar=False)
     vae.train(seed=0, progress_bar=False)
     t = adata.obs["true_t"].to_numpy()
-    assert spearmanr(vae.get_latent_time(), t)[0] >= 0.95
+    # measured (model seeds 0 / 1): Spearman .969 / .970, cosine .968 / .950
+    assert spearmanr(vae.get_latent_time(), t)[0] >= 0.94
     velocity, _ = vae.get_velocity()
     genes = vae.data.fitted
     v, true_v = velocity[:, genes], adata.layers["true_velocity"][:, genes]
