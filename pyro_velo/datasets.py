@@ -1081,9 +1081,11 @@ def simulate_scvelo(
     anndata.AnnData
         ``n_cells x n_genes`` with dense float ``layers['spliced']`` and
         ``layers['unspliced']`` (noisy abundances, not integers), ``X`` a copy of the
-        spliced layer, ``obs['true_t']``, ``layers['true_velocity']`` (``ds/dt``) and
-        ``layers['true_velocity_u']`` (``du/dt``) of the noise-free state at each cell's
-        true time, and in ``var`` the kinetics: ``true_alpha``, ``true_beta``,
+        spliced layer, ``obs['true_t']`` (scVelo rounds it to 0.01),
+        ``layers['true_velocity']`` (``ds/dt``) and ``layers['true_velocity_u']``
+        (``du/dt``) of the noise-free state at ``obs['true_t']`` (so a cell within 0.005
+        of a gene's switch may be placed on the other side of it), and in ``var`` the
+        kinetics: ``true_alpha``, ``true_beta``,
         ``true_gamma``, ``true_t_off`` (switch-off time; scVelo's ``true_t_``).
         Per-gene rates: ``alpha ~ LogNormal(log 5, 0.5)``, ``beta ~ LogNormal(log 0.5,
         0.5)``, ``gamma ~ LogNormal(log 0.3, 0.5)`` (medians are scVelo's defaults);

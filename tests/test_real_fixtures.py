@@ -27,7 +27,7 @@ def fitted(request, shared_data_dir):
 def test_exports_are_complete_and_finite(fitted):
     adata, vae = fitted
     genes = adata.var["velocity_genes"].to_numpy()
-    assert genes.sum() >= 50  # most kept genes are fitted
+    assert genes.mean() >= 0.9  # kept genes are fitted (all of them, measured)
     t = adata.obs["latent_time"].to_numpy()
     assert np.isfinite(t).all() and t.min() == 0.0 and t.max() == 1.0
     assert np.unique(t).size > 40  # cells are spread over time, not collapsed
