@@ -112,19 +112,20 @@ METHOD_LABELS = {
     "scvelo-dynamical": "scVelo dynamical",
     "scvelo-stochastic": "scVelo stochastic",
 }
-#: name -> (label, simulate keyword arguments)
+#: name -> (label, name of its maker below, keyword arguments); a maker takes
+#: (n_cells, n_genes, **kwargs) and returns raw counts with cell types and transitions
 SIMULATIONS = {
-    "linear": ("linear", dict(topology="linear", noise="nb", seed=0)),
-    "bifurcation2": ("bifurcation, 2 branches",
+    "linear": ("linear", "ours", dict(topology="linear", noise="nb", seed=0)),
+    "bifurcation2": ("bifurcation, 2 branches", "ours",
                      dict(topology="bifurcation", n_branches=2, noise="nb", seed=2)),
-    "bifurcation3": ("bifurcation, 3 branches",
+    "bifurcation3": ("bifurcation, 3 branches", "ours",
                      dict(topology="bifurcation", n_branches=3, noise="nb", seed=3)),
-    "capture": ("bifurcation, 4 capture times",
+    "capture": ("bifurcation, 4 capture times", "ours",
                 dict(topology="bifurcation", n_branches=2, noise="nb", n_capture_times=4,
                      seed=4)),
     # a simulator we did not write (pv.datasets.simulate_scvelo): one lineage, Gaussian
     # noise, no library-size variation
-    "scvelo": ("scVelo's simulator", dict(simulator="scvelo", seed=0)),
+    "scvelo": ("scVelo's simulator", "scvelo", dict(seed=0)),
 }
 #: consecutive stages of true time given to scVelo's simulation (it has no cell types)
 SCVELO_STAGES = 4
@@ -587,6 +588,15 @@ def run_in_subprocess(spec: dict, timeout: float | None) -> dict:
 # --------------------------------------------------------------------------- data sets
 
 
+def our_simulation(n_cells: int, n_genes: int, **kwargs):
+    """``pv.datasets.simulate`` with its transitions as tuples of strings."""
+    import pyro_velo as pv
+
+    adata = pv.datasets.simulate(n_cells=n_cells, n_genes=n_genes, **kwargs)
+    adata.uns["transitions"] = [tuple(map(str, t)) for t in adata.uns["transitions"]]
+    return adata
+
+
 def staged_scvelo_simulation(n_cells: int, n_genes: int, seed: int):
     """``pv.datasets.simulate_scvelo`` with ``obs['cell_type']`` = quantile stages of true
     time (``stage_1`` ... ``stage_4``) and their transitions, for CBDir and the time score."""
@@ -606,18 +616,14 @@ def load_datasets(args) -> list[dict]:
     """Unprocessed data sets: ``{'name', 'make' (callable), 'cluster_key', ...}``."""
     import anndata
 
-    import pyro_velo as pv
 
+    makers = {"ours": our_simulation, "scvelo": staged_scvelo_simulation}
     sets = []
     for key in args.datasets:
-        label, kwargs = SIMULATIONS[key]
+        label, maker, kwargs = SIMULATIONS[key]
 
-        def make(kwargs=kwargs):
-            if kwargs.get("simulator") == "scvelo":
-                return staged_scvelo_simulation(args.n_cells, args.n_genes, kwargs["seed"])
-            adata = pv.datasets.simulate(n_cells=args.n_cells, n_genes=args.n_genes, **kwargs)
-            adata.uns["transitions"] = [tuple(map(str, t)) for t in adata.uns["transitions"]]
-            return adata
+        def make(maker=makers[maker], kwargs=kwargs):
+            return maker(args.n_cells, args.n_genes, **kwargs)
 
         sets.append({"name": label, "make": make, "cluster_key": "cell_type",
                      "transitions": None, "truth_key": "true_t"})
