@@ -12,6 +12,9 @@ per-cell sites (``t``) and the gene dimension is an event dimension of ``u`` and
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -19,6 +22,7 @@ from pyro.nn import PyroModule
 from torch import Tensor, nn
 
 from . import kinetics
+from ._compile import compiled
 from .initialize import RateInit, WindowTable
 from .likelihoods import Likelihood, Normal
 from .nn import Decoder
@@ -109,6 +113,16 @@ class BasicModel(PyroModule):
             rate_prior.set_centre({"alpha": init.alpha, "beta": init.beta,
                                    "gamma": init.gamma})
 
+    #: evaluate the switching solution through ``torch.compile`` while gradients are
+    #: recorded (set by :meth:`pyro_velo.VeloVAE.train`; same values up to rounding)
+    compile_kinetics: bool = False
+
+    def switching_solve(self, *args: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:func:`~pyro_velo.kinetics.switching_solve`, compiled if ``compile_kinetics``."""
+        if self.compile_kinetics:
+            return compiled(kinetics.switching_solve)(*args)
+        return kinetics.switching_solve(*args)
+
     # ---- parameters on their natural scale -------------------------------------------
     def rates(self) -> dict[str, Tensor]:
         """Per-gene parameters on their natural scale, each of shape ``(G,)``."""
@@ -161,7 +175,7 @@ class BasicModel(PyroModule):
         shape ``(..., B, G)``.
         """
         r = {**self.rates(), **(rates or {})}
-        u, s, alpha_t = kinetics.switching_solve(
+        u, s, alpha_t = self.switching_solve(
             t.unsqueeze(-1), r["alpha"], r["beta"], r["gamma"], r["t_on"], r["t_off"]
         )
         du, ds = kinetics.velocity(u, s, alpha_t, r["beta"], r["gamma"])
@@ -206,6 +220,21 @@ class BasicModel(PyroModule):
             pyro.sample("u", self.u_dist(expected["u"], size_u), obs=obs_u)
             pyro.sample("s", self.s_dist(expected["s"], size_s), obs=obs_s)
         return latent
+
+
+@contextmanager
+def compiled_kinetics(enabled: bool = True) -> Iterator[None]:
+    """Within the block, every model evaluates its training steps' ODE solution compiled.
+
+    Sets :attr:`BasicModel.compile_kinetics` for all models (instances that did not set
+    their own) and restores the previous value on exit; see :mod:`pyro_velo._compile`.
+    """
+    previous = BasicModel.compile_kinetics
+    BasicModel.compile_kinetics = bool(enabled)
+    try:
+        yield
+    finally:
+        BasicModel.compile_kinetics = previous
 
 
 class FullModel(BasicModel):
@@ -326,7 +355,7 @@ class FullModel(BasicModel):
         """
         r = {**self.rates(), **(rates or {})}
         rate = self.transcription_rate(c) * r["alpha"]
-        u, s, alpha_t = kinetics.switching_solve(
+        u, s, alpha_t = self.switching_solve(
             t.unsqueeze(-1), rate, r["beta"], r["gamma"], r["t_on"], r["t_off"]
         )
         if self.has_initial_conditions and idx is not None:

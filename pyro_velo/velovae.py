@@ -38,7 +38,7 @@ from .initialize import (
     window_table,
 )
 from .likelihoods import LIKELIHOODS, Likelihood, make_likelihood
-from .model import BasicModel, FullModel
+from .model import BasicModel, FullModel, compiled_kinetics
 from .posterior import DERIVED, RATE_SITES, Moments, draws, multivariate_cv
 from .priors import CaptureTimePrior, LogNormalRatePrior, NormalTimePrior, default_time_scale
 from .train import (
@@ -64,6 +64,11 @@ CUSTOM = "custom:"
 #: cells (whole blocks, from all splits) a model fitted from a file is warmed up and
 #: initialised on; in memory all cells are used
 START_SAMPLE_CELLS = 20_000
+#: ``train(compile=None)`` compiles the kinetics when one stage's work, training cells x
+#: genes x max_epochs, reaches this. Break-even estimate from the pancreas-size run on two
+#: cores (benchmarks/RESULTS.md): compiling costs about 20 s, and a run does about 2.3
+#: stages' worth of passes, each cell-gene pass about 4e-8 s cheaper compiled
+COMPILE_MIN_WORK = 200_000_000
 #: Version of the layout :meth:`VeloVAE.save` writes (``config.json['format_version']``);
 #: :meth:`VeloVAE.load` reads this version only.
 FORMAT_VERSION = 2
@@ -385,6 +390,7 @@ class VeloVAE:
         checkpoint_every: int = 10,
         resume: bool = False,
         distributed: bool | None = None,
+        compile: bool | None = None,
     ) -> TrainingHistory:
         """Fit by minibatch SVI with early stopping on the validation ELBO.
 
@@ -457,12 +463,13 @@ class VeloVAE:
             Continue the run whose checkpoint is in ``checkpoint_dir`` (e.g. after a crash,
             in a new process with a new ``VeloVAE`` built with the same arguments, or on
             this object after an interruption). Pass the same training arguments as the
-            interrupted call (``progress_bar``, ``device``, ``num_threads`` and
-            ``checkpoint_every`` may differ); on CPU the result is then bitwise the same
-            as an uninterrupted run. The history is restored and continues from the
-            checkpoint's epoch. The warm-up and the refinement are not checkpointed inside:
-            a run interrupted during the warm-up restarts it, one interrupted during the
-            refinement restarts the refinement from the end of the ``full`` stage.
+            interrupted call (``progress_bar``, ``device``, ``num_threads``, ``compile``
+            and ``checkpoint_every`` may differ); on CPU with the same ``compile`` the
+            result is then bitwise the same as an uninterrupted run. The history is
+            restored and continues from the checkpoint's epoch. The warm-up and the
+            refinement are not checkpointed inside: a run interrupted during the warm-up
+            restarts it, one interrupted during the refinement restarts the refinement
+            from the end of the ``full`` stage.
             Resuming a finished run restores its final state without training.
         distributed
             Data-parallel training over the default process group (every stage; see
@@ -471,6 +478,15 @@ class VeloVAE:
             so every process must call ``train`` with the same arguments; ``False``:
             this process trains alone even inside a group (e.g. one fit per rank), and
             writes its own checkpoints; ``True``: requires a group.
+        compile
+            Evaluate the ODE solution of training steps through ``torch.compile``
+            (fused kernels; the same values up to float rounding). Compiling takes about
+            20 s on two CPU cores (less when torch's on-disk cache holds the graphs) and
+            then saves about 30% of every step. ``None`` (default): compile on CPU when
+            a stage's work, training cells x genes x ``max_epochs``, is at least
+            :data:`COMPILE_MIN_WORK` (about where the time saved exceeds the compile
+            time); ``True`` / ``False``: always / never. If compiling fails (e.g. no C++
+            compiler) a warning says so and training goes on uncompiled.
 
         Returns
         -------
@@ -496,6 +512,8 @@ class VeloVAE:
             raise InputError(f"distributed must be None, True or False, got {distributed!r}")
         if distributed:
             current_group(True)  # RuntimeError now, before anything changes
+        if compile not in (None, True, False):
+            raise InputError(f"compile must be None, True or False, got {compile!r}")
         check_training_arguments(
             max_epochs=max_epochs, batch_size=batch_size, lr=lr, lr_ode=lr_ode,
             patience=patience, warmup_epochs=warmup_epochs, basic_epochs=basic_epochs,
@@ -525,9 +543,13 @@ class VeloVAE:
         # ---- checkpoints (end) ----
         self._to(device)
         set_seed(seed)
+        if compile is None:
+            work = len(self.data.indices("train")) * self.data.n_genes * max_epochs
+            compile = self.device.type == "cpu" and work >= COMPILE_MIN_WORK
         opts = dict(batch_size=batch_size, lr=lr, lr_ode=lr_ode, progress_bar=progress_bar,
                     history=self.history, patience=patience, distributed=distributed)
-        with cpu_threads(num_threads if self.device.type == "cpu" else None):
+        with (cpu_threads(num_threads if self.device.type == "cpu" else None),
+              compiled_kinetics(bool(compile))):
             if full:
                 basic_model, basic_guide = self._make_pair("basic")
                 basic_model.to(self.device)

@@ -1,0 +1,174 @@
+"""torch.compile of the kinetics: same values as eager, eager fallback, the train() switch.
+
+Compiling a graph takes seconds; every test here that compiles uses the process-wide
+compiled ``switching_solve`` (one file runs in one worker), with per-gene (basic model)
+or per-cell (full model) rates, so each graph is built once per test run.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+import pyro_velo as pv
+from pyro_velo import _compile, kinetics
+from pyro_velo._checks import InputError
+from pyro_velo.model import BasicModel, compiled_kinetics
+
+
+def _inputs(per_cell_rate: bool, n_cells: int = 37, n_genes: int = 23):
+    """Times and rates that visit every branch of the solution, with gradients on."""
+    gen = torch.Generator().manual_seed(0)
+    t_on = torch.rand(n_genes, generator=gen) * 5
+    t_off = t_on + torch.rand(n_genes, generator=gen) * 10
+    t = torch.rand(n_cells, 1, generator=gen) * 25 - 3  # before t_on ... long after t_off
+    t[0, 0] = float(t_on[0])  # tau = 0 exactly
+    t[1, 0] = float(t_off[1])
+    beta = torch.rand(n_genes, generator=gen) * 3 + 0.05
+    gamma = torch.rand(n_genes, generator=gen) * 3 + 0.05
+    gamma[:3] = beta[:3]  # the beta == gamma limit
+    shape = (n_cells, n_genes) if per_cell_rate else (n_genes,)
+    alpha = torch.rand(shape, generator=gen) * 4 + 0.01
+    args = [t, alpha, beta, gamma, t_on, t_off]
+    for x in args[1:]:
+        x.requires_grad_(True)
+    return args
+
+
+@pytest.mark.parametrize("per_cell_rate", [False, True], ids=["per-gene", "per-cell"])
+def test_compiled_solution_and_gradients_match_eager(per_cell_rate):
+    args = _inputs(per_cell_rate)
+    weights = torch.randn(2, *args[0].shape[:1], args[2].shape[0],
+                          generator=torch.Generator().manual_seed(1))
+
+    def values_and_grads(solve, inputs):
+        u, s, alpha_t = solve(*inputs)
+        loss = (weights[0] * u).sum() + (weights[1] * s).sum()
+        grads = torch.autograd.grad(loss, inputs[1:])
+        return [u.detach(), s.detach(), alpha_t.detach(), *grads]
+
+    compiled = values_and_grads(_compile.compiled(kinetics.switching_solve), args)
+    assert _compile.compiled(kinetics.switching_solve)._compiled is not None
+    assert not _compile.compiled(kinetics.switching_solve).failed
+    # reference: eager in float64; float32 results, compiled or not, differ from it by
+    # rounding only (the fused kernels round differently from eager torch's, so compare
+    # each against the float64 truth on the scale of the whole tensor)
+    args64 = [x.detach().double().requires_grad_(x.requires_grad) for x in args]
+    weights = weights.double()
+    reference = values_and_grads(kinetics.switching_solve, args64)
+    names = ["u", "s", "alpha_t", "d alpha", "d beta", "d gamma", "d t_on", "d t_off"]
+    for name, value, truth in zip(names, compiled, reference, strict=True):
+        assert value.dtype == torch.float32 and torch.isfinite(value).all(), name
+        error = (value.double() - truth).abs().max().item()
+        assert error <= 2e-5 * truth.abs().max().item() + 1e-6, (name, error)
+
+
+def test_calls_without_gradients_stay_eager(monkeypatch):
+    def no_compile(*args, **kwargs):
+        raise AssertionError("torch.compile must not be called without gradients")
+
+    monkeypatch.setattr(torch, "compile", no_compile)
+    wrapped = _compile.CompiledOrEager(kinetics.switching_solve)
+    args = _inputs(per_cell_rate=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        u, s, _ = wrapped(*args)
+    expected_u, expected_s, _ = kinetics.switching_solve(*args)
+    torch.testing.assert_close(u, expected_u.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(s, expected_s.detach(), rtol=0, atol=0)
+    assert wrapped._compiled is None and not wrapped.failed
+
+
+def test_a_failed_compilation_warns_once_and_falls_back_to_eager(monkeypatch):
+    def broken(fn, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("no C++ compiler found\nlong traceback")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    wrapped = _compile.CompiledOrEager(kinetics.switching_solve)
+    args = _inputs(per_cell_rate=False)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found.*compile=False"):
+        u, s, _ = wrapped(*args)
+    assert wrapped.failed
+    expected_u, expected_s, _ = kinetics.switching_solve(*args)
+    torch.testing.assert_close(u, expected_u, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call is eager and silent
+        wrapped(*args)
+
+
+def test_compiled_kinetics_context_sets_and_restores_the_switch():
+    assert BasicModel.compile_kinetics is False
+    with pytest.raises(ValueError, match="inside"):
+        with compiled_kinetics(True):
+            assert BasicModel.compile_kinetics is True
+            assert pv.model.FullModel.compile_kinetics is True
+            raise ValueError("inside")
+    assert BasicModel.compile_kinetics is False
+
+
+@pytest.fixture(scope="module")
+def small_adata():
+    adata = pv.datasets.simulate(n_cells=300, n_genes=30, topology="linear", seed=4)
+    pv.pp.preprocess(adata, n_neighbors=15, n_pcs=10, random_state=0)
+    return adata
+
+
+def _record_switch(monkeypatch) -> list[bool]:
+    """Record ``BasicModel.compile_kinetics`` at every training stage."""
+    seen = []
+    fit_stage = pv.velovae._fit_stage
+
+    def recording(*args, **kwargs):
+        seen.append(BasicModel.compile_kinetics)
+        return fit_stage(*args, **kwargs)
+
+    monkeypatch.setattr(pv.velovae, "_fit_stage", recording)
+    return seen
+
+
+def test_train_with_compile_fits_like_eager(small_adata, monkeypatch):
+    seen = _record_switch(monkeypatch)
+    times = {}
+    for compile_ in (False, True):
+        vae = pv.VeloVAE(small_adata, model="basic", seed=0)
+        vae.train(max_epochs=40, progress_bar=False, compile=compile_, num_threads=1)
+        times[compile_] = vae.get_latent_time()
+        assert set(seen) == {compile_}
+        seen.clear()
+    assert BasicModel.compile_kinetics is False  # restored after training
+    assert not _compile.compiled(kinetics.switching_solve).failed
+    truth = small_adata.obs["true_t"]
+    eager, compiled = (spearmanr(times[c], truth)[0] for c in (False, True))
+    assert compiled > 0.9
+    assert abs(compiled - eager) < 0.02
+    assert spearmanr(times[False], times[True])[0] > 0.98
+
+
+def test_train_compiles_by_default_only_for_large_work(small_adata, monkeypatch):
+    seen = _record_switch(monkeypatch)
+    vae = pv.VeloVAE(small_adata, model="basic", seed=0)
+    vae.train(max_epochs=2, warmup_epochs=1, progress_bar=False, num_threads=1)
+    assert set(seen) == {False}  # 300 cells x 30 genes: far below the threshold
+    seen.clear()
+    train_cells = len(vae.data.indices("train"))
+    work = train_cells * vae.data.n_genes * 2
+    monkeypatch.setattr(pv.velovae, "COMPILE_MIN_WORK", work)
+    vae.train(max_epochs=2, warmup_epochs=1, progress_bar=False, num_threads=1)
+    assert set(seen) == {True}
+    assert BasicModel.compile_kinetics is False
+    with pytest.raises(InputError, match="compile must be None, True or False"):
+        vae.train(max_epochs=1, compile="yes")
+
+
+def test_compiled_fit_is_reproducible(small_adata):
+    fits = []
+    for _ in range(2):
+        vae = pv.VeloVAE(small_adata, model="basic", seed=3)
+        vae.train(max_epochs=3, warmup_epochs=1, progress_bar=False, compile=True,
+                  num_threads=1)
+        fits.append(vae.get_latent_time())
+    np.testing.assert_array_equal(fits[0], fits[1])
