@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shlex
 import statistics
 import subprocess
@@ -82,6 +83,18 @@ def rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_model() -> str | None:
+    """The processor's model name (timings differ several-fold between CPU models)."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def machine_load() -> dict:
@@ -417,7 +430,9 @@ def report(results: dict) -> str:
     runs = results.get("runs") or [{"started": results["started"],
                                     "commit": results["commit"], "argv": results["argv"]}]
     lines = [BEGIN, "",
-             f"Machine: {results['cpus']} CPU cores, {results['mem_gb']:.0f} GB RAM, no GPU; "
+             f"Machine: {results['cpus']} CPU cores"
+             + (f" ({results['cpu_model']})" if results.get("cpu_model") else "")
+             + f", {results['mem_gb']:.0f} GB RAM, no GPU; "
              "torch on one thread for (a-c). Commands (run from the repository "
              "root):", "", "```bash"]
     lines += [f"# {run['started']}, {run['commit']}\npython " + shlex.join(run["argv"])
@@ -581,7 +596,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError:
         commit = "commit unknown"
     results: dict = {"started": time.strftime("%Y-%m-%d %H:%M"), "commit": commit,
-                     "cpus": os.cpu_count(),
+                     "cpus": os.cpu_count(), "cpu_model": cpu_model(),
                      "mem_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,
                      "sizes": [], "loads": [], "argv": ["benchmarks/scale.py", *argv]}
     files = {}
