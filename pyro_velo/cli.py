@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch.compile the ODE solution of training steps: 'auto' "
                             "(default) on CPU for large data, where the saved time exceeds "
                             "the ~20 s of compiling")
+        p.add_argument("--bf16", default="auto", choices=["auto", "yes", "no"],
+                       help="bfloat16 products in the networks' gene-wide layers while "
+                            "training: 'auto' (default) with --compile's rule, on CPUs "
+                            "that multiply bfloat16 natively")
 
     demo = sub.add_parser("demo", help="simulate data, fit, export and plot a summary")
     demo.add_argument("-o", "--out", default="pyro_velo_demo", help="output folder")
@@ -89,13 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: the values of the --compile and --bf16 options
+_SWITCH = {"auto": None, "yes": True, "no": False}
+
+
 def _fit(adata, args):
     from .velovae import VeloVAE
 
     vae = VeloVAE(adata, model=args.model, seed=args.seed)
     vae.train(max_epochs=args.max_epochs, batch_size=args.batch_size, seed=args.seed,
               device=args.device, progress_bar=not args.quiet, num_threads=args.threads,
-              compile={"auto": None, "yes": True, "no": False}[args.compile])
+              compile=_SWITCH[args.compile], bf16=_SWITCH[args.bf16])
     vae.export_to_anndata(adata)
     return vae
 

@@ -117,11 +117,20 @@ class BasicModel(PyroModule):
     #: recorded (set by :meth:`pyro_velo.VeloVAE.train`; same values up to rounding)
     compile_kinetics: bool = False
 
-    def switching_solve(self, *args: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """:func:`~pyro_velo.kinetics.switching_solve`, compiled if ``compile_kinetics``."""
+    def switching_solve(self, t: Tensor, alpha: Tensor,
+                        *rates: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:func:`~pyro_velo.kinetics.switching_solve`, compiled if ``compile_kinetics``.
+
+        ``t`` has shape ``(..., B, 1)``; ``alpha`` is per gene ``(G,)`` (basic model) or
+        per cell and gene ``(..., B, G)`` (full model); ``rates`` are beta, gamma, t_on,
+        t_off.
+        """
         if self.compile_kinetics:
-            return compiled(kinetics.switching_solve)(*args)
-        return kinetics.switching_solve(*args)
+            # one compiled graph serves both models: compiling takes seconds per graph
+            # (about 13 s on two cores) and a per-gene alpha would need a graph of its own
+            alpha = alpha.expand(*t.shape[:-1], alpha.shape[-1]).contiguous()
+            return compiled(kinetics.switching_solve)(t, alpha, *rates)
+        return kinetics.switching_solve(t, alpha, *rates)
 
     # ---- parameters on their natural scale -------------------------------------------
     def rates(self) -> dict[str, Tensor]:

@@ -1,8 +1,9 @@
-"""Neural networks: the amortized encoder h(u, s) (and, later, the rate decoder g(c))."""
+"""Neural networks: the amortized encoder h(u, s) and the rate decoder g(c)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -11,14 +12,61 @@ from torch import Tensor, nn
 MIN_SCALE = 1e-4
 
 
+class WideLinear(nn.Linear):
+    """A linear layer whose training-time product may run in bfloat16 on the CPU.
+
+    Used for the layers that touch every gene (the encoder's ``2G -> 500`` input layer,
+    the decoder's ``500 -> G`` output layer), which hold almost all of the networks'
+    arithmetic. While :attr:`bf16` is set (see :func:`bf16_matmuls`) and gradients are
+    recorded, the product runs under ``torch.autocast`` in bfloat16 with float32
+    accumulation and the output is returned in float32; parameters and optimiser state
+    stay float32. Evaluation passes (no gradients: validation, export) always run in
+    float32, so the reported results are those of the float32 network.
+    """
+
+    #: set by :func:`bf16_matmuls`
+    bf16: bool = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.bf16 and torch.is_grad_enabled() and x.device.type == "cpu":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return super().forward(x).float()
+        return super().forward(x)
+
+
+def bf16_supported() -> bool:
+    """Whether this CPU has native bfloat16 matrix products (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available()
+                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # torch builds without the query
+        return False
+
+
+@contextmanager
+def bf16_matmuls(enabled: bool = True) -> Iterator[None]:
+    """Within the block, every :class:`WideLinear` trains in bfloat16 (see there)."""
+    previous = WideLinear.bf16
+    WideLinear.bf16 = bool(enabled)
+    try:
+        yield
+    finally:
+        WideLinear.bf16 = previous
+
+
 def mlp(
-    n_input: int, hidden: Sequence[int], dropout: float, batch_norm: bool = True
+    n_input: int, hidden: Sequence[int], dropout: float, batch_norm: bool = True,
+    input_layer: type[nn.Linear] = nn.Linear,
 ) -> nn.Sequential:
-    """Fully connected body: ``Linear -> [BatchNorm] -> ReLU -> Dropout`` per hidden layer."""
+    """Fully connected body: ``Linear -> [BatchNorm] -> ReLU -> Dropout`` per hidden layer.
+
+    ``input_layer`` is the class of the first linear layer (e.g. :class:`WideLinear`).
+    """
     layers: list[nn.Module] = []
     width = n_input
     for n_out in hidden:
-        layers.append(nn.Linear(width, n_out))
+        linear = input_layer if not layers else nn.Linear
+        layers.append(linear(width, n_out))
         if batch_norm:
             layers.append(nn.BatchNorm1d(n_out))
         layers.append(nn.ReLU())
@@ -61,7 +109,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.t_max = float(t_max)
         self.latent_dim = int(latent_dim)
-        self.body = mlp(2 * n_genes, hidden, dropout)
+        self.body = mlp(2 * n_genes, hidden, dropout, input_layer=WideLinear)
         width = hidden[-1] if len(hidden) else 2 * n_genes
         self.t_head = nn.Linear(width, 2)
         self.c_head = nn.Linear(width, 2 * latent_dim) if latent_dim > 0 else None
@@ -120,7 +168,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.body = mlp(latent_dim, hidden, dropout=0.0, batch_norm=False)
         width = hidden[-1] if len(hidden) else latent_dim
-        self.out = nn.Linear(width, n_genes)
+        self.out = WideLinear(width, n_genes)
         with torch.no_grad():
             self.out.weight.mul_(0.1)
             self.out.bias.fill_(float(torch.logit(torch.tensor(initial_rho))))

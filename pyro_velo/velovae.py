@@ -39,6 +39,7 @@ from .initialize import (
 )
 from .likelihoods import LIKELIHOODS, Likelihood, make_likelihood
 from .model import BasicModel, FullModel, compiled_kinetics
+from .nn import bf16_matmuls, bf16_supported
 from .posterior import DERIVED, RATE_SITES, Moments, draws, multivariate_cv
 from .priors import CaptureTimePrior, LogNormalRatePrior, NormalTimePrior, default_time_scale
 from .train import (
@@ -391,6 +392,7 @@ class VeloVAE:
         resume: bool = False,
         distributed: bool | None = None,
         compile: bool | None = None,
+        bf16: bool | None = None,
     ) -> TrainingHistory:
         """Fit by minibatch SVI with early stopping on the validation ELBO.
 
@@ -487,6 +489,17 @@ class VeloVAE:
             :data:`COMPILE_MIN_WORK` (about where the time saved exceeds the compile
             time); ``True`` / ``False``: always / never. If compiling fails (e.g. no C++
             compiler) a warning says so and training goes on uncompiled.
+        bf16
+            Run the products of the two layers that touch every gene (the encoder's input
+            layer and the decoder's output layer, most of the networks' arithmetic) in
+            bfloat16 during training steps on the CPU (:class:`~pyro_velo.nn.WideLinear`;
+            float32 parameters, optimiser and accumulation; validation and every result
+            in float32). ``None`` (default): on when ``compile``'s work rule holds and
+            the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX; see
+            :func:`~pyro_velo.nn.bf16_supported`); ``True`` / ``False``: always / never
+            (``True`` is slow on a CPU without native bfloat16). It saved about 12% of an
+            epoch at the pancreas size on an AMD EPYC with AVX512-BF16 with the same
+            latent time and velocity (``benchmarks/RESULTS.md``).
 
         Returns
         -------
@@ -514,6 +527,8 @@ class VeloVAE:
             current_group(True)  # RuntimeError now, before anything changes
         if compile not in (None, True, False):
             raise InputError(f"compile must be None, True or False, got {compile!r}")
+        if bf16 not in (None, True, False):
+            raise InputError(f"bf16 must be None, True or False, got {bf16!r}")
         check_training_arguments(
             max_epochs=max_epochs, batch_size=batch_size, lr=lr, lr_ode=lr_ode,
             patience=patience, warmup_epochs=warmup_epochs, basic_epochs=basic_epochs,
@@ -543,13 +558,16 @@ class VeloVAE:
         # ---- checkpoints (end) ----
         self._to(device)
         set_seed(seed)
+        work = len(self.data.indices("train")) * self.data.n_genes * max_epochs
+        large_on_cpu = self.device.type == "cpu" and work >= COMPILE_MIN_WORK
         if compile is None:
-            work = len(self.data.indices("train")) * self.data.n_genes * max_epochs
-            compile = self.device.type == "cpu" and work >= COMPILE_MIN_WORK
+            compile = large_on_cpu
+        if bf16 is None:
+            bf16 = large_on_cpu and bf16_supported()
         opts = dict(batch_size=batch_size, lr=lr, lr_ode=lr_ode, progress_bar=progress_bar,
                     history=self.history, patience=patience, distributed=distributed)
         with (cpu_threads(num_threads if self.device.type == "cpu" else None),
-              compiled_kinetics(bool(compile))):
+              compiled_kinetics(bool(compile)), bf16_matmuls(bool(bf16))):
             if full:
                 basic_model, basic_guide = self._make_pair("basic")
                 basic_model.to(self.device)
@@ -593,8 +611,12 @@ class VeloVAE:
                                     finished=refine_epochs <= 0)
                 self.is_trained = True
                 if refine_epochs > 0:
-                    self.refine_initial_conditions(
-                        epochs=refine_epochs, early_stopping=early_stopping, **opts)
+                    # eager: with t and c held fixed the compiled graph of the first
+                    # stages does not apply, and a new one costs more (about 10 s) than
+                    # it saves over the refinement's few epochs
+                    with compiled_kinetics(False):
+                        self.refine_initial_conditions(
+                            epochs=refine_epochs, early_stopping=early_stopping, **opts)
                     ckpt.stage_done("refine", self.history, self.config, finished=True)
         self.is_trained = True
         return self.history

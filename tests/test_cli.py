@@ -79,16 +79,19 @@ def test_threads_option_reaches_training(monkeypatch, tmp_path):
         cli.build_parser().parse_args(["demo", "--threads", "0"])
 
 
+@pytest.mark.parametrize("option", ["compile", "bf16"])
 @pytest.mark.parametrize("choice, value", [("auto", None), ("yes", True), ("no", False)])
-def test_compile_option_reaches_training(monkeypatch, tmp_path, choice, value):
+def test_switch_options_reach_training(monkeypatch, tmp_path, option, choice, value):
     options = {}
     monkeypatch.setattr(pv.VeloVAE, "train", lambda self, **kw: options.update(kw))
     monkeypatch.setattr(pv.VeloVAE, "export_to_anndata", lambda self, adata: None)
-    args = cli.build_parser().parse_args(["demo", "--compile", choice, "-o", str(tmp_path)])
+    args = cli.build_parser().parse_args(["demo", f"--{option}", choice, "-o", str(tmp_path)])
     adata = pv.datasets.simulate(n_cells=60, n_genes=20, topology="linear", seed=0)
     pv.pp.preprocess(adata, n_neighbors=10, n_pcs=10)
     cli._fit(adata, args)
-    assert options["compile"] is value
-    assert cli.build_parser().parse_args(["demo"]).compile == "auto"
+    assert options[option] is value
+    other = {"compile": "bf16", "bf16": "compile"}[option]
+    assert options[other] is None  # left at its default
+    assert getattr(cli.build_parser().parse_args(["demo"]), option) == "auto"
     with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["demo", "--compile", "maybe"])
+        cli.build_parser().parse_args(["demo", f"--{option}", "maybe"])

@@ -1,8 +1,10 @@
-"""torch.compile of the kinetics: same values as eager, eager fallback, the train() switch.
+"""The fast path for large data: torch.compile of the kinetics (same values as eager,
+eager fallback, one graph for both models) and bfloat16 products in the gene-wide layers,
+with the train() switches of both.
 
 Compiling a graph takes seconds; every test here that compiles uses the process-wide
-compiled ``switching_solve`` (one file runs in one worker), with per-gene (basic model)
-or per-cell (full model) rates, so each graph is built once per test run.
+compiled ``switching_solve`` (one file runs in one worker), with per-gene or per-cell
+rates, so each graph is built once per test run.
 """
 
 import warnings
@@ -16,6 +18,7 @@ import pyro_velo as pv
 from pyro_velo import _compile, kinetics
 from pyro_velo._checks import InputError
 from pyro_velo.model import BasicModel, compiled_kinetics
+from pyro_velo.nn import WideLinear, bf16_matmuls
 
 
 def _inputs(per_cell_rate: bool, n_cells: int = 37, n_genes: int = 23):
@@ -172,3 +175,105 @@ def test_compiled_fit_is_reproducible(small_adata):
                   num_threads=1)
         fits.append(vae.get_latent_time())
     np.testing.assert_array_equal(fits[0], fits[1])
+
+
+def test_basic_and_full_model_share_one_compiled_graph(small_adata, monkeypatch):
+    """Compiled, the basic model's per-gene rate is broadcast to cells x genes, so both
+    models call the compiled solution with the same shapes (one graph, one compilation)
+    and the values are those of the per-gene solution."""
+    shapes = []
+
+    def recording(fn):
+        def call(t, alpha, *rates):
+            shapes.append(tuple(alpha.shape))
+            return fn(t, alpha, *rates)
+        return call
+
+    monkeypatch.setattr(pv.model, "compiled", recording)
+    args = _inputs(per_cell_rate=False)
+    n_cells, n_genes = args[0].shape[0], args[1].shape[0]
+    basic = pv.VeloVAE(small_adata, model="basic", seed=0).model
+    full = pv.VeloVAE(small_adata, seed=0).model
+    per_cell = args[1].detach().expand(n_cells, n_genes).clone()
+    with compiled_kinetics(True):
+        got = basic.switching_solve(*args)
+        full.switching_solve(args[0], per_cell, *args[2:])
+    assert shapes == [(n_cells, n_genes), (n_cells, n_genes)]
+    for value, truth in zip(got, kinetics.switching_solve(*args), strict=True):
+        torch.testing.assert_close(value, truth)
+    shapes.clear()
+    basic.switching_solve(*args)  # not compiled: nothing is broadcast
+    assert shapes == []
+
+
+def test_wide_linear_runs_bf16_only_in_training_steps():
+    torch.manual_seed(0)
+    layer = WideLinear(300, 40)
+    x = torch.randn(16, 300)
+    exact = layer(x)
+    exact.sum().backward()
+    exact_grad = layer.weight.grad.clone()
+    layer.weight.grad = None
+    with bf16_matmuls(True):
+        approx = layer(x)
+        approx.sum().backward()
+        with torch.no_grad():
+            evaluated = layer(x)
+    assert WideLinear.bf16 is False  # restored
+    assert approx.dtype == torch.float32 and layer.weight.dtype == torch.float32
+    error = float((approx - exact).detach().norm() / exact.detach().norm())
+    assert 0 < error < 1e-2, error  # rounded to bfloat16, and only that
+    grad_error = float((layer.weight.grad - exact_grad).norm() / exact_grad.norm())
+    assert grad_error < 1e-2, grad_error
+    torch.testing.assert_close(evaluated, exact.detach(), rtol=0, atol=0)  # no grad: fp32
+
+
+def _record_bf16(monkeypatch) -> list[bool]:
+    """Record ``WideLinear.bf16`` at every training stage."""
+    seen = []
+    fit_stage = pv.velovae._fit_stage
+
+    def recording(*args, **kwargs):
+        seen.append(WideLinear.bf16)
+        return fit_stage(*args, **kwargs)
+
+    monkeypatch.setattr(pv.velovae, "_fit_stage", recording)
+    return seen
+
+
+def test_train_uses_bf16_by_default_only_for_large_work_on_capable_cpus(small_adata,
+                                                                        monkeypatch):
+    seen = _record_bf16(monkeypatch)
+    vae = pv.VeloVAE(small_adata, model="basic", seed=0)
+    short = dict(max_epochs=2, warmup_epochs=1, progress_bar=False, num_threads=1,
+                 compile=False)
+    monkeypatch.setattr(pv.velovae, "bf16_supported", lambda: True)
+    vae.train(**short)
+    assert set(seen) == {False}  # small work
+    seen.clear()
+    monkeypatch.setattr(pv.velovae, "COMPILE_MIN_WORK", 1)
+    vae.train(**short)
+    assert set(seen) == {True}
+    seen.clear()
+    monkeypatch.setattr(pv.velovae, "bf16_supported", lambda: False)
+    vae.train(**short)
+    assert set(seen) == {False}  # no native bfloat16 on this CPU
+    seen.clear()
+    vae.train(**short, bf16=True)
+    assert set(seen) == {True}
+    assert WideLinear.bf16 is False
+    with pytest.raises(InputError, match="bf16 must be None, True or False"):
+        vae.train(max_epochs=1, bf16="yes")
+
+
+def test_train_with_bf16_fits_like_float32(small_adata):
+    times = {}
+    for bf16 in (False, True):
+        vae = pv.VeloVAE(small_adata, seed=0)
+        vae.train(max_epochs=40, progress_bar=False, bf16=bf16, compile=False,
+                  num_threads=1)
+        times[bf16] = vae.get_latent_time()
+    truth = small_adata.obs["true_t"]
+    exact, reduced = (spearmanr(times[b], truth)[0] for b in (False, True))
+    assert reduced > 0.9
+    assert abs(reduced - exact) < 0.02
