@@ -120,13 +120,13 @@ def small_adata():
     return adata
 
 
-def _record_switch(monkeypatch) -> list[bool]:
-    """Record ``BasicModel.compile_kinetics`` at every training stage."""
+def _record_at_each_stage(monkeypatch, read=lambda: BasicModel.compile_kinetics) -> list:
+    """Record ``read()`` (default: ``BasicModel.compile_kinetics``) at every training stage."""
     seen = []
     fit_stage = pv.velovae._fit_stage
 
     def recording(*args, **kwargs):
-        seen.append(BasicModel.compile_kinetics)
+        seen.append(read())
         return fit_stage(*args, **kwargs)
 
     monkeypatch.setattr(pv.velovae, "_fit_stage", recording)
@@ -134,7 +134,7 @@ def _record_switch(monkeypatch) -> list[bool]:
 
 
 def test_train_with_compile_fits_like_eager(small_adata, monkeypatch):
-    seen = _record_switch(monkeypatch)
+    seen = _record_at_each_stage(monkeypatch)
     times = {}
     for compile_ in (False, True):
         vae = pv.VeloVAE(small_adata, model="basic", seed=0)
@@ -152,7 +152,7 @@ def test_train_with_compile_fits_like_eager(small_adata, monkeypatch):
 
 
 def test_train_compiles_by_default_only_for_large_work(small_adata, monkeypatch):
-    seen = _record_switch(monkeypatch)
+    seen = _record_at_each_stage(monkeypatch)
     vae = pv.VeloVAE(small_adata, model="basic", seed=0)
     vae.train(max_epochs=2, warmup_epochs=1, progress_bar=False, num_threads=1)
     assert set(seen) == {False}  # 300 cells x 30 genes: far below the threshold
@@ -228,22 +228,9 @@ def test_wide_linear_runs_bf16_only_in_training_steps():
     torch.testing.assert_close(evaluated, exact.detach(), rtol=0, atol=0)  # no grad: fp32
 
 
-def _record_bf16(monkeypatch) -> list[bool]:
-    """Record ``WideLinear.bf16`` at every training stage."""
-    seen = []
-    fit_stage = pv.velovae._fit_stage
-
-    def recording(*args, **kwargs):
-        seen.append(WideLinear.bf16)
-        return fit_stage(*args, **kwargs)
-
-    monkeypatch.setattr(pv.velovae, "_fit_stage", recording)
-    return seen
-
-
 def test_train_uses_bf16_by_default_only_for_large_work_on_capable_cpus(small_adata,
                                                                         monkeypatch):
-    seen = _record_bf16(monkeypatch)
+    seen = _record_at_each_stage(monkeypatch, lambda: WideLinear.bf16)
     vae = pv.VeloVAE(small_adata, model="basic", seed=0)
     short = dict(max_epochs=2, warmup_epochs=1, progress_bar=False, num_threads=1,
                  compile=False)
