@@ -19,8 +19,8 @@ class WideLinear(nn.Linear):
     the decoder's ``500 -> G`` output layer), which hold almost all of the networks'
     arithmetic. While :attr:`bf16` is set (see :func:`bf16_matmuls`) and gradients are
     recorded, the product runs under ``torch.autocast`` in bfloat16 with float32
-    accumulation and the output is returned in float32; parameters and optimiser state
-    stay float32. Evaluation passes (no gradients: validation, export) always run in
+    accumulation and the output is returned in the input's dtype; parameters and
+    optimiser state keep theirs. Evaluation passes (no gradients: validation, export) always run in
     float32, so the reported results are those of the float32 network.
     """
 
@@ -30,7 +30,7 @@ class WideLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if self.bf16 and torch.is_grad_enabled() and x.device.type == "cpu":
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                return super().forward(x).float()
+                return super().forward(x).to(x.dtype)
         return super().forward(x)
 
 
