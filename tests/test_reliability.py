@@ -335,6 +335,35 @@ def test_nan_loss_names_the_parameter(adata):
         vae.train(max_epochs=2, warmup_epochs=0, progress_bar=False)
 
 
+def test_argument_checks_run_in_each_calls_first_epoch_only(adata):
+    """Distribution argument validation sees every cell in the first epoch of a call and
+    is off after it (it costs ~8% of a step); it is restored when training ends."""
+    vae = pv.VeloVAE(adata, model="basic", **SMALL)
+    seen = []
+    vae.model.register_forward_pre_hook(lambda *_: seen.append(
+        (len(vae.history.train), torch.distributions.Distribution._validate_args)))
+    vae.train(max_epochs=3, warmup_epochs=0, early_stopping=False, progress_bar=False)
+    by_epoch = {epoch: {v for e, v in seen if e == epoch} for epoch, _ in seen}
+    assert by_epoch == {0: {True}, 1: {False}, 2: {False}}, by_epoch
+    assert torch.distributions.Distribution._validate_args is True
+
+
+def test_non_finite_parameter_after_the_first_epoch_is_caught(adata):
+    """Without argument validation a parameter turned infinite is still caught, at its
+    step, and named."""
+    vae = pv.VeloVAE(adata, model="basic", **SMALL)
+
+    def break_in_epoch_1(*_):
+        if len(vae.history.train) == 1 and vae.model.training:
+            with torch.no_grad():
+                vae.model.log_gamma[1] = float("inf")
+
+    vae.model.register_forward_pre_hook(break_in_epoch_1)
+    with pytest.raises(DivergenceError, match="epoch 1, minibatch step 0.*model.log_gamma"):
+        vae.train(max_epochs=3, warmup_epochs=0, progress_bar=False)
+    assert torch.distributions.Distribution._validate_args is True
+
+
 # ---- determinism ---------------------------------------------------------------------
 def test_same_seed_same_full_fit_bitwise(adata):
     runs = []
