@@ -20,8 +20,8 @@ class WideLinear(nn.Linear):
     arithmetic. While :attr:`bf16` is set (see :func:`bf16_matmuls`) and gradients are
     recorded, the product runs under ``torch.autocast`` in bfloat16 with float32
     accumulation and the output is returned in the input's dtype; parameters and
-    optimiser state keep theirs. Evaluation passes (no gradients: validation, export) always run in
-    float32, so the reported results are those of the float32 network.
+    optimiser state keep theirs. Evaluation passes (no gradients: validation, export)
+    always run at full precision, so reported results are those of the float32 network.
     """
 
     #: set by :func:`bf16_matmuls`

@@ -68,7 +68,8 @@ START_SAMPLE_CELLS = 20_000
 #: ``train(compile=None)`` compiles the kinetics when one stage's work, training cells x
 #: genes x max_epochs, reaches this. Break-even estimate from the pancreas-size run on two
 #: cores (benchmarks/RESULTS.md): compiling costs about 20 s, and a run does about 2.3
-#: stages' worth of passes, each cell-gene pass about 4e-8 s cheaper compiled
+#: stages' worth of passes, each cell-gene pass about 4e-8 s cheaper compiled. The same
+#: rule switches on ``train(bf16=None)`` (where the CPU multiplies bfloat16 natively)
 COMPILE_MIN_WORK = 200_000_000
 #: Version of the layout :meth:`VeloVAE.save` writes (``config.json['format_version']``);
 #: :meth:`VeloVAE.load` reads this version only.
@@ -497,9 +498,9 @@ class VeloVAE:
             in float32). ``None`` (default): on when ``compile``'s work rule holds and
             the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX; see
             :func:`~pyro_velo.nn.bf16_supported`); ``True`` / ``False``: always / never
-            (``True`` is slow on a CPU without native bfloat16). It saved about 12% of an
-            epoch at the pancreas size on an AMD EPYC with AVX512-BF16 with the same
-            latent time and velocity (``benchmarks/RESULTS.md``).
+            (``True`` is slow on a CPU without native bfloat16). At the pancreas size on
+            an AMD EPYC with AVX512-BF16 it saved 10-20% of an epoch, with the same
+            latent time, velocity and test MSE (``benchmarks/RESULTS.md``, session 12).
 
         Returns
         -------
