@@ -466,8 +466,9 @@ class VeloVAE:
             Continue the run whose checkpoint is in ``checkpoint_dir`` (e.g. after a crash,
             in a new process with a new ``VeloVAE`` built with the same arguments, or on
             this object after an interruption). Pass the same training arguments as the
-            interrupted call (``progress_bar``, ``device``, ``num_threads``, ``compile``
-            and ``checkpoint_every`` may differ); on CPU with the same ``compile`` the
+            interrupted call (``progress_bar``, ``device``, ``num_threads``, ``compile``,
+            ``bf16`` and ``checkpoint_every`` may differ); on CPU with the same
+            ``compile`` and ``bf16`` the
             result is then bitwise the same as an uninterrupted run. The history is
             restored and continues from the checkpoint's epoch. The warm-up and the
             refinement are not checkpointed inside: a run interrupted during the warm-up
