@@ -468,9 +468,9 @@ class VeloVAE:
             this object after an interruption). Pass the same training arguments as the
             interrupted call (``progress_bar``, ``device``, ``num_threads``, ``compile``,
             ``bf16`` and ``checkpoint_every`` may differ); on CPU with the same
-            ``compile`` and ``bf16`` the
-            result is then bitwise the same as an uninterrupted run. The history is
-            restored and continues from the checkpoint's epoch. The warm-up and the
+            ``compile`` and ``bf16`` the result is then bitwise the same as an
+            uninterrupted run. The history is restored and continues from the
+            checkpoint's epoch. The warm-up and the
             refinement are not checkpointed inside: a run interrupted during the warm-up
             restarts it, one interrupted during the refinement restarts the refinement
             from the end of the ``full`` stage.
