@@ -329,17 +329,29 @@ def _spearman(vae, adata):
 
 @pytest.mark.slow
 def test_capture_time_prior_improves_latent_time():
-    # 5 coarse capture times, each spanning a wide, overlapping range of true time
-    # (Spearman of capture time with true time about 0.83); measured: 0.9756 -> 0.9766
-    adata = pv.datasets.simulate(n_cells=600, n_genes=40, topology="linear",
-                                 n_capture_times=5, noise="nb", seed=6)
-    pv.pp.preprocess(adata, random_state=0)
-    plain = pv.VeloVAE(adata, model="basic", seed=0)
-    plain.train(progress_bar=False, seed=0)
-    informed = pv.VeloVAE(adata, model="basic", seed=0, capture_time_key="capture_time")
-    informed.train(progress_bar=False, seed=0)
-    assert _spearman(informed, adata) > _spearman(plain, adata), (
-        _spearman(informed, adata), _spearman(plain, adata))
+    """Six draws (data seeds 0-5, all of them) of a linear simulation with 5 coarse
+    capture times, each spanning a wide, overlapping range of true time (Spearman of
+    capture time with true time 0.70-0.85), and only 12 genes, so that the data alone
+    leave the order ambiguous on some draws.
+
+    Measured (Spearman with true_t, uninformative / capture-time prior): 0.935 / 0.934,
+    0.880 / 0.883, 0.956 / 0.957, 0.335 / 0.864 (order folded without the prior),
+    -0.948 / 0.947 (time reversed without it), 0.922 / 0.922. Where the data order the
+    cells well the prior changes little (with 40 genes, ten draws differed by at most
+    0.004 either way: ``benchmarks/RESULTS.md``, session 12).
+    """
+    plain, informed = [], []
+    for seed in range(6):
+        adata = pv.datasets.simulate(n_cells=600, n_genes=12, topology="linear",
+                                     n_capture_times=5, noise="nb", seed=seed)
+        pv.pp.preprocess(adata, random_state=0)
+        for key, scores in ((None, plain), ("capture_time", informed)):
+            vae = pv.VeloVAE(adata, model="basic", seed=0, capture_time_key=key)
+            vae.train(progress_bar=False, seed=0)
+            scores.append(_spearman(vae, adata))
+    assert np.mean(informed) > np.mean(plain), (informed, plain)
+    # the prior prevents the failures of an ambiguous order (folds, reversed time)
+    assert min(informed) >= 0.8, informed
 
 
 @pytest.mark.slow
