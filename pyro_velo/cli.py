@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--compile", default="auto", choices=["auto", "yes", "no"],
                        help="torch.compile the ODE solution of training steps: 'auto' "
                             "(default) on CPU for large data, where the saved time exceeds "
-                            "the ~20 s of compiling")
+                            "the ~10 s of compiling")
         p.add_argument("--bf16", default="auto", choices=["auto", "yes", "no"],
                        help="bfloat16 products in the networks' gene-wide layers while "
                             "training: 'auto' (default) with --compile's rule, on CPUs "

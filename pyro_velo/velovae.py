@@ -67,9 +67,11 @@ CUSTOM = "custom:"
 START_SAMPLE_CELLS = 20_000
 #: ``train(compile=None)`` compiles the kinetics when one stage's work, training cells x
 #: genes x max_epochs, reaches this. Break-even estimate from the pancreas-size run on two
-#: cores (benchmarks/RESULTS.md): compiling costs about 20 s, and a run does about 2.3
-#: stages' worth of passes, each cell-gene pass about 4e-8 s cheaper compiled. The same
-#: rule switches on ``train(bf16=None)`` (where the CPU multiplies bfloat16 natively)
+#: cores (benchmarks/RESULTS.md, session 13): compiling costs 7-10 s on an empty cache,
+#: and a run does about 2.3 stages' worth of passes, each cell-gene pass about 2.4e-8 s
+#: cheaper compiled, so compiling pays from about 1.3e8; the round number above it keeps
+#: small runs (and the test suite) free of compile time. The same rule switches on
+#: ``train(bf16=None)`` (where the CPU multiplies bfloat16 natively)
 COMPILE_MIN_WORK = 200_000_000
 #: Version of the layout :meth:`VeloVAE.save` writes (``config.json['format_version']``);
 #: :meth:`VeloVAE.load` reads this version only.
@@ -484,9 +486,9 @@ class VeloVAE:
             writes its own checkpoints; ``True``: requires a group.
         compile
             Evaluate the ODE solution of training steps through ``torch.compile``
-            (fused kernels; the same values up to float rounding). Compiling takes about
-            20 s on two CPU cores (less when torch's on-disk cache holds the graphs) and
-            then saves about 30% of every step. ``None`` (default): compile on CPU when
+            (fused kernels; the same values up to float rounding). Compiling takes 7-10 s
+            on two CPU cores (about 2 s when torch's on-disk cache holds the graphs) and
+            then saves about 20% of every epoch at the pancreas size. ``None`` (default): compile on CPU when
             a stage's work, training cells x genes x ``max_epochs``, is at least
             :data:`COMPILE_MIN_WORK` (about where the time saved exceeds the compile
             time); ``True`` / ``False``: always / never. If compiling fails (e.g. no C++
