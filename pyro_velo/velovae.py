@@ -488,11 +488,12 @@ class VeloVAE:
             Evaluate the ODE solution of training steps through ``torch.compile``
             (fused kernels; the same values up to float rounding). Compiling takes 7-10 s
             on two CPU cores (about 2 s when torch's on-disk cache holds the graphs) and
-            then saves about 20% of every epoch at the pancreas size. ``None`` (default): compile on CPU when
-            a stage's work, training cells x genes x ``max_epochs``, is at least
-            :data:`COMPILE_MIN_WORK` (about where the time saved exceeds the compile
-            time); ``True`` / ``False``: always / never. If compiling fails (e.g. no C++
-            compiler) a warning says so and training goes on uncompiled.
+            then saves about 20% of every epoch at the pancreas size. ``None``
+            (default): compile on CPU when a stage's work, training cells x genes x
+            ``max_epochs``, is at least :data:`COMPILE_MIN_WORK` (above where the time
+            saved exceeds the compile time); ``True`` / ``False``: always / never. If
+            compiling fails (e.g. no C++ compiler) a warning says so and training goes
+            on uncompiled.
         bf16
             Run the products of the two layers that touch every gene (the encoder's input
             layer and the decoder's output layer, most of the networks' arithmetic) in

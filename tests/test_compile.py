@@ -103,6 +103,29 @@ def test_a_failed_compilation_warns_once_and_falls_back_to_eager(monkeypatch):
         wrapped(*args)
 
 
+def test_compiled_calls_recompute_in_the_backward_and_skip_the_isa_probes(monkeypatch):
+    # compiling happens inside the compiled function's call: the settings must hold there
+    # (no saved boolean masks, no test compilations) and be restored after it
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    before = (functorch_config.activation_memory_budget, inductor_config.cpp.vec_isa_ok)
+    seen = {}
+
+    def recording(fn, **kwargs):
+        def call(*args, **kw):
+            seen["budget"] = functorch_config.activation_memory_budget
+            seen["vec_isa_ok"] = inductor_config.cpp.vec_isa_ok
+            return fn(*args, **kw)
+        return call
+
+    monkeypatch.setattr(torch, "compile", recording)
+    _compile.CompiledOrEager(kinetics.switching_solve)(*_inputs(per_cell_rate=True))
+    assert seen == {"budget": 0.0, "vec_isa_ok": True}
+    assert (functorch_config.activation_memory_budget,
+            inductor_config.cpp.vec_isa_ok) == before
+
+
 def test_compiled_kinetics_context_sets_and_restores_the_switch():
     assert BasicModel.compile_kinetics is False
     with pytest.raises(ValueError, match="inside"):

@@ -163,6 +163,48 @@ def test_time_informed_init_finds_switch_times_and_direction():
     assert err < err_reversed
 
 
+def test_time_informed_init_picks_the_best_grid_pair():
+    # independent check of the blocked float32 search: every (t_on, t_off) pair of the
+    # grid evaluated directly with the float64 switching solution and its least-squares
+    # alpha; the pair chosen must fit as well as the best of them
+    gen = torch.Generator().manual_seed(3)
+    n_cells, n_genes, n_grid = 300, 6, 8
+    t = torch.rand(n_cells, generator=gen) * 20
+    beta = torch.rand(n_genes, generator=gen) * 2 + 0.2
+    gamma = torch.rand(n_genes, generator=gen) * 2 + 0.1
+    scale_u = torch.rand(n_genes, generator=gen) + 0.5
+    t_on_true = torch.rand(n_genes, generator=gen) * 10 - 3
+    u, s, _ = kinetics.switching_solve(t[:, None], torch.full((n_genes,), 2.0), beta, gamma,
+                                       t_on_true, t_on_true + 8)
+    u = u * scale_u + 0.1 * torch.rand(n_cells, n_genes, generator=gen)
+    s = s + 0.1 * torch.rand(n_cells, n_genes, generator=gen)
+    on, off, alpha, _ = time_informed_init(u, s, t, beta, gamma, scale_u, n_grid=n_grid)
+
+    x_u, x_s = u.double(), s.double()
+    w_u, w_s = 1 / x_u.var(0), 1 / x_s.var(0)
+    b, g, su, tt = beta.double(), gamma.double(), scale_u.double(), t.double()[:, None]
+
+    def error(t_on, t_off, a=None):
+        fu, fs, _ = kinetics.switching_solve(tt, torch.ones_like(b), b, g, t_on, t_off)
+        fu = fu * su
+        if a is None:  # least squares, clamped as the search does
+            a = ((w_u * (fu * x_u).sum(0) + w_s * (fs * x_s).sum(0))
+                 / (w_u * (fu * fu).sum(0) + w_s * (fs * fs).sum(0)).clamp(min=1e-12)
+                 ).clamp(1e-2, 1e2)
+        return w_u * ((x_u - a * fu) ** 2).sum(0) + w_s * ((x_s - a * fs) ** 2).sum(0)
+
+    lo, hi = float(t.min()), float(t.max())
+    span = hi - lo
+    grid_on = torch.linspace(lo - 2 * span, hi, n_grid, dtype=torch.float64)
+    grid_off = torch.linspace(lo, hi + span, n_grid, dtype=torch.float64)
+    best = torch.full((n_genes,), float("inf"), dtype=torch.float64)
+    for a in grid_on:
+        for b_off in grid_off[grid_off > a]:
+            best = torch.minimum(best, error(a.expand(n_genes), b_off.expand(n_genes)))
+    chosen = error(on.double(), off.double(), alpha.double())
+    np.testing.assert_allclose(chosen.numpy(), best.numpy(), rtol=1e-4)
+
+
 def test_load_rates_keeps_switch_order(pair):
     model, *_ = pair
     model.load_rates(t_on=torch.full((N_GENES,), 2.0), t_off=torch.full((N_GENES,), 9.0))
