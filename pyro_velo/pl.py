@@ -1004,6 +1004,16 @@ def velocity_stream(
         kwargs.setdefault("color_map", "viridis")
     kwargs.setdefault("size", _point_size(adata.n_obs) * 4)
     kwargs.setdefault("alpha", 0.6)
+    if not {"X", "V", "X_grid", "V_grid", "components", "groups"} & kwargs.keys():
+        # scVelo lays its grid out with np.linspace over the embedding's range; from a
+        # float32 embedding numpy >= 2 returns a float32 grid, whose rounded spacing can
+        # fail matplotlib's "equally spaced" check. The same cells in float64 avoid it.
+        from scvelo.plotting.utils import velocity_embedding_changed
+
+        if velocity_embedding_changed(adata, basis=name, vkey=vkey):
+            scv.tl.velocity_embedding(adata, basis=name, vkey=vkey)
+        kwargs["X"] = np.asarray(adata.obsm[f"X_{name}"][:, :2], dtype=np.float64)
+        kwargs["V"] = np.asarray(adata.obsm[f"{vkey}_{name}"][:, :2], dtype=np.float64)
     fig, ax = _figure(ax, (6, 5))
     scv.pl.velocity_embedding_stream(adata, basis=name, vkey=vkey, color=color, ax=ax,
                                      show=False, **kwargs)

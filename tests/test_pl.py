@@ -191,6 +191,19 @@ def test_benchmark_renders(results, tmp_path):
     assert sum(ax.axison for ax in fig.axes) == 1
 
 
+def test_velocity_stream_draws_float32_embeddings_far_from_zero(adata):
+    # scVelo's grid from a float32 embedding is float32 under numpy >= 2; around 1000 its
+    # rounded spacing failed matplotlib's "equally spaced" check (scVelo alone raises)
+    rng = np.random.default_rng(0)
+    adata.obsm["X_far"] = (1000 + 3 * rng.normal(size=(adata.n_obs, 2))).astype(np.float32)
+    before = adata.obsm["X_far"].copy()
+    fig = pv.pl.velocity_stream(adata, basis="far", color="cell_type", show=False)
+    assert isinstance(fig, Figure)
+    np.testing.assert_array_equal(adata.obsm["X_far"], before)  # not rewritten
+    assert adata.obsm["X_far"].dtype == np.float32
+    assert adata.obsm["velocity_far"].shape == (adata.n_obs, 2)
+
+
 def test_velocity_stream_renders_and_writes_graph(adata, tmp_path):
     assert "velocity_graph" not in adata.uns
     fig = pv.pl.velocity_stream(adata, basis="pca", show=False, save=tmp_path / "stream.png")
