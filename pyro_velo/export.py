@@ -127,16 +127,14 @@ def write_h5ad(vae: VeloVAE, path: str | Path, rho: bool | None = None,
                     del group[tmp]
                 group.create_dataset(tmp, shape=(n_cells, n_vars), dtype="float32",
                                      chunks=(min(n_cells, 256), n_vars))
-            cells = torch.arange(n_cells, device=vae.device)
-            for batch in tqdm(cells.split(batch_size), desc="Writing layers",
-                              disable=not progress_bar):
-                encoded = {k: latent[k][batch] for k in ("t", "c") if k in latent}
-                expected = vae._expected(idx=batch, encoded=encoded)
+            blocks = vae._expected_blocks(chunk=batch_size, encoded=latent)
+            for rows, expected, encoded in tqdm(blocks, desc="Writing layers",
+                                                total=-(-n_cells // batch_size),
+                                                disable=not progress_bar):
                 if "rho" in layers.values():
                     expected["rho"] = vae.model.transcription_rate(encoded["c"])
-                lo, hi = int(batch[0]), int(batch[-1]) + 1
                 for name, key in layers.items():
-                    group[temporary[name]][lo:hi] = vae._full_width(
+                    group[temporary[name]][rows] = vae._full_width(
                         expected[key].detach().cpu().numpy())
         except BaseException:
             for tmp in temporary.values():

@@ -6,7 +6,7 @@ import copy
 import inspect
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -1073,6 +1073,26 @@ class VeloVAE:
         full[:, self.data.fitted] = x
         return full
 
+    def _expected_blocks(self, delta_t: float = 0.0, data: VelocityData | None = None,
+                         chunk: int = 1024,
+                         encoded: dict[str, torch.Tensor] | None = None,
+                         ) -> Iterator[tuple[slice, dict[str, torch.Tensor],
+                                             dict[str, torch.Tensor]]]:
+        """:meth:`_expected` of the cells of ``data``, ``chunk`` cells at a time.
+
+        Yields ``(rows, expected, latent)``: the block's rows, its expectations
+        (``(rows, fitted genes)``) and its part of the encoding. ``encoded``: the output
+        of :meth:`_encode` for all cells of ``data``, if at hand. The one loop behind the
+        in-memory arrays (:meth:`_expected_arrays`) and the chunked file writer
+        (:func:`pyro_velo.export.write_h5ad`).
+        """
+        data = self.data if data is None else data
+        latent = self._encode(data=data) if encoded is None else encoded
+        for pos in torch.arange(data.n_cells, device=self.device).split(chunk):
+            part = {k: v[pos] for k, v in latent.items()}
+            rows = slice(int(pos[0]), int(pos[-1]) + 1)
+            yield rows, self._expected(delta_t, idx=pos, data=data, encoded=part), part
+
     def _expected_arrays(self, keys: tuple[str, ...], delta_t: float = 0.0,
                          data: VelocityData | None = None, chunk: int = 1024,
                          encoded: dict[str, torch.Tensor] | None = None,
@@ -1084,14 +1104,10 @@ class VeloVAE:
         ``encoded``: the output of :meth:`_encode` for all cells of ``data``, if at hand.
         """
         data = self.data if data is None else data
-        latent = self._encode(data=data) if encoded is None else encoded
         columns = np.flatnonzero(self.data.fitted)
         out = tuple(np.full((data.n_cells, len(self.var_names)), np.nan, dtype=np.float32)
                     for _ in keys)
-        for pos in torch.arange(data.n_cells, device=self.device).split(chunk):
-            part = self._expected(delta_t, idx=pos, data=data,
-                                  encoded={k: v[pos] for k, v in latent.items()})
-            rows = slice(int(pos[0]), int(pos[-1]) + 1)
+        for rows, part, _ in self._expected_blocks(delta_t, data, chunk, encoded):
             for array, key in zip(out, keys, strict=True):
                 array[rows, columns] = part[key].cpu().numpy()
         return out
