@@ -1008,7 +1008,11 @@ def velocity_stream(
         # scVelo lays its grid out with np.linspace over the embedding's range; from a
         # float32 embedding numpy >= 2 returns a float32 grid, whose rounded spacing can
         # fail matplotlib's "equally spaced" check. The same cells in float64 avoid it.
-        from scvelo.plotting.utils import velocity_embedding_changed
+        try:  # scVelo's own test of whether the projection must be (re)computed
+            from scvelo.plotting.utils import velocity_embedding_changed
+        except ImportError:
+            def velocity_embedding_changed(adata, basis, vkey):
+                return f"{vkey}_{basis}" not in adata.obsm
 
         if velocity_embedding_changed(adata, basis=name, vkey=vkey):
             scv.tl.velocity_embedding(adata, basis=name, vkey=vkey)
