@@ -1,0 +1,167 @@
+"""Experiment: does a per-cell rate *history* close the 2-branch velocity gap?
+
+Usage: python benchmarks/rate_history.py [--sets 2 3] [--size-factors total
+           neighbourhood] [--seeds 0 1 2 3] [--models full history] [--knots 8]
+           [--oracle-rates]
+
+The full model gives each cell one transcription rate ``rho(c) * alpha`` for its whole
+past (from the gene's switch-on time). ``RateHistoryModel`` (defined here, not part of
+the package) lets the rate follow the cell's history instead: the decoder also takes a
+time, ``rho(c, tau)``, and the cell's ODE integrates a piecewise-constant rate over
+``knots`` equal segments of ``[0, t_max]`` (the segment holding the cell's own time uses
+``rho(c, t)``), inside the gene's ``[t_on, t_off)`` window, with the exact solution of
+:func:`pyro_velo.kinetics.piecewise_solve`. It has no initial-condition refinement
+(``train(refine_epochs=0)``): the history replaces it. It is swapped into ``VeloVAE``
+for the duration of a fit.
+
+``--oracle-rates`` sets every gene's beta and gamma to the simulation's true values when
+the full stage starts (alpha and the unspliced scaling are adjusted so that the
+steady-state levels do not change): if the velocity gap came from badly identified rates,
+this would close it.
+
+Simulations as in ``tests/test_full_model.py`` (``simulate(2000, 200,
+topology='bifurcation', n_branches=k, noise='nb', seed=k)``, ``pp.preprocess(
+random_state=0, size_factors=...)``); default training, one torch thread. Prints one
+markdown row per fit: latent-time Spearman, velocity cosine, future-state correlation
+(as in ``full_vs_basic.py``), the median per-gene correlation of model and true velocity
+over the transcriptional-boost genes, test log-likelihood per cell and wall time.
+Results: ``benchmarks/RESULTS.md``, session 14.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from unittest import mock
+
+import numpy as np
+import torch
+from full_vs_basic import velocity_metrics
+from torch import Tensor
+
+import pyro_velo as pv
+import pyro_velo.velovae as velovae_module
+from pyro_velo import kinetics
+from pyro_velo.model import FullModel
+from pyro_velo.nn import Decoder
+
+
+class RateHistoryModel(FullModel):
+    """Full model whose cells integrate their own rate history ``rho(c, tau) * alpha``."""
+
+    knots: int = 8
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.decoder = Decoder(self.latent_dim + 1, self.n_genes)
+        self.register_buffer("edges", torch.linspace(0.0, self.t_max, self.knots + 1))
+
+    def _rho(self, c: Tensor, tau: Tensor) -> Tensor:
+        return self.decoder(torch.cat([c, (tau / self.t_max - 0.5).unsqueeze(-1)], -1))
+
+    def transcription_rate(self, c: Tensor, t: Tensor | None = None) -> Tensor:
+        if t is None:  # callers that know no time (e.g. the start from the basic model)
+            t = torch.full(c.shape[:-1], 0.5 * self.t_max, device=c.device)
+        return self._rho(c, t)
+
+    def kinetic(self, t: Tensor, c: Tensor, idx: Tensor | None = None,
+                rates: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        r = {**self.rates(), **(rates or {})}
+        edges, k = self.edges, self.knots
+        segment = (t / (self.t_max / k)).floor().clamp(0, k - 1)
+        ks = torch.arange(k, device=t.device, dtype=t.dtype)
+        mids = 0.5 * (edges[:-1] + edges[1:])
+        # the rate of each segment at its midpoint; of the cell's own segment at t
+        tau = torch.where(ks == segment.unsqueeze(-1), t.unsqueeze(-1), mids)
+        rho = self._rho(c.unsqueeze(-2).expand(*tau.shape, c.shape[-1]), tau)
+        alphas = (rho * r["alpha"]).transpose(-1, -2)
+        alphas = torch.cat([alphas, torch.zeros_like(alphas[..., :1])], -1)
+        lower = torch.cat([edges.new_tensor([-1e9]), edges[1:-1]])
+        starts = torch.minimum(torch.maximum(lower, r["t_on"].unsqueeze(-1)),
+                               r["t_off"].unsqueeze(-1))
+        starts = torch.cat([starts, r["t_off"].unsqueeze(-1)], -1)
+        u, s, alpha_t = kinetics.piecewise_solve(t.unsqueeze(-1), starts, alphas,
+                                                 r["beta"], r["gamma"])
+        du, ds = kinetics.velocity(u, s, alpha_t, r["beta"], r["gamma"])
+        return {"u": r["scale_u"] * u, "s": s, "du": r["scale_u"] * du, "ds": ds}
+
+
+def _oracle_start(adata):
+    """A replacement of ``VeloVAE._start_from_basic`` that sets the true beta, gamma."""
+    original = velovae_module.VeloVAE._start_from_basic
+
+    def start(self, basic_model, basic_guide):
+        original(self, basic_model, basic_guide)
+        r = self.model.rates()
+        genes = self.data.fitted
+        beta, gamma = (torch.as_tensor(adata.var[f"true_{name}"].to_numpy()[genes],
+                                       dtype=r["beta"].dtype, device=r["beta"].device)
+                       for name in ("beta", "gamma"))
+        # same steady states: s* = alpha / gamma, observed u* = scale_u alpha / beta
+        self.model.load_rates(beta=beta, gamma=gamma, alpha=r["alpha"] * gamma / r["gamma"],
+                              scale_u=r["scale_u"] * beta / r["beta"] * r["gamma"] / gamma)
+
+    return start
+
+
+def _boost_correlation(vae: pv.VeloVAE, adata) -> float:
+    genes = vae.data.fitted
+    velocity = vae.get_velocity()[0][:, genes]
+    truth = adata.layers["true_velocity"][:, genes]
+    boost = np.flatnonzero(adata.var["behaviour"].to_numpy()[genes] == "transcriptional_boost")
+    return float(np.median([np.corrcoef(velocity[:, j], truth[:, j])[0, 1] for j in boost]))
+
+
+def run(n_branches: int, size_factors: str, seed: int, model: str, knots: int,
+        oracle: bool) -> str:
+    adata = pv.datasets.simulate(n_cells=2000, n_genes=200, topology="bifurcation",
+                                 n_branches=n_branches, noise="nb", seed=n_branches)
+    pv.pp.preprocess(adata, random_state=0, size_factors=size_factors)
+    RateHistoryModel.knots = knots
+    patches = []
+    if model == "history":
+        patches.append(mock.patch.object(velovae_module, "FullModel", RateHistoryModel))
+    if oracle:
+        patches.append(mock.patch.object(velovae_module.VeloVAE, "_start_from_basic",
+                                         _oracle_start(adata)))
+    start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        vae = pv.VeloVAE(adata, model="full", seed=seed)
+        vae.train(progress_bar=False, seed=seed, num_threads=1,
+                  **({"refine_epochs": 0} if model == "history" else {}))
+        wall = time.perf_counter() - start
+        scores = velocity_metrics(vae, adata)
+        boost = _boost_correlation(vae, adata)
+        ll = float(vae.evaluate().loc["test", "log_likelihood"])
+    return (f"| {n_branches} | {size_factors} | {seed} | {model} | {'yes' if oracle else 'no'} "
+            f"| {scores['spearman']:.3f} | {scores['cosine']:.3f} | {scores['future']:.3f} "
+            f"| {boost:.2f} | {ll:.1f} | {wall:.0f} s |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", type=int, nargs="+", default=[2])
+    parser.add_argument("--size-factors", nargs="+", default=["neighbourhood"],
+                        choices=pv.pp.SIZE_FACTORS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--models", nargs="+", default=["full", "history"],
+                        choices=["full", "history"])
+    parser.add_argument("--knots", type=int, default=8)
+    parser.add_argument("--oracle-rates", action="store_true")
+    args = parser.parse_args()
+    print("| branches | size factors | seed | model | true rates | Spearman t | cosine "
+          "| future | boost r | test LL | wall |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for n_branches in args.sets:
+        for size_factors in args.size_factors:
+            for seed in args.seeds:
+                for model in args.models:
+                    print(run(n_branches, size_factors, seed, model, args.knots,
+                              args.oracle_rates), flush=True)
+
+
+if __name__ == "__main__":
+    main()
