@@ -1,8 +1,8 @@
 """Experiment: does a per-cell rate *history* close the 2-branch velocity gap?
 
 Usage: python benchmarks/rate_history.py [--sets 2 3] [--size-factors total
-           neighbourhood] [--seeds 0 1 2 3] [--models full history] [--knots 8]
-           [--oracle-rates]
+           neighbourhood] [--seeds 0 1 2 3] [--models full history ancestors]
+           [--knots 8] [--oracle-rates]
 
 The full model gives each cell one transcription rate ``rho(c) * alpha`` for its whole
 past (from the gene's switch-on time). ``RateHistoryModel`` (defined here, not part of
@@ -12,7 +12,10 @@ time, ``rho(c, tau)``, and the cell's ODE integrates a piecewise-constant rate o
 ``rho(c, t)``), inside the gene's ``[t_on, t_off)`` window, with the exact solution of
 :func:`pyro_velo.kinetics.piecewise_solve`. It has no initial-condition refinement
 (``train(refine_epochs=0)``): the history replaces it. It is swapped into ``VeloVAE``
-for the duration of a fit.
+for the duration of a fit. ``ancestors`` is the package's ``VeloVAE(rate_history=
+'ancestors')`` (:class:`pyro_velo.model.AncestralModel`): the segments' rates come from
+the cell's ancestors instead, the cells of each earlier segment nearest to it in cell
+state.
 
 ``--oracle-rates`` sets every gene's beta and gamma to the simulation's true values when
 the full stage starts (alpha and the unspliced scaling are adjusted so that the
@@ -42,20 +45,23 @@ from torch import Tensor
 
 import pyro_velo as pv
 import pyro_velo.velovae as velovae_module
-from pyro_velo import kinetics
-from pyro_velo.model import FullModel
+from pyro_velo.model import AncestralModel
 from pyro_velo.nn import Decoder
 
 
-class RateHistoryModel(FullModel):
-    """Full model whose cells integrate their own rate history ``rho(c, tau) * alpha``."""
+class RateHistoryModel(AncestralModel):
+    """Full model whose cells integrate their own rate history ``rho(c, tau) * alpha``.
+
+    The pieces and their exact solution are :class:`~pyro_velo.model.AncestralModel`'s;
+    only the rates of the time bins differ (the decoder's at the bin's midpoint, at the
+    cell's own time in its own bin, instead of the ancestors').
+    """
 
     knots: int = 8
 
     def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, n_bins=self.knots, **kwargs)
         self.decoder = Decoder(self.latent_dim + 1, self.n_genes)
-        self.register_buffer("edges", torch.linspace(0.0, self.t_max, self.knots + 1))
 
     def _rho(self, c: Tensor, tau: Tensor) -> Tensor:
         return self.decoder(torch.cat([c, (tau / self.t_max - 0.5).unsqueeze(-1)], -1))
@@ -65,26 +71,16 @@ class RateHistoryModel(FullModel):
             t = torch.full(c.shape[:-1], 0.5 * self.t_max, device=c.device)
         return self._rho(c, t)
 
-    def kinetic(self, t: Tensor, c: Tensor, idx: Tensor | None = None,
-                rates: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        r = {**self.rates(), **(rates or {})}
-        edges, k = self.edges, self.knots
-        segment = (t / (self.t_max / k)).floor().clamp(0, k - 1)
-        ks = torch.arange(k, device=t.device, dtype=t.dtype)
+    def rate_history(self, t: Tensor, c: Tensor) -> Tensor:
+        bins = torch.arange(self.knots, device=t.device)
+        edges = torch.linspace(0.0, self.t_max, self.knots + 1, device=t.device)
         mids = 0.5 * (edges[:-1] + edges[1:])
-        # the rate of each segment at its midpoint; of the cell's own segment at t
-        tau = torch.where(ks == segment.unsqueeze(-1), t.unsqueeze(-1), mids)
-        rho = self._rho(c.unsqueeze(-2).expand(*tau.shape, c.shape[-1]), tau)
-        alphas = (rho * r["alpha"]).transpose(-1, -2)
-        alphas = torch.cat([alphas, torch.zeros_like(alphas[..., :1])], -1)
-        lower = torch.cat([edges.new_tensor([-1e9]), edges[1:-1]])
-        starts = torch.minimum(torch.maximum(lower, r["t_on"].unsqueeze(-1)),
-                               r["t_off"].unsqueeze(-1))
-        starts = torch.cat([starts, r["t_off"].unsqueeze(-1)], -1)
-        u, s, alpha_t = kinetics.piecewise_solve(t.unsqueeze(-1), starts, alphas,
-                                                 r["beta"], r["gamma"])
-        du, ds = kinetics.velocity(u, s, alpha_t, r["beta"], r["gamma"])
-        return {"u": r["scale_u"] * u, "s": s, "du": r["scale_u"] * du, "ds": ds}
+        own = bins == self.ancestors.bin(t).unsqueeze(-1)
+        tau = torch.where(own, t.unsqueeze(-1), mids)
+        return self._rho(c.unsqueeze(-2).expand(*tau.shape, c.shape[-1]), tau)
+
+
+MODELS = ("full", "history", "ancestors")
 
 
 def _oracle_start(adata):
@@ -129,7 +125,8 @@ def run(n_branches: int, size_factors: str, seed: int, model: str, knots: int,
     with contextlib.ExitStack() as stack:
         for patch in patches:
             stack.enter_context(patch)
-        vae = pv.VeloVAE(adata, model="full", seed=seed)
+        vae = pv.VeloVAE(adata, model="full", seed=seed,
+                         rate_history="ancestors" if model == "ancestors" else "constant")
         vae.train(progress_bar=False, seed=seed, num_threads=1,
                   **({"refine_epochs": 0} if model == "history" else {}))
         wall = time.perf_counter() - start
@@ -148,7 +145,7 @@ def main() -> None:
                         choices=pv.pp.SIZE_FACTORS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--models", nargs="+", default=["full", "history"],
-                        choices=["full", "history"])
+                        choices=MODELS)
     parser.add_argument("--knots", type=int, default=8)
     parser.add_argument("--oracle-rates", action="store_true")
     args = parser.parse_args()

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from . import kinetics
 from ._compile import compiled
+from .ancestry import AncestorTable
 from .initialize import RateInit, WindowTable
 from .likelihoods import Likelihood, Normal
 from .nn import Decoder
@@ -377,5 +378,85 @@ class FullModel(BasicModel):
                                       r["gamma"])
             u = torch.where(has_start.unsqueeze(-1), u_w, u)
             s = torch.where(has_start.unsqueeze(-1), s_w, s)
+        du, ds = kinetics.velocity(u, s, alpha_t, r["beta"], r["gamma"])
+        return {"u": r["scale_u"] * u, "s": s, "du": r["scale_u"] * du, "ds": ds}
+
+
+class AncestralModel(FullModel):
+    """The mixture of ODEs with each cell's rate history taken from its ancestors.
+
+    :class:`FullModel` gives cell ``i`` the rate ``rho_i * alpha`` from a gene's switch-on
+    on. Its fitted state then lies on ``rho_i`` times one switch-on curve, so a cell
+    shortly after a rise of the rate (a transcriptional boost, a branch switching a gene
+    on) is fitted as a cell at the steady state of its own rate, with the wrong velocity
+    (``benchmarks/RESULTS.md``, session 14). Here time ``[0, t_max]`` is cut into
+    ``n_bins`` bins; over each bin before its own, a cell transcribes at the mean
+    ``rho`` of its *ancestors*, the cells of that bin nearest to it in cell state
+    (:class:`~pyro_velo.ancestry.AncestorTable`, updated from every training step's
+    posterior samples, without gradients), and over its own bin at its own
+    ``rho_i``. Before a branch point every branch thus shares the root's rates. The
+    switch-on and switch-off times stay: the rate history applies inside
+    ``[t_on, t_off)``, and the ODE is solved exactly over the pieces
+    (:func:`~pyro_velo.kinetics.piecewise_solve`).
+
+    This replaces the initial-condition refinement (the refinement's windows are a
+    one-step version of the same idea), so :meth:`set_initial_conditions` is not
+    available. With an empty table (before training) the model equals
+    :class:`FullModel`.
+
+    Parameters
+    ----------
+    init, t_max, ..., state_prior
+        As for :class:`FullModel`.
+    n_bins
+        Time bins of the rate history (default 8).
+    n_prototypes
+        Cell-state prototypes per time bin (default 10; more than the branches that
+        coexist at one time).
+    memory
+        Training cells after which a prototype that absorbed none of them is dropped
+        (see :class:`~pyro_velo.ancestry.AncestorTable`; None: never).
+    """
+
+    def __init__(self, *args, n_bins: int = 8, n_prototypes: int = 10,
+                 memory: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ancestors = AncestorTable(n_bins, n_prototypes, self.latent_dim, self.n_genes,
+                                       self.t_max, memory=memory)
+
+    def set_initial_conditions(self, table: WindowTable) -> None:
+        raise RuntimeError("the ancestral model takes each cell's past from its ancestors; "
+                           "initial conditions (the refinement) do not apply to it")
+
+    def rate_history(self, t: Tensor, c: Tensor) -> Tensor:
+        """Relative rates of the time bins, ``(..., B, n_bins, G)``.
+
+        Bins before the cell's own: its ancestors' ``rho`` (its own where the table has no
+        prototype in the bin); its own bin and later: its own ``rho``. During training
+        steps (gradients on) the cells are first absorbed into the table.
+        """
+        own = self.transcription_rate(c)
+        flat_t, flat_c = t.reshape(-1).detach(), c.reshape(-1, c.shape[-1]).detach()
+        if torch.is_grad_enabled():  # validation and prediction run without gradients
+            self.ancestors.update(flat_t, flat_c, own.reshape(-1, own.shape[-1]).detach())
+        past, seeded = self.ancestors.lookup(flat_c)
+        past = past.reshape(*own.shape[:-1], *past.shape[1:])
+        bins = torch.arange(self.ancestors.n_bins, device=t.device)
+        before = (bins < self.ancestors.bin(t).unsqueeze(-1)) & seeded
+        return torch.where(before.unsqueeze(-1), past, own.unsqueeze(-2))
+
+    def kinetic(self, t: Tensor, c: Tensor, idx: Tensor | None = None,
+                rates: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Expected state and velocities at ``t`` under the ancestral rate history."""
+        r = {**self.rates(), **(rates or {})}
+        alphas = (self.rate_history(t, c) * r["alpha"]).transpose(-1, -2)  # (..., B, G, bins)
+        alphas = torch.cat([alphas, torch.zeros_like(alphas[..., :1])], -1)
+        # bin k covers [edge k, edge k + 1) inside [t_on, t_off): the first piece starts at
+        # t_on, a last one of rate 0 at t_off
+        t_on, t_off = r["t_on"].unsqueeze(-1), r["t_off"].unsqueeze(-1)
+        inner = self.ancestors.edges.to(t_on.dtype).expand(*t_on.shape[:-1], -1)
+        starts = torch.cat([t_on, torch.minimum(torch.maximum(inner, t_on), t_off), t_off], -1)
+        u, s, alpha_t = kinetics.piecewise_solve(t.unsqueeze(-1), starts, alphas, r["beta"],
+                                                 r["gamma"])
         du, ds = kinetics.velocity(u, s, alpha_t, r["beta"], r["gamma"])
         return {"u": r["scale_u"] * u, "s": s, "du": r["scale_u"] * du, "ds": ds}

@@ -38,7 +38,7 @@ from .initialize import (
     window_table,
 )
 from .likelihoods import LIKELIHOODS, Likelihood, make_likelihood
-from .model import BasicModel, FullModel, compiled_kinetics
+from .model import AncestralModel, BasicModel, FullModel, compiled_kinetics
 from .nn import bf16_matmuls, bf16_supported
 from .posterior import DERIVED, RATE_SITES, Moments, draws, multivariate_cv
 from .priors import CaptureTimePrior, LogNormalRatePrior, NormalTimePrior, default_time_scale
@@ -54,6 +54,8 @@ from .train import (
 )
 
 MODELS = ("basic", "full")
+#: values of ``rate_history``: the paper's one rate per cell, or rates from the ancestors
+RATE_HISTORIES = ("constant", "ancestors")
 #: epochs between the refinement's checks of the validation log-likelihood, and the
 #: epochs before the first (see ``VeloVAE._hopeless_refinement``)
 REFINE_CHECK_EVERY = 5
@@ -106,6 +108,13 @@ class VeloVAE:
         Dimension of the cell state c (full model; paper: 5).
     c_prior_scale
         Standard deviation of the Normal prior of c (paper: 1, i.e. ``N(0, I)``).
+    rate_history
+        Full model: ``'constant'`` (default, the paper's model: each cell transcribes at
+        its own rate ``rho(c) * alpha`` since a gene's switch-on, followed by the
+        initial-condition refinement) or ``'ancestors'``: over each earlier time bin a
+        cell transcribes at the rate of its ancestors, the cells of that bin nearest to
+        it in cell state (:class:`~pyro_velo.model.AncestralModel`; no refinement).
+        See ``benchmarks/RESULTS.md``, session 14, for what it changes.
     likelihood
         ``'normal'`` (default; on the moments ``Mu``/``Ms``), ``'poisson'`` or ``'nb'``
         (on the raw counts ``layers['raw_unspliced']``/``['raw_spliced']`` with the size
@@ -173,6 +182,7 @@ class VeloVAE:
         dropout: float = 0.2,
         latent_dim: int = 5,
         c_prior_scale: float = 1.0,
+        rate_history: str = "constant",
         likelihood: str | Likelihood = "normal",
         guide=GUIDES[0],
         time_prior=None,
@@ -188,6 +198,11 @@ class VeloVAE:
     ) -> None:
         if model not in MODELS:
             raise InputError(f"unknown model {model!r}; choose one of {MODELS}")
+        if rate_history not in RATE_HISTORIES:
+            raise InputError(f"unknown rate_history {rate_history!r}; choose one of "
+                             f"{RATE_HISTORIES}")
+        if rate_history != "constant" and model != "full":
+            raise InputError(f"rate_history={rate_history!r} applies to model='full'")
         self._check_settings(t_max=t_max, time_prior_loc=time_prior_loc,
                              time_prior_scale=time_prior_scale, hidden=hidden,
                              dropout=dropout, latent_dim=latent_dim,
@@ -206,6 +221,7 @@ class VeloVAE:
             "dropout": float(dropout),
             "latent_dim": int(latent_dim),
             "c_prior_scale": float(c_prior_scale),
+            "rate_history": rate_history,
             **{name: _describe(value) for name, value in components.items()},
             "capture_time_key": capture_time_key,
             "capture_time_mapping": capture_time_mapping,
@@ -351,7 +367,12 @@ class VeloVAE:
         if kind == "basic":
             model = BasicModel(*common)
         else:
-            model = FullModel(*common, latent_dim=cfg["latent_dim"],
+            extra = {}
+            if cfg.get("rate_history") == "ancestors":
+                # prototypes no training cell has visited for two epochs are dropped
+                extra["memory"] = 2 * len(self.data.indices("train"))
+            model = (AncestralModel if extra else FullModel)(
+                *common, **extra, latent_dim=cfg["latent_dim"],
                               c_prior_scale=cfg["c_prior_scale"],
                               state_prior=_adopted_copy(parts["state_prior"]))
         chosen = parts["guide"]
@@ -543,8 +564,12 @@ class VeloVAE:
             max_epochs = default_max_epochs(self.data.n_cells)
         if warmup_epochs is None:
             warmup_epochs = max(20, max_epochs // 10)
+        ancestral = self.config.get("rate_history") == "ancestors"
+        if ancestral and refine_epochs:
+            raise InputError("rate_history='ancestors' has no initial-condition refinement: "
+                             "leave refine_epochs unset (or 0)")
         if refine_epochs is None:
-            refine_epochs = max_epochs // 4
+            refine_epochs = 0 if ancestral else max_epochs // 4
         full = self.config["model"] == "full"
         if basic_epochs is None:
             basic_epochs = max_epochs
@@ -705,6 +730,10 @@ class VeloVAE:
         self._check_trained()
         if self.config["model"] != "full":
             raise RuntimeError("initial-condition refinement applies to the full model only")
+        if self.config.get("rate_history") == "ancestors":
+            raise RuntimeError("initial-condition refinement does not apply to "
+                               "rate_history='ancestors': each cell's past comes from its "
+                               "ancestors")
         # reject unknown options before anything changes
         allowed = set(inspect.signature(fit).parameters) - {"model", "guide", "data",
                                                               "max_epochs"}
