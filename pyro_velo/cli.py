@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default="full", choices=["basic", "full"],
                        help="'full': mixture of ODEs with a cell state per cell (default); "
                             "'basic': fixed rates per gene (faster)")
+        p.add_argument("--rate-history", default="constant", choices=["constant", "ancestors"],
+                       help="full model: 'constant' (the paper's one rate per cell, default) "
+                            "or 'ancestors' (each cell's past rates from its ancestors)")
         p.add_argument("--max-epochs", type=_positive_int, default=None,
                        help="upper bound on training epochs (default: scales with cells)")
         p.add_argument("--batch-size", type=_positive_int, default=batch_size)
@@ -100,7 +103,7 @@ _SWITCH = {"auto": None, "yes": True, "no": False}
 def _fit(adata, args):
     from .velovae import VeloVAE
 
-    vae = VeloVAE(adata, model=args.model, seed=args.seed)
+    vae = VeloVAE(adata, model=args.model, rate_history=args.rate_history, seed=args.seed)
     vae.train(max_epochs=args.max_epochs, batch_size=args.batch_size, seed=args.seed,
               device=args.device, progress_bar=not args.quiet, num_threads=args.threads,
               compile=_SWITCH[args.compile], bf16=_SWITCH[args.bf16])

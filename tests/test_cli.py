@@ -9,6 +9,7 @@ import pytest
 
 import pyro_velo as pv
 from pyro_velo import cli
+from pyro_velo._checks import InputError
 
 
 def test_demo_writes_h5ad_and_figure(tmp_path, capsys):
@@ -95,3 +96,20 @@ def test_switch_options_reach_training(monkeypatch, tmp_path, option, choice, va
     assert getattr(cli.build_parser().parse_args(["demo"]), option) == "auto"
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["demo", f"--{option}", "maybe"])
+
+
+def test_rate_history_option_reaches_the_model(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(pv.VeloVAE, "train", lambda self, **kw: seen.update(self.config))
+    monkeypatch.setattr(pv.VeloVAE, "export_to_anndata", lambda self, adata: None)
+    adata = pv.datasets.simulate(n_cells=60, n_genes=20, topology="linear", seed=0)
+    pv.pp.preprocess(adata, n_neighbors=10, n_pcs=10)
+    args = cli.build_parser().parse_args(["demo", "--rate-history", "ancestors", "-o",
+                                          str(tmp_path)])
+    cli._fit(adata, args)
+    assert seen["rate_history"] == "ancestors"
+    assert cli.build_parser().parse_args(["demo"]).rate_history == "constant"
+    args = cli.build_parser().parse_args(["demo", "--model", "basic", "--rate-history",
+                                          "ancestors", "-o", str(tmp_path)])
+    with pytest.raises(InputError, match="model='full'"):
+        cli._fit(adata, args)

@@ -64,7 +64,9 @@ VELOCITY_2_BRANCHES_OPEN = (
     "pp.preprocess(size_factors='neighbourhood') gives 0.73-0.82 over the same seeds "
     "(mean 0.78), 0.76-0.86 (mean 0.81) with the refinement always kept "
     "(require_improvement=False), which costs 3 branches up to 0.10; neither is the "
-    "default (README, benchmarks/RESULTS.md)")
+    "default. rate_history='ancestors' with neighbourhood size factors reaches it "
+    "(test_ancestral_rates_fit_rate_rises_and_reach_the_velocity_target; total counts: "
+    "0.64-0.76) (README, benchmarks/RESULTS.md)")
 
 
 def test_velocity_agrees_with_true_velocity(fits, request):
@@ -75,6 +77,45 @@ def test_velocity_agrees_with_true_velocity(fits, request):
     velocity, _ = vae.get_velocity()
     cos = _cosine(velocity[:, genes], adata.layers["true_velocity"][:, genes])
     assert np.mean(cos) >= 0.8, np.mean(cos)
+
+
+@pytest.fixture(scope="module")
+def neighbourhood_fits():
+    """The 2-branch set with neighbourhood size factors: one rate per cell vs ancestors."""
+    adata = pv.datasets.simulate(n_cells=2000, n_genes=200, topology="bifurcation",
+                                 n_branches=2, noise="nb", seed=2)
+    pv.pp.preprocess(adata, random_state=0, size_factors="neighbourhood")
+    out = {"adata": adata}
+    for history in ("constant", "ancestors"):
+        vae = pv.VeloVAE(adata, rate_history=history, seed=0)
+        vae.train(progress_bar=False, seed=0)
+        out[history] = vae
+    return out
+
+
+def _median_velocity_correlation(vae, adata, behaviour):
+    genes = np.flatnonzero(vae.data.fitted
+                           & (adata.var["behaviour"].to_numpy() == behaviour))
+    velocity = vae.get_velocity()[0]
+    truth = adata.layers["true_velocity"]
+    return np.median([np.corrcoef(velocity[:, g], truth[:, g])[0, 1] for g in genes])
+
+
+def test_ancestral_rates_fit_rate_rises_and_reach_the_velocity_target(neighbourhood_fits):
+    """Transcriptional boosts (rates rising in steps) get the velocity pattern right only
+    with the ancestors' rates (seeds 0-3: median per-gene r 0.66-0.76 against -0.02-0.43);
+    the mean cosine reaches the issue's 0.8 (seeds 0-3: 0.79-0.87 against 0.72-0.82)."""
+    adata = neighbourhood_fits["adata"]
+    constant, ancestral = neighbourhood_fits["constant"], neighbourhood_fits["ancestors"]
+    boost = [_median_velocity_correlation(vae, adata, "transcriptional_boost")
+             for vae in (constant, ancestral)]
+    assert boost[1] >= boost[0] + 0.15, boost
+    genes = ancestral.data.fitted
+    cosine = _cosine(ancestral.get_velocity()[0][:, genes],
+                     adata.layers["true_velocity"][:, genes])
+    assert np.mean(cosine) >= 0.8, np.mean(cosine)
+    spearman = spearmanr(ancestral.get_latent_time(), adata.obs["true_t"])[0]
+    assert spearman >= 0.9, spearman
 
 
 def test_predicted_future_moves_along_true_velocity(fits):
