@@ -386,7 +386,7 @@ class AncestralModel(FullModel):
     """The mixture of ODEs with each cell's rate history taken from its ancestors.
 
     :class:`FullModel` gives cell ``i`` the rate ``rho_i * alpha`` from a gene's switch-on
-    on. Its fitted state then lies on ``rho_i`` times one switch-on curve, so a cell
+    onwards. Its fitted state then lies on ``rho_i`` times one switch-on curve, so a cell
     shortly after a rise of the rate (a transcriptional boost, a branch switching a gene
     on) is fitted as a cell at the steady state of its own rate, with the wrong velocity
     (``benchmarks/RESULTS.md``, session 14). Here time ``[0, t_max]`` is cut into
@@ -433,11 +433,12 @@ class AncestralModel(FullModel):
 
         Bins before the cell's own: its ancestors' ``rho`` (its own where the table has no
         prototype in the bin); its own bin and later: its own ``rho``. During training
-        steps (gradients on) the cells are first absorbed into the table.
+        steps (train mode with gradients on; not in validation or prediction) the cells
+        are first absorbed into the table.
         """
         own = self.transcription_rate(c)
         flat_t, flat_c = t.reshape(-1).detach(), c.reshape(-1, c.shape[-1]).detach()
-        if torch.is_grad_enabled():  # validation and prediction run without gradients
+        if self.training and torch.is_grad_enabled():
             self.ancestors.update(flat_t, flat_c, own.reshape(-1, own.shape[-1]).detach())
         past, seeded = self.ancestors.lookup(flat_c)
         past = past.reshape(*own.shape[:-1], *past.shape[1:])

@@ -121,9 +121,12 @@ def test_ancestral_kinetics_match_an_ode_solver_over_the_rate_history():
 def test_only_training_steps_update_the_table():
     _, model = _models()
     t, c = torch.tensor([3.0, 12.0]), torch.randn(2, 3)
-    with torch.no_grad():
+    with torch.no_grad():  # validation
         model.kinetic(t, c)
+    model.eval()  # prediction
+    model.kinetic(t, c)
     assert model.ancestors.count.sum() == 0
+    model.train()
     model.kinetic(t, c)
     assert model.ancestors.count.sum() == 2
     with pytest.raises(RuntimeError, match="ancestors"):
@@ -144,8 +147,12 @@ def test_velovae_trains_the_ancestral_model_without_refinement(ancestral_fit):
     assert isinstance(vae.model, AncestralModel)
     assert [name for name, _ in vae.history.stages] == ["warm-up", "basic", "full"]
     assert vae.model.ancestors.lookup(torch.zeros(1, 5))[1].any()
+    state = {k: v.clone() for k, v in vae.model.ancestors.state_dict().items()}
     velocity, _ = vae.get_velocity()
     assert np.isfinite(velocity[:, vae.data.fitted]).all()
+    np.testing.assert_array_equal(vae.get_velocity()[0], velocity)  # predicting changes nothing
+    for key, value in vae.model.ancestors.state_dict().items():
+        torch.testing.assert_close(value, state[key])
     with pytest.raises(RuntimeError, match="ancestors"):
         vae.refine_initial_conditions(epochs=2)
 
