@@ -108,13 +108,14 @@ class AncestorTable(nn.Module):
             if x.shape[0] == 0:
                 continue
             nearest = self._nearest(x, alive[k], k)
-            n = torch.zeros_like(self.count[k]).index_add_(0, nearest, torch.ones_like(nearest,
-                                                                                  dtype=x.dtype))
+            ones = torch.ones_like(nearest, dtype=x.dtype)
+            n = torch.zeros_like(self.count[k]).index_add_(0, nearest, ones)
             hit = n > 0
             self.count[k] += n
             self.last[k] = torch.where(hit, self.seen, self.last[k])
-            weight = torch.where(hit, (n / self.count[k].clamp(min=1.0)).clamp(min=self.min_weight,
-                                                                                max=1.0), 0.0)
+            # a running mean (weight n / count), kept from freezing by min_weight
+            weight = (n / self.count[k].clamp(min=1.0)).clamp(min=self.min_weight, max=1.0)
+            weight = torch.where(hit, weight, 0.0)
             mean_x = (torch.zeros_like(self.centre[k]).index_add_(0, nearest, x)
                       / n.clamp(min=1.0).unsqueeze(-1))
             mean_r = (torch.zeros_like(self.rho[k]).index_add_(0, nearest, r)
