@@ -75,8 +75,7 @@ class RateHistoryModel(AncestralModel):
 
     def rate_history(self, t: Tensor, c: Tensor) -> Tensor:
         bins = torch.arange(self.knots, device=t.device)
-        edges = torch.linspace(0.0, self.t_max, self.knots + 1, device=t.device)
-        mids = 0.5 * (edges[:-1] + edges[1:])
+        mids = (bins + 0.5) * (self.t_max / self.knots)
         own = bins == self.ancestors.bin(t).unsqueeze(-1)
         tau = torch.where(own, t.unsqueeze(-1), mids)
         return self._rho(c.unsqueeze(-2).expand(*tau.shape, c.shape[-1]), tau)

@@ -188,6 +188,12 @@ class BasicModel(PyroModule):
         u, s, alpha_t = self.switching_solve(
             t.unsqueeze(-1), r["alpha"], r["beta"], r["gamma"], r["t_on"], r["t_off"]
         )
+        return self._observed(u, s, alpha_t, r)
+
+    @staticmethod
+    def _observed(u: Tensor, s: Tensor, alpha_t: Tensor,
+                  r: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The ODE state ``(u, s)`` and its velocities, u on the observed unspliced scale."""
         du, ds = kinetics.velocity(u, s, alpha_t, r["beta"], r["gamma"])
         return {"u": r["scale_u"] * u, "s": s, "du": r["scale_u"] * du, "ds": ds}
 
@@ -378,8 +384,7 @@ class FullModel(BasicModel):
                                       r["gamma"])
             u = torch.where(has_start.unsqueeze(-1), u_w, u)
             s = torch.where(has_start.unsqueeze(-1), s_w, s)
-        du, ds = kinetics.velocity(u, s, alpha_t, r["beta"], r["gamma"])
-        return {"u": r["scale_u"] * u, "s": s, "du": r["scale_u"] * du, "ds": ds}
+        return self._observed(u, s, alpha_t, r)
 
 
 class AncestralModel(FullModel):
@@ -459,5 +464,4 @@ class AncestralModel(FullModel):
         starts = torch.cat([t_on, torch.minimum(torch.maximum(inner, t_on), t_off), t_off], -1)
         u, s, alpha_t = kinetics.piecewise_solve(t.unsqueeze(-1), starts, alphas, r["beta"],
                                                  r["gamma"])
-        du, ds = kinetics.velocity(u, s, alpha_t, r["beta"], r["gamma"])
-        return {"u": r["scale_u"] * u, "s": s, "du": r["scale_u"] * du, "ds": ds}
+        return self._observed(u, s, alpha_t, r)

@@ -333,6 +333,11 @@ class VeloVAE:
         return {"likelihood": likelihood, "guide": guide, "time_prior": time_prior,
                 "state_prior": state_prior, "rate_prior": rate_prior}
 
+    @property
+    def _ancestral(self) -> bool:
+        """Whether the full model takes each cell's past rates from its ancestors."""
+        return self.config.get("rate_history") == "ancestors"  # absent in older saves
+
     def _likelihood_template(self) -> Likelihood:
         return make_likelihood(self._components["likelihood"])
 
@@ -367,14 +372,14 @@ class VeloVAE:
         if kind == "basic":
             model = BasicModel(*common)
         else:
-            extra = {}
-            if cfg.get("rate_history") == "ancestors":
+            options = dict(latent_dim=cfg["latent_dim"], c_prior_scale=cfg["c_prior_scale"],
+                           state_prior=_adopted_copy(parts["state_prior"]))
+            if self._ancestral:
                 # prototypes no training cell has visited for two epochs are dropped
-                extra["memory"] = 2 * len(self.data.indices("train"))
-            model = (AncestralModel if extra else FullModel)(
-                *common, **extra, latent_dim=cfg["latent_dim"],
-                              c_prior_scale=cfg["c_prior_scale"],
-                              state_prior=_adopted_copy(parts["state_prior"]))
+                model = AncestralModel(*common, memory=2 * len(self.data.indices("train")),
+                                       **options)
+            else:
+                model = FullModel(*common, **options)
         chosen = parts["guide"]
         if kind != cfg["model"] or chosen == "amortized":
             guide = AmortizedGuide(self.data.n_genes, cfg["hidden"], cfg["dropout"],
@@ -564,12 +569,11 @@ class VeloVAE:
             max_epochs = default_max_epochs(self.data.n_cells)
         if warmup_epochs is None:
             warmup_epochs = max(20, max_epochs // 10)
-        ancestral = self.config.get("rate_history") == "ancestors"
-        if ancestral and refine_epochs:
+        if self._ancestral and refine_epochs:
             raise InputError("rate_history='ancestors' has no initial-condition refinement: "
                              "leave refine_epochs unset (or 0)")
         if refine_epochs is None:
-            refine_epochs = 0 if ancestral else max_epochs // 4
+            refine_epochs = 0 if self._ancestral else max_epochs // 4
         full = self.config["model"] == "full"
         if basic_epochs is None:
             basic_epochs = max_epochs
@@ -730,7 +734,7 @@ class VeloVAE:
         self._check_trained()
         if self.config["model"] != "full":
             raise RuntimeError("initial-condition refinement applies to the full model only")
-        if self.config.get("rate_history") == "ancestors":
+        if self._ancestral:
             raise RuntimeError("initial-condition refinement does not apply to "
                                "rate_history='ancestors': each cell's past comes from its "
                                "ancestors")
