@@ -31,8 +31,9 @@ fresh Python process so that its peak resident memory is its own:
     in alternating rounds so that a change of machine load hits both alike; with
     distribution argument validation on (the default) and off.
 (d) ``pancreas``: ``pv.datasets.simulate(3700, 2000)`` + ``pv.pp.preprocess`` in memory,
-    then the default ``pv.VeloVAE(adata).train()``: wall time and epochs per stage, on
-    torch's default threads (one per core) or ``--threads N``; ``--profile`` adds a
+    then the default ``pv.VeloVAE(adata).train()`` (``--rate-history ancestors``: with
+    the ancestors' rates): wall time and epochs per stage, on torch's default threads
+    (one per core) or ``--threads N``; ``--profile`` adds a
     pyinstrument profile of ``train()`` (needs ``pip install pyinstrument``).
 
 Machine load (``os.getloadavg`` and the busiest other processes) is recorded around every
@@ -333,7 +334,7 @@ def child_pancreas(args: argparse.Namespace) -> dict:
 
         profiler = Profiler(interval=0.005)
     start = time.perf_counter()
-    vae = pv.VeloVAE(adata)
+    vae = pv.VeloVAE(adata, rate_history=args.rate_history)
     construct_s = time.perf_counter() - start
     if profiler is not None:
         profiler.start()
@@ -356,7 +357,7 @@ def child_pancreas(args: argparse.Namespace) -> dict:
             "stage_seconds": stage_times, "warm_start": vae.config.get("warm_start"),
             "refined": vae.config.get("refined"), "stopped_early": history.stopped_early,
             "train_cells": int((vae.data.split == 0).sum()), "peak_rss_mb": peak_rss_mb(),
-            "threads": threads}
+            "threads": threads, "rate_history": args.rate_history}
 
 
 CHILDREN = {"generate": child_generate, "train": child_train, "overhead": child_overhead,
@@ -500,7 +501,8 @@ def report(results: dict) -> str:
         lines += [f"**(d) Pancreas-size run** (`simulate(n_cells={p['n_cells']}, "
                   f"n_genes={results['pancreas_genes']})` + `pp.preprocess` -> "
                   f"{p['n_genes']} fitted genes, {p['train_cells']} training cells; default "
-                  f"`VeloVAE(adata).train()` on {p.get('threads', 1)} torch thread(s)):", "",
+                  f"`VeloVAE(adata, rate_history='{p.get('rate_history', 'constant')}')"
+                  f".train()` on {p.get('threads', 1)} torch thread(s)):", "",
                   "| simulate (s) | preprocess (s) | construct (s) | train (s) | epochs per "
                   "stage | seconds per stage | warm start | refined | peak RSS (GiB) | "
                   "load avg before / after |",
@@ -553,6 +555,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="measure nothing: report the results saved by earlier runs' "
                              "--json (merged)")
     parser.add_argument("--progress", action="store_true", help="progress bars (to the log)")
+    parser.add_argument("--rate-history", choices=["constant", "ancestors"],
+                        default="constant", help="VeloVAE(rate_history=...) of (d)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of the pancreas-size train() (default: torch's)")
     # internal: one measurement in a child process
@@ -624,7 +628,7 @@ def main(argv: list[str] | None = None) -> None:
         results["pancreas_genes"] = genes
         results["pancreas"] = run_child("pancreas", log, n_cells=cells, genes=genes,
                                         profile=args.profile, progress=args.progress,
-                                        threads=args.threads)
+                                        threads=args.threads, rate_history=args.rate_history)
         results["loads"].append(results["pancreas"]["load_before"]["busy"])
     block = report(results)
     print(block)

@@ -13,21 +13,28 @@ no NaN or inf in values or gradients for ``tau = 0``, ``alpha = 0`` or large ``t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-# Below this |x| the Taylor series of expm1(x)/x is used: its truncation error
-# (x^3/24) is far below float64 round-off there, and it avoids 0/0.
-_TAYLOR_CUTOFF = 1e-4
-
-__all__ = ["solve", "velocity", "piecewise_solve", "switching_solve"]
+__all__ = ["solve", "velocity", "piecewise_solve", "superposed_solve", "switching_solve"]
 
 
 def _expm1_ratio(x: Tensor) -> Tensor:
-    """``expm1(x) / x`` with its limit 1 at ``x = 0`` (finite gradients everywhere)."""
-    small = x.abs() < _TAYLOR_CUTOFF
+    """``expm1(x) / x`` with its limit 1 at ``x = 0`` (finite gradients everywhere).
+
+    Below ``|x| = eps^(1/6)`` of the dtype (0.07 in float32, 0.0025 in float64) the
+    Taylor series through ``x^4`` is used; its truncation error, ``x^5 / 720``, is below
+    ``eps`` there. The cutoff is that high for two reasons. The gradient of the direct
+    form cancels to a relative error of ``eps / |x|`` (3e-4 in float32 at ``|x| =
+    3e-4``). And ``torch.compile``'s CPU kernels evaluate ``expm1`` as ``exp(x) - 1``
+    (torch 2.13: relative error 1e-3 at ``x = -1e-5``).
+    """
+    cutoff = torch.finfo(x.dtype).eps ** (1 / 6)
+    small = x.abs() < cutoff
     x_safe = torch.where(small, torch.full_like(x, -1.0), x)
-    taylor = 1.0 + x / 2.0 + x * x / 6.0
+    taylor = 1.0 + x * (1 / 2 + x * (1 / 6 + x * (1 / 24 + x / 120)))
     return torch.where(small, taylor, torch.expm1(x_safe) / x_safe)
 
 
@@ -134,13 +141,71 @@ def piecewise_solve(
     u = torch.zeros((), dtype=starts.dtype, device=starts.device) + u0
     s = torch.zeros((), dtype=starts.dtype, device=starts.device) + s0
     alpha_t = torch.zeros((), dtype=starts.dtype, device=starts.device)
+    # unbind, not indexing: the backward of an index fills a zero tensor of the whole
+    # (..., K) shape for each segment, which took most of a training step's time
+    starts_k, alphas_k = starts.unbind(-1), alphas.unbind(-1)
     for k in range(n_segments):
-        start = starts[..., k]
+        start = starts_k[k]
         elapsed = (t - start).clamp(min=0.0)
         if k + 1 < n_segments:
-            elapsed = torch.minimum(elapsed, (starts[..., k + 1] - start).clamp(min=0.0))
-        u, s = solve(elapsed, u, s, alphas[..., k], beta, gamma)
-        alpha_t = torch.where(t >= start, alphas[..., k], alpha_t)
+            elapsed = torch.minimum(elapsed, (starts_k[k + 1] - start).clamp(min=0.0))
+        u, s = solve(elapsed, u, s, alphas_k[k], beta, gamma)
+        alpha_t = torch.where(t >= start, alphas_k[k], alpha_t)
+    return u, s, alpha_t
+
+
+def superposed_solve(
+    t: Tensor,
+    starts: Sequence[Tensor],
+    alphas: Sequence[Tensor],
+    beta: Tensor | float,
+    gamma: Tensor | float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`piecewise_solve` from the zero state, as a sum of step responses.
+
+    The ODE is linear in the transcription rate, so the state at ``t`` is the sum, over
+    the segment starts, of the rate's jump there (``alphas[k] - alphas[k - 1]``) times
+    the response to a unit step switched on at that start. This takes three
+    transcendental functions per segment where :func:`piecewise_solve`, which carries the
+    state from segment to segment, takes six, and the segments are independent of each
+    other. The price: a state long after a switch-off is a difference of responses, with
+    an absolute error of float32's epsilon times ``alpha / beta`` instead of a relative
+    one.
+
+    Parameters
+    ----------
+    t
+        Query times, broadcastable with the segments' tensors.
+    starts, alphas
+        One tensor per segment (sorted by start time): where it starts and its rate. The
+        last segment has no end; before the first the state is zero.
+    beta, gamma
+        Rates, broadcastable to the batch shape.
+
+    Returns
+    -------
+    u, s, alpha_t
+        As for :func:`piecewise_solve`.
+
+    Notes
+    -----
+    Segments come as sequences rather than one tensor with a segment dimension so that
+    each is contiguous: compiled, the backward over a strided segment dimension was about
+    8x slower. The unit step response after ``tau`` is ``U = (1 - e^{-beta tau}) / beta``,
+    ``S = (1 - e^{-gamma tau}) / gamma + (e^{-gamma tau} - e^{-beta tau}) / (gamma -
+    beta)``: :func:`solve` from ``(0, 0)`` with ``alpha = 1``.
+    """
+    beta, gamma = _as_tensors(beta, gamma)
+    u = s = alpha_t = torch.zeros((), dtype=beta.dtype, device=beta.device)
+    previous: Tensor | float = 0.0
+    for start, alpha in zip(starts, alphas, strict=True):
+        jump = alpha - previous
+        previous = alpha
+        tau = (t - start).clamp(min=0.0)
+        u = u - jump / beta * torch.expm1(-beta * tau)
+        s = s + jump * (_exp_difference_quotient(beta, gamma, tau)
+                        - torch.expm1(-gamma * tau) / gamma)
+        alpha_t = alpha_t + torch.where(t >= start, jump, 0.0)
     return u, s, alpha_t
 
 

@@ -4,7 +4,8 @@ with the train() switches of both.
 
 Compiling a graph takes seconds; every test here that compiles uses the process-wide
 compiled ``switching_solve`` (one file runs in one worker), with per-gene or per-cell
-rates, so each graph is built once per test run.
+rates, so each graph is built once per test run; the ancestral model's
+``history_solve`` is compiled by one test.
 """
 
 import warnings
@@ -17,7 +18,7 @@ from scipy.stats import spearmanr
 import pyro_velo as pv
 from pyro_velo import _compile, kinetics
 from pyro_velo._checks import InputError
-from pyro_velo.model import BasicModel, compiled_kinetics
+from pyro_velo.model import BasicModel, compiled_kinetics, history_solve
 from pyro_velo.nn import WideLinear, bf16_matmuls
 
 
@@ -65,6 +66,33 @@ def test_compiled_solution_and_gradients_match_eager(per_cell_rate):
     for name, value, truth in zip(names, compiled, reference, strict=True):
         assert value.dtype == torch.float32 and torch.isfinite(value).all(), name
         error = (value.double() - truth).abs().max().item()
+        assert error <= 2e-5 * truth.abs().max().item() + 1e-6, (name, error)
+
+
+def test_compiled_rate_history_solution_matches_eager():
+    """The ancestral model's piecewise solution, compiled, against eager float64."""
+    t, alpha, beta, gamma, t_on, t_off = _inputs(per_cell_rate=False)
+    gen = torch.Generator().manual_seed(2)
+    edges = torch.linspace(0.0, 15.0, 8)[1:-1]
+    history = torch.rand(t.shape[0], edges.numel() + 1, alpha.shape[0], generator=gen)
+    args = [t, history.requires_grad_(True), alpha, beta, gamma, t_on, t_off, edges]
+    weights = torch.randn(2, t.shape[0], alpha.shape[0], generator=gen)
+
+    def values_and_grads(solve, inputs, weights):
+        u, s, alpha_t = solve(*inputs)
+        loss = (weights[0] * u).sum() + (weights[1] * s).sum()
+        return [u, s, alpha_t, *torch.autograd.grad(loss, inputs[1:7])]
+
+    wrapped = _compile.compiled(history_solve)
+    compiled = values_and_grads(wrapped, args, weights)
+    assert wrapped._compiled is not None and not wrapped.failed
+    args64 = [x.detach().double().requires_grad_(x.requires_grad) for x in args]
+    reference = values_and_grads(history_solve, args64, weights.double())
+    names = ["u", "s", "alpha_t", "d history", "d alpha", "d beta", "d gamma", "d t_on",
+             "d t_off"]
+    for name, value, truth in zip(names, compiled, reference, strict=True):
+        assert value.dtype == torch.float32 and torch.isfinite(value).all(), name
+        error = (value.double() - truth.detach()).abs().max().item()
         assert error <= 2e-5 * truth.abs().max().item() + 1e-6, (name, error)
 
 
