@@ -190,8 +190,10 @@ def superposed_solve(
     Notes
     -----
     Segments come as sequences rather than one tensor with a segment dimension so that
-    each is contiguous: compiled, the backward over a strided segment dimension was about
-    8x slower. The unit step response after ``tau`` is ``U = (1 - e^{-beta tau}) / beta``,
+    each is contiguous: compiled, the ancestral model's kinetics (forward and backward,
+    128 cells x 1900 genes, 9 segments, one thread) took 123 ms with one strided tensor,
+    89 ms with contiguous segments (52 ms with :func:`_expm1_ratio`'s wider Taylor
+    range; eager 154 ms, the switching solution 13 ms compiled and 36 ms eager). The unit step response after ``tau`` is ``U = (1 - e^{-beta tau}) / beta``,
     ``S = (1 - e^{-gamma tau}) / gamma + (e^{-gamma tau} - e^{-beta tau}) / (gamma -
     beta)``: :func:`solve` from ``(0, 0)`` with ``alpha = 1``.
     """
