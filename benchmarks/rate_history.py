@@ -1,7 +1,8 @@
 """Experiment: does a per-cell rate *history* close the 2-branch velocity gap?
 
-Usage: python benchmarks/rate_history.py [--sets 2 3 scvelo] [--size-factors total
-           neighbourhood] [--seeds 0 1 2 3] [--models full history ancestors]
+Usage: python benchmarks/rate_history.py [--sets 2 3 scvelo small2 small3 linear]
+           [--size-factors total neighbourhood] [--seeds 0 1 2 3]
+           [--models full history ancestors]
            [--knots 8] [--oracle-rates]
 
 The full model gives each cell one transcription rate ``rho(c) * alpha`` for its whole
@@ -26,11 +27,14 @@ Simulations as in ``tests/test_full_model.py`` (``simulate(2000, 200,
 topology='bifurcation', n_branches=k, noise='nb', seed=k)``, ``pp.preprocess(
 random_state=0, size_factors=...)``); ``scvelo``: scVelo's simulator,
 ``simulate_scvelo(2000, 200, seed=1)`` (one lineage, no boosts), preprocessed with
-``min_shared_counts=None`` as in session 10. Default training, one torch thread. Prints one
-markdown row per fit: latent-time Spearman, velocity cosine, future-state correlation
-(as in ``full_vs_basic.py``), the median per-gene correlation of model and true velocity
-over the transcriptional-boost genes, test log-likelihood per cell and wall time.
-Results: ``benchmarks/RESULTS.md``, session 14.
+``min_shared_counts=None`` as in session 10; ``small2``, ``small3``, ``linear``: the
+small sets of session 10 (``simulate(1000, 100, ...)``, 2 branches with data seed 3, 3
+branches with seed 5, one lineage with seed 6), where starts fail most. Default
+training, one torch thread. Prints one markdown row per fit: latent-time Spearman,
+velocity cosine, future-state correlation (as in ``full_vs_basic.py``), the median
+per-gene correlation of model and true velocity over the transcriptional-boost genes,
+test log-likelihood per cell and wall time.
+Results: ``benchmarks/RESULTS.md``, sessions 14 and 15.
 """
 
 from __future__ import annotations
@@ -82,6 +86,10 @@ class RateHistoryModel(AncestralModel):
 
 
 MODELS = ("full", "history", "ancestors")
+#: the small, hard sets of session 10 (1000 cells x 100 genes), where starts fail most
+SMALL_SETS = {"small2": dict(topology="bifurcation", n_branches=2, seed=3),
+              "small3": dict(topology="bifurcation", n_branches=3, seed=5),
+              "linear": dict(topology="linear", seed=6)}
 
 
 def _oracle_start(adata):
@@ -118,6 +126,10 @@ def run(simulation: str, size_factors: str, seed: int, model: str, knots: int,
         adata = pv.datasets.simulate_scvelo(2000, 200, seed=1)
         pv.pp.preprocess(adata, random_state=0, size_factors=size_factors,
                          min_shared_counts=None)
+    elif simulation in SMALL_SETS:
+        adata = pv.datasets.simulate(n_cells=1000, n_genes=100, noise="nb",
+                                     **SMALL_SETS[simulation])
+        pv.pp.preprocess(adata, random_state=0, size_factors=size_factors)
     else:
         adata = pv.datasets.simulate(n_cells=2000, n_genes=200, topology="bifurcation",
                                      n_branches=int(simulation), noise="nb",
@@ -149,7 +161,8 @@ def run(simulation: str, size_factors: str, seed: int, model: str, knots: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sets", nargs="+", default=["2"], choices=["2", "3", "scvelo"])
+    parser.add_argument("--sets", nargs="+", default=["2"],
+                        choices=["2", "3", "scvelo", *SMALL_SETS])
     parser.add_argument("--size-factors", nargs="+", default=["neighbourhood"],
                         choices=pv.pp.SIZE_FACTORS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])

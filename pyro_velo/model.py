@@ -12,7 +12,7 @@ per-cell sites (``t``) and the gene dimension is an event dimension of ``u`` and
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pyro
@@ -455,24 +455,31 @@ class AncestralModel(FullModel):
                 rates: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Expected state and velocities at ``t`` under the ancestral rate history."""
         r = {**self.rates(), **(rates or {})}
-        args = (t.unsqueeze(-1), self.rate_history(t, c), r["alpha"], r["beta"], r["gamma"],
-                r["t_on"], r["t_off"], self.ancestors.edges.to(r["t_on"].dtype))
-        # compiled, the pieces' some 150 elementwise passes fuse into a few kernels
-        solve = compiled(history_solve) if self.compile_kinetics else history_solve
-        return self._observed(*solve(*args), r)
+        # compiled, each piece's some 15 elementwise passes fuse into a few kernels
+        step = (compiled(kinetics.add_step_response) if self.compile_kinetics
+                else kinetics.add_step_response)
+        u, s, alpha_t = history_solve(
+            t.unsqueeze(-1), self.rate_history(t, c), r["alpha"], r["beta"], r["gamma"],
+            r["t_on"], r["t_off"], self.ancestors.edges.to(r["t_on"].dtype), step=step)
+        return self._observed(u, s, alpha_t, r)
 
 
 def history_solve(t: Tensor, history: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor,
-                  t_on: Tensor, t_off: Tensor, edges: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                  t_on: Tensor, t_off: Tensor, edges: Tensor,
+                  step: Callable[..., tuple[Tensor, Tensor, Tensor]] = kinetics.add_step_response,
+                  ) -> tuple[Tensor, Tensor, Tensor]:
     """State at ``t`` ``(..., B, 1)`` under relative rates ``history`` ``(..., B, bins, G)``.
 
     Bin ``k`` covers ``[edges[k - 1], edges[k])`` (``edges``: the ``bins - 1`` inner edges;
     the first and last bins are open), intersected with the gene's ``[t_on, t_off)``; the
     rate is ``history[..., k, :] * alpha`` there and 0 outside ``[t_on, t_off)``. Solved by
-    :func:`~pyro_velo.kinetics.superposed_solve`; returns ``u, s, alpha_t``.
+    :func:`~pyro_velo.kinetics.superposed_solve` with ``step``; returns ``u, s, alpha_t``.
     """
     alphas = [*(history * alpha.unsqueeze(-2)).unbind(-2), torch.zeros_like(alpha)]
     # the first piece starts at t_on, the inner edges are clamped into [t_on, t_off], a
     # last piece of rate 0 starts at t_off
     inner = [torch.minimum(torch.maximum(edge, t_on), t_off) for edge in edges.unbind()]
-    return kinetics.superposed_solve(t, [t_on, *inner, t_off], alphas, beta, gamma)
+    # t_on as a new plain tensor (neither the Parameter nor a view of it), like the other
+    # starts: a compiled step then has one graph for all pieces
+    t_on = t_on.clone()
+    return kinetics.superposed_solve(t, [t_on, *inner, t_off], alphas, beta, gamma, step)
