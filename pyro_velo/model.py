@@ -406,8 +406,10 @@ class AncestralModel(FullModel):
 
     This replaces the initial-condition refinement (the refinement's windows are a
     one-step version of the same idea), so :meth:`set_initial_conditions` is not
-    available. With an empty table (before training) the model equals
-    :class:`FullModel`.
+    available. With an empty table (before training), or within
+    :meth:`without_ancestors`, the model equals :class:`FullModel`;
+    :meth:`pyro_velo.VeloVAE.train` fits it that way first, then with the ancestors'
+    rates.
 
     Parameters
     ----------
@@ -428,6 +430,26 @@ class AncestralModel(FullModel):
         super().__init__(*args, **kwargs)
         self.ancestors = AncestorTable(n_bins, n_prototypes, self.latent_dim, self.n_genes,
                                        self.t_max, memory=memory)
+
+    #: False: the ancestors' rates are off (no table updates or lookups) and the model
+    #: is :class:`FullModel`, with its kinetics (see :meth:`without_ancestors`)
+    use_ancestors: bool = True
+
+    @contextmanager
+    def without_ancestors(self) -> Iterator[None]:
+        """Within the block the model is :class:`FullModel`: the paper's one rate per cell.
+
+        :meth:`pyro_velo.VeloVAE.train` fits that model first and continues with the
+        ancestors' rates from its converged fit: trained with the ancestors' rates from
+        the start, a fit whose time the basic stage had ordered badly across branches kept
+        that order, which the paper's model repairs (``benchmarks/RESULTS.md``, session
+        15).
+        """
+        previous, self.use_ancestors = self.use_ancestors, False
+        try:
+            yield
+        finally:
+            self.use_ancestors = previous
 
     def set_initial_conditions(self, table: WindowTable) -> None:
         raise RuntimeError("the ancestral model takes each cell's past from its ancestors; "
@@ -454,6 +476,8 @@ class AncestralModel(FullModel):
     def kinetic(self, t: Tensor, c: Tensor, idx: Tensor | None = None,
                 rates: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Expected state and velocities at ``t`` under the ancestral rate history."""
+        if not self.use_ancestors:
+            return super().kinetic(t, c, idx, rates)
         r = {**self.rates(), **(rates or {})}
         # compiled, each piece's some 15 elementwise passes fuse into a few kernels
         step = (compiled(kinetics.add_step_response) if self.compile_kinetics

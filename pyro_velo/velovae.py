@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -437,9 +438,13 @@ class VeloVAE:
            the splicing kinetics support (:func:`~pyro_velo.initialize.direction_score`).
         2. ``basic``: the basic model until the validation ELBO stops improving.
         3. ``full`` (full model only): the mixture of ODEs, initialised from the basic fit
-           (same rates and time encoder, ``rho`` near 1), trained jointly with c.
+           (same rates and time encoder, ``rho`` near 1), trained jointly with c. With
+           ``rate_history='ancestors'`` too: the paper's one rate per cell.
         4. ``refine`` (full model only, ``refine_epochs > 0``): initial-condition
-           refinement, see :meth:`refine_initial_conditions`.
+           refinement, see :meth:`refine_initial_conditions`. With
+           ``rate_history='ancestors'`` instead ``ancestors``: the fit continues, every
+           parameter trained, with the ancestors' rates
+           (:class:`~pyro_velo.model.AncestralModel`).
 
         Parameters
         ----------
@@ -468,7 +473,9 @@ class VeloVAE:
             velocity fell below 0.7 (0.63), see ``benchmarks/RESULTS.md``.
         refine_epochs
             Epochs of the initial-condition refinement (full model; default
-            ``max_epochs // 4``; 0 skips it).
+            ``max_epochs // 4``; 0 skips it); with ``rate_history='ancestors'``, upper
+            bound on the epochs of the ``ancestors`` stage (default ``max_epochs``; 0
+            skips it and leaves the paper's model).
         progress_bar
             Show tqdm progress bars with the current losses.
         num_threads
@@ -570,11 +577,8 @@ class VeloVAE:
             max_epochs = default_max_epochs(self.data.n_cells)
         if warmup_epochs is None:
             warmup_epochs = max(20, max_epochs // 10)
-        if self._ancestral and refine_epochs:
-            raise InputError("rate_history='ancestors' has no initial-condition refinement: "
-                             "leave refine_epochs unset (or 0)")
         if refine_epochs is None:
-            refine_epochs = 0 if self._ancestral else max_epochs // 4
+            refine_epochs = max_epochs if self._ancestral else max_epochs // 4
         full = self.config["model"] == "full"
         if basic_epochs is None:
             basic_epochs = max_epochs
@@ -639,13 +643,20 @@ class VeloVAE:
                     if not ckpt.resuming("full"):
                         self._start_from_basic(basic_model, basic_guide)
                         self.history.stages.append(("full", len(self.history.train)))
-                    _fit_stage(self.model, self.guide, self.data, max_epochs,
-                               early_stopping=early_stopping, description="Mixture of ODEs",
-                               **opts, **ckpt.fit_options("full", self.history, self.config))
+                    with (self.model.without_ancestors() if self._ancestral
+                          else contextlib.nullcontext()):
+                        _fit_stage(self.model, self.guide, self.data, max_epochs,
+                                   early_stopping=early_stopping,
+                                   description="Mixture of ODEs", **opts,
+                                   **ckpt.fit_options("full", self.history, self.config))
                     ckpt.stage_done("full", self.history, self.config,
                                     finished=refine_epochs <= 0)
                 self.is_trained = True
-                if refine_epochs > 0:
+                if refine_epochs > 0 and self._ancestral:
+                    self._fit_ancestors(refine_epochs, early_stopping=early_stopping,
+                                        **opts)
+                    ckpt.stage_done("refine", self.history, self.config, finished=True)
+                elif refine_epochs > 0:
                     # eager: with t and c held fixed the compiled graph of the first
                     # stages does not apply, and a new one costs more (about 10 s) than
                     # it saves over the refinement's few epochs
@@ -655,6 +666,14 @@ class VeloVAE:
                     ckpt.stage_done("refine", self.history, self.config, finished=True)
         self.is_trained = True
         return self.history
+
+    def _fit_ancestors(self, epochs: int, **fit_options) -> TrainingHistory:
+        """The ``ancestors`` stage: the full model's fit continued with the ancestors' rates
+        (every parameter trained, the table built afresh from this stage's steps)."""
+        self.model.ancestors.clear()
+        self.history.stages.append(("ancestors", len(self.history.train)))
+        return _fit_stage(self.model, self.guide, self.data, epochs,
+                          description="Ancestors' rates", **fit_options)
 
     def _start_from_basic(self, basic_model: BasicModel, basic_guide: AmortizedGuide) -> None:
         """Initialise the full model from a fitted basic model (same ODE, rho near 1)."""

@@ -6,6 +6,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 import pyro_velo as pv
+import pyro_velo.velovae as velovae
 from pyro_velo._checks import InputError
 from pyro_velo.ancestry import AncestorTable
 from pyro_velo.initialize import steady_state_init
@@ -135,17 +136,31 @@ def test_only_training_steps_update_the_table():
 
 @pytest.fixture(scope="module")
 def ancestral_fit():
+    """A short fit, recording for every stage whether the ancestors' rates were on."""
     adata = pv.datasets.simulate(n_cells=300, n_genes=30, topology="bifurcation", seed=4)
     pv.pp.preprocess(adata, random_state=0)
     vae = pv.VeloVAE(adata, rate_history="ancestors", seed=0)
-    vae.train(max_epochs=40, progress_bar=False, num_threads=1)
-    return vae, adata
+    stages, fit_stage = [], velovae._fit_stage
+
+    def recording(model, *args, **kwargs):
+        stages.append((kwargs["description"], getattr(model, "use_ancestors", None)))
+        return fit_stage(model, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(velovae, "_fit_stage", recording)
+        vae.train(max_epochs=40, progress_bar=False, num_threads=1)
+    return vae, adata, stages
 
 
-def test_velovae_trains_the_ancestral_model_without_refinement(ancestral_fit):
-    vae, adata = ancestral_fit
+def test_velovae_fits_the_papers_model_then_the_ancestors_rates(ancestral_fit):
+    vae, adata, stages = ancestral_fit
     assert isinstance(vae.model, AncestralModel)
-    assert [name for name, _ in vae.history.stages] == ["warm-up", "basic", "full"]
+    assert [name for name, _ in vae.history.stages] == ["warm-up", "basic", "full",
+                                                        "ancestors"]
+    # the warm-up's and basic stage's model has no table; the full stage runs without it
+    assert [stage for stage in stages if stage[1] is not None] == [
+        ("Mixture of ODEs", False), ("Ancestors' rates", True)]
+    assert vae.model.use_ancestors
     assert vae.model.ancestors.lookup(torch.zeros(1, 5))[1].any()
     state = {k: v.clone() for k, v in vae.model.ancestors.state_dict().items()}
     velocity, _ = vae.get_velocity()
@@ -158,7 +173,7 @@ def test_velovae_trains_the_ancestral_model_without_refinement(ancestral_fit):
 
 
 def test_ancestral_model_saves_and_loads(ancestral_fit, tmp_path):
-    vae, adata = ancestral_fit
+    vae, adata, _ = ancestral_fit
     vae.save(tmp_path / "model")
     loaded = pv.VeloVAE.load(tmp_path / "model", adata)
     assert loaded.config["rate_history"] == "ancestors"
@@ -172,7 +187,34 @@ def test_rate_history_errors():
         pv.VeloVAE(adata, rate_history="parents")
     with pytest.raises(InputError, match="model='full'"):
         pv.VeloVAE(adata, model="basic", rate_history="ancestors")
-    vae = pv.VeloVAE(adata, rate_history="ancestors")
-    with pytest.raises(InputError, match="refine_epochs"):
-        vae.train(max_epochs=2, refine_epochs=3, progress_bar=False)
-    assert not vae.is_trained
+
+
+def test_without_the_ancestors_stage_the_fit_is_the_papers_model():
+    adata = pv.datasets.simulate(n_cells=150, n_genes=12, seed=0)
+    pv.pp.preprocess(adata, random_state=0)
+    vae = pv.VeloVAE(adata, rate_history="ancestors", seed=0)
+    vae.train(max_epochs=6, refine_epochs=0, progress_bar=False, num_threads=1)
+    assert [name for name, _ in vae.history.stages] == ["warm-up", "basic", "full"]
+    assert vae.model.use_ancestors and not vae.model.ancestors.alive.any()
+
+
+def test_without_ancestors_is_the_full_model_and_restores_the_switch():
+    full, model = _models()
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        model.ancestors.update(torch.rand(64, generator=gen) * 20.0,
+                               torch.randn(64, 3, generator=gen),
+                               torch.rand(64, model.n_genes, generator=gen))
+    t, c = torch.tensor([3.0, 8.0, 13.0, 19.0]), torch.randn(4, 3, generator=gen)
+    model.train()
+    with model.without_ancestors():
+        off = model.kinetic(t, c)
+    assert model.ancestors.count.sum() == 64  # a training step added no cell
+    on = model.kinetic(t, c)
+    reference = full.kinetic(t, c)
+    for key in ("u", "s", "du", "ds"):
+        torch.testing.assert_close(off[key], reference[key])
+    assert (on["s"] - off["s"]).abs().max() > 1e-3  # the ancestors' rates are back
+    with pytest.raises(ValueError), model.without_ancestors():
+        raise ValueError
+    assert model.use_ancestors
