@@ -116,7 +116,9 @@ class VeloVAE:
         cell transcribes at the rate of its ancestors, the cells of that bin nearest to
         it in cell state (:class:`~pyro_velo.model.AncestralModel`; no refinement).
         See ``benchmarks/RESULTS.md``, sessions 14 and 15, for what it changes (better
-        velocities of genes whose rate rises in steps; up to 1.5x the training time).
+        velocities of genes whose rate rises in steps; up to 2x the training time).
+        :meth:`train` fits the paper's model first and then continues with the
+        ancestors' rates (stage ``ancestors``).
     likelihood
         ``'normal'`` (default; on the moments ``Mu``/``Ms``), ``'poisson'`` or ``'nb'``
         (on the raw counts ``layers['raw_unspliced']``/``['raw_spliced']`` with the size

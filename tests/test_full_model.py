@@ -66,7 +66,7 @@ VELOCITY_2_BRANCHES_OPEN = (
     "(require_improvement=False), which costs 3 branches up to 0.10; neither is the "
     "default. rate_history='ancestors' with neighbourhood size factors reaches it "
     "(test_ancestral_rates_fit_rate_rises_and_reach_the_velocity_target; total counts: "
-    "0.64-0.76) (README, benchmarks/RESULTS.md)")
+    "0.76 at seeds 0 and 1) (README, benchmarks/RESULTS.md)")
 
 
 def test_velocity_agrees_with_true_velocity(fits, request):
@@ -103,9 +103,9 @@ def _median_velocity_correlation(vae, adata, behaviour):
 
 def test_ancestral_rates_fit_rate_rises_and_reach_the_velocity_target(neighbourhood_fits):
     """Transcriptional boosts (rates rising in steps) get the velocity pattern right only
-    with the ancestors' rates (seeds 0-5: median per-gene r 0.66-0.80 against -0.02-0.45);
-    the mean cosine reaches the issue's 0.8 (seeds 0-5: 0.79-0.87, mean 0.84, against
-    0.72-0.82, mean 0.78)."""
+    with the ancestors' rates (seeds 0-5: median per-gene r 0.74-0.81 against -0.02-0.45);
+    the mean cosine reaches the issue's 0.8 (seeds 0-5: 0.85-0.87, mean 0.86, against
+    0.72-0.82, mean 0.78; benchmarks/RESULTS.md, session 15)."""
     adata = neighbourhood_fits["adata"]
     constant, ancestral = neighbourhood_fits["constant"], neighbourhood_fits["ancestors"]
     boost = [_median_velocity_correlation(vae, adata, "transcriptional_boost")
