@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -130,8 +131,11 @@ class BasicModel(PyroModule):
             # one compiled graph serves both models: compiling takes seconds per graph
             # (about 13 s on two cores) and a per-gene alpha would need a graph of its own
             alpha = alpha.expand(*t.shape[:-1], alpha.shape[-1]).contiguous()
-            return compiled(kinetics.switching_solve)(t, alpha, *rates)
-        return kinetics.switching_solve(t, alpha, *rates)
+        return self._kinetics_function(kinetics.switching_solve)(t, alpha, *rates)
+
+    def _kinetics_function(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn``, through the process-wide compiled version if ``compile_kinetics``."""
+        return compiled(fn) if self.compile_kinetics else fn
 
     # ---- parameters on their natural scale -------------------------------------------
     def rates(self) -> dict[str, Tensor]:
@@ -480,8 +484,7 @@ class AncestralModel(FullModel):
             return super().kinetic(t, c, idx, rates)
         r = {**self.rates(), **(rates or {})}
         # compiled, each piece's some 15 elementwise passes fuse into a few kernels
-        step = (compiled(kinetics.add_step_response) if self.compile_kinetics
-                else kinetics.add_step_response)
+        step = self._kinetics_function(kinetics.add_step_response)
         u, s, alpha_t = history_solve(
             t.unsqueeze(-1), self.rate_history(t, c), r["alpha"], r["beta"], r["gamma"],
             r["t_on"], r["t_off"], self.ancestors.edges.to(r["t_on"].dtype), step=step)

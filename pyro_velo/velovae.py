@@ -654,17 +654,17 @@ class VeloVAE:
                     ckpt.stage_done("full", self.history, self.config,
                                     finished=refine_epochs <= 0)
                 self.is_trained = True
-                if refine_epochs > 0 and self._ancestral:
-                    self._fit_ancestors(refine_epochs, early_stopping=early_stopping,
-                                        **opts)
-                    ckpt.stage_done("refine", self.history, self.config, finished=True)
-                elif refine_epochs > 0:
-                    # eager: with t and c held fixed the compiled graph of the first
-                    # stages does not apply, and a new one costs more (about 10 s) than
-                    # it saves over the refinement's few epochs
-                    with compiled_kinetics(False):
-                        self.refine_initial_conditions(
-                            epochs=refine_epochs, early_stopping=early_stopping, **opts)
+                if refine_epochs > 0:
+                    if self._ancestral:
+                        self._fit_ancestors(refine_epochs, early_stopping=early_stopping,
+                                            **opts)
+                    else:
+                        # eager: with t and c held fixed the compiled graph of the first
+                        # stages does not apply, and a new one costs more (about 10 s)
+                        # than it saves over the refinement's few epochs
+                        with compiled_kinetics(False):
+                            self.refine_initial_conditions(
+                                epochs=refine_epochs, early_stopping=early_stopping, **opts)
                     ckpt.stage_done("refine", self.history, self.config, finished=True)
         self.is_trained = True
         return self.history
