@@ -406,7 +406,7 @@ class AncestralModel(FullModel):
     ``rho_i``. Before a branch point every branch thus shares the root's rates. The
     switch-on and switch-off times stay: the rate history applies inside
     ``[t_on, t_off)``, and the ODE is solved exactly over the pieces
-    (:func:`history_solve`; each piece's step compiled while ``compile_kinetics``).
+    (:func:`history_solve`, compiled while ``compile_kinetics``).
 
     This replaces the initial-condition refinement (the refinement's windows are a
     one-step version of the same idea), so :meth:`set_initial_conditions` is not
@@ -483,30 +483,25 @@ class AncestralModel(FullModel):
         if not self.use_ancestors:
             return super().kinetic(t, c, idx, rates)
         r = {**self.rates(), **(rates or {})}
-        # compiled, each piece's some 15 elementwise passes fuse into a few kernels
-        step = self._kinetics_function(kinetics.add_step_response)
-        u, s, alpha_t = history_solve(
+        u, s, alpha_t = self._kinetics_function(history_solve)(
             t.unsqueeze(-1), self.rate_history(t, c), r["alpha"], r["beta"], r["gamma"],
-            r["t_on"], r["t_off"], self.ancestors.edges.to(r["t_on"].dtype), step=step)
+            r["t_on"], r["t_off"], self.ancestors.edges.to(r["t_on"].dtype))
         return self._observed(u, s, alpha_t, r)
 
 
 def history_solve(t: Tensor, history: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor,
-                  t_on: Tensor, t_off: Tensor, edges: Tensor,
-                  step: Callable[..., tuple[Tensor, Tensor, Tensor]] = kinetics.add_step_response,
-                  ) -> tuple[Tensor, Tensor, Tensor]:
+                  t_on: Tensor, t_off: Tensor, edges: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """State at ``t`` ``(..., B, 1)`` under relative rates ``history`` ``(..., B, bins, G)``.
 
     Bin ``k`` covers ``[edges[k - 1], edges[k])`` (``edges``: the ``bins - 1`` inner edges;
     the first and last bins are open), intersected with the gene's ``[t_on, t_off)``; the
     rate is ``history[..., k, :] * alpha`` there and 0 outside ``[t_on, t_off)``. Solved by
-    :func:`~pyro_velo.kinetics.superposed_solve` with ``step``; returns ``u, s, alpha_t``.
+    :func:`~pyro_velo.kinetics.shared_starts_solve`; returns ``u, s, alpha_t``.
     """
-    alphas = [*(history * alpha.unsqueeze(-2)).unbind(-2), torch.zeros_like(alpha)]
-    # the first piece starts at t_on, the inner edges are clamped into [t_on, t_off], a
-    # last piece of rate 0 starts at t_off
+    # the first segment starts at t_on, the inner edges are clamped into [t_on, t_off],
+    # a last segment of rate 0 starts at t_off
     inner = [torch.minimum(torch.maximum(edge, t_on), t_off) for edge in edges.unbind()]
-    # t_on as a new plain tensor (neither the Parameter nor a view of it), like the other
-    # starts: a compiled step then has one graph for all pieces
-    t_on = t_on.clone()
-    return kinetics.superposed_solve(t, [t_on, *inner, t_off], alphas, beta, gamma, step)
+    starts = torch.stack([t_on, *inner, t_off], -2)
+    rates = history * alpha.unsqueeze(-2)
+    alphas = torch.cat([rates, torch.zeros_like(rates[..., :1, :])], -2)
+    return kinetics.shared_starts_solve(t, starts, alphas, beta, gamma)

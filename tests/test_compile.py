@@ -4,12 +4,11 @@ with the train() switches of both.
 
 Compiling a graph takes seconds; every test here that compiles uses the process-wide
 compiled ``switching_solve`` (one file runs in one worker), with per-gene or per-cell
-rates, so each graph is built once per test run; the ancestral model's step,
-``add_step_response``, is compiled by one test.
+rates, so each graph is built once per test run; the ancestral model's solution,
+``history_solve``, is compiled by one test.
 """
 
 import warnings
-from functools import partial
 
 import numpy as np
 import pytest
@@ -71,8 +70,7 @@ def test_compiled_solution_and_gradients_match_eager(per_cell_rate):
 
 
 def test_compiled_rate_history_solution_matches_eager():
-    """The ancestral model's piecewise solution, its steps compiled, against eager
-    float64."""
+    """The ancestral model's piecewise solution, compiled, against eager float64."""
     t, alpha, beta, gamma, t_on, t_off = _inputs(per_cell_rate=False)
     gen = torch.Generator().manual_seed(2)
     edges = torch.linspace(0.0, 15.0, 8)[1:-1]
@@ -85,8 +83,8 @@ def test_compiled_rate_history_solution_matches_eager():
         loss = (weights[0] * u).sum() + (weights[1] * s).sum()
         return [u, s, alpha_t, *torch.autograd.grad(loss, inputs[1:7])]
 
-    wrapped = _compile.compiled(kinetics.add_step_response)
-    compiled = values_and_grads(partial(history_solve, step=wrapped), args, weights)
+    wrapped = _compile.compiled(history_solve)
+    compiled = values_and_grads(wrapped, args, weights)
     assert wrapped._compiled is not None and not wrapped.failed
     args64 = [x.detach().double().requires_grad_(x.requires_grad) for x in args]
     reference = values_and_grads(history_solve, args64, weights.double())

@@ -189,16 +189,17 @@ def _segments(dtype, n_cells=40, n_genes=30, n_segments=7):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_superposed_solve_equals_piecewise_solve(dtype):
-    """The sum of step responses = the segment-by-segment solution, values and gradients
-    (float32: within its rounding on the scale of the whole tensor)."""
+def test_shared_starts_solve_equals_piecewise_solve(dtype):
+    """Carrying the state from shared start to shared start = the segment-by-segment
+    solution, values and gradients (float32: within its rounding on the scale of the
+    whole tensor)."""
     t, starts, alphas, beta, gamma = _segments(dtype)
 
     def run(solver):
         leaves = [x.clone().requires_grad_(True) for x in (t, starts, alphas, beta, gamma)]
         t_, st, al, b, g = leaves
-        if solver == "superposed":
-            u, s, a_t = kinetics.superposed_solve(t_, st.unbind(-1), al.unbind(-1), b, g)
+        if solver == "shared":
+            u, s, a_t = kinetics.shared_starts_solve(t_, st.T, al.transpose(-1, -2), b, g)
         else:
             u, s, a_t = kinetics.piecewise_solve(t_, st, al, b, g)
         (u.sum() + 2 * s.sum()).backward()
@@ -208,20 +209,36 @@ def test_superposed_solve_equals_piecewise_solve(dtype):
         tied[:4, 2] = 0.0
         return [u, s, a_t, t_.grad, tied, al.grad, b.grad, g.grad]
 
-    for new, old in zip(run("superposed"), run("piecewise"), strict=True):
+    for new, old in zip(run("shared"), run("piecewise"), strict=True):
         new, old = new.detach().double(), old.detach().double()
-        assert torch.isfinite(new).all()
+        assert new.shape == old.shape and torch.isfinite(new).all()
         rtol = 1e-10 if dtype == torch.float64 else 1e-5
         assert (new - old).abs().max() <= rtol * old.abs().max() + rtol
 
 
-def test_superposed_solve_before_the_first_start_is_zero():
+def test_shared_starts_solve_before_the_first_start_is_zero():
     t, starts, alphas, beta, gamma = _segments(torch.float64)
-    u, s, a_t = kinetics.superposed_solve(t, starts.unbind(-1), alphas.unbind(-1), beta,
-                                          gamma)
+    u, s, a_t = kinetics.shared_starts_solve(t, starts.T, alphas.transpose(-1, -2), beta,
+                                             gamma)
     before = t < starts[:, 0]
-    assert before.any()
+    assert before.any() and (~before).any()
     assert (u[before] == 0).all() and (s[before] == 0).all() and (a_t[before] == 0).all()
+
+
+def test_shared_starts_solve_with_leading_sample_dimensions():
+    """Rates and starts with a leading sample dimension (rates drawn from a prior) give
+    each sample's own solution."""
+    t, starts, alphas, beta, gamma = _segments(torch.float64)
+    scale = torch.tensor([1.0, 1.7]).view(2, 1, 1)
+    u, s, a_t = kinetics.shared_starts_solve(
+        t, (starts.T * scale).unsqueeze(1), alphas.transpose(-1, -2), beta * scale,
+        gamma * scale)
+    assert u.shape == (2, *alphas.shape[:2])
+    for k in range(2):
+        expected = kinetics.piecewise_solve(t, starts * scale[k], alphas, beta * scale[k],
+                                            gamma * scale[k])
+        for got, want in zip((u[k], s[k], a_t[k]), expected, strict=True):
+            assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
