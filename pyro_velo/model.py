@@ -133,9 +133,11 @@ class BasicModel(PyroModule):
             alpha = alpha.expand(*t.shape[:-1], alpha.shape[-1]).contiguous()
         return self._kinetics_function(kinetics.switching_solve)(t, alpha, *rates)
 
-    def _kinetics_function(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """``fn``, through the process-wide compiled version if ``compile_kinetics``."""
-        return compiled(fn) if self.compile_kinetics else fn
+    def _kinetics_function(self, fn: Callable[..., Any],
+                           recompute: bool = True) -> Callable[..., Any]:
+        """``fn``, through the process-wide compiled version if ``compile_kinetics``
+        (``recompute``: see :class:`~pyro_velo._compile.CompiledOrEager`)."""
+        return compiled(fn, recompute) if self.compile_kinetics else fn
 
     # ---- parameters on their natural scale -------------------------------------------
     def rates(self) -> dict[str, Tensor]:
@@ -483,7 +485,7 @@ class AncestralModel(FullModel):
         if not self.use_ancestors:
             return super().kinetic(t, c, idx, rates)
         r = {**self.rates(), **(rates or {})}
-        u, s, alpha_t = self._kinetics_function(history_solve)(
+        u, s, alpha_t = self._kinetics_function(history_solve, recompute=False)(
             t.unsqueeze(-1), self.rate_history(t, c), r["alpha"], r["beta"], r["gamma"],
             r["t_on"], r["t_off"], self.ancestors.edges.to(r["t_on"].dtype))
         return self._observed(u, s, alpha_t, r)
