@@ -36,17 +36,10 @@ class CompiledOrEager:
     ----------
     fn
         A pure tensor function (no Python side effects, no data-dependent control flow).
-    recompute
-        The compiled backward recomputes the forward's intermediates (the default; see
-        the module notes) rather than saving them. Saving pays where the backward would
-        recompute a long chain many times over: the ancestral model's
-        :func:`~pyro_velo.model.history_solve` (128 x 1900, one thread, forward and
-        backward: 52 ms saving against 82 ms recomputing).
     """
 
-    def __init__(self, fn: Callable[..., Any], recompute: bool = True) -> None:
+    def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
-        self.recompute = recompute
         self.failed = False
         self._compiled: Callable[..., Any] | None = None
 
@@ -58,7 +51,7 @@ class CompiledOrEager:
                 # dynamic: one graph for every minibatch size (the last, partial one too)
                 self._compiled = torch.compile(self.fn, dynamic=True)
             # compiling happens inside a call (the first, or a recompilation)
-            with _compile_settings(self.recompute):
+            with _compile_settings():
                 return self._compiled(*args, **kwargs)
         except Exception as err:  # compiler errors come in many types
             self.failed = True
@@ -71,12 +64,12 @@ class CompiledOrEager:
             return self.fn(*args, **kwargs)
 
 
-def _compile_settings(recompute: bool = True) -> ExitStack:
+def _compile_settings() -> ExitStack:
     """Settings for graphs compiled within (see the module notes); torch's default where
     this torch lacks one of them.
 
-    * ``torch._functorch.config.activation_memory_budget = 0`` if ``recompute``: the
-      backward recomputes the forward's intermediates and saves only its inputs.
+    * ``torch._functorch.config.activation_memory_budget = 0``: the backward recomputes
+      the forward's intermediates and saves only its inputs.
     * ``torch._inductor.config.cpp.vec_isa_ok = True``: the vector instruction set is
       taken from the CPU's flags instead of from test compilations (six compiler runs,
       about 5 s on an empty cache). Should the compiler lack that instruction set after
@@ -88,19 +81,18 @@ def _compile_settings(recompute: bool = True) -> ExitStack:
         from torch._inductor import config as inductor_config
     except ImportError:
         return stack
-    if recompute and hasattr(functorch_config, "activation_memory_budget"):
+    if hasattr(functorch_config, "activation_memory_budget"):
         stack.enter_context(functorch_config.patch(activation_memory_budget=0.0))
     if hasattr(getattr(inductor_config, "cpp", None), "vec_isa_ok"):
         stack.enter_context(inductor_config.patch({"cpp.vec_isa_ok": True}))
     return stack
 
 
-_CACHE: dict[tuple[Callable[..., Any], bool], CompiledOrEager] = {}
+_CACHE: dict[Callable[..., Any], CompiledOrEager] = {}
 
 
-def compiled(fn: Callable[..., Any], recompute: bool = True) -> CompiledOrEager:
+def compiled(fn: Callable[..., Any]) -> CompiledOrEager:
     """The process-wide :class:`CompiledOrEager` of ``fn`` (compiled graphs are reused)."""
-    key = (fn, recompute)
-    if key not in _CACHE:
-        _CACHE[key] = CompiledOrEager(fn, recompute)
-    return _CACHE[key]
+    if fn not in _CACHE:
+        _CACHE[fn] = CompiledOrEager(fn)
+    return _CACHE[fn]

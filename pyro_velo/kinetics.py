@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["solve", "velocity", "piecewise_solve", "shared_starts_solve",
-           "switching_solve"]
+           "segment_coefficients", "carry_solve", "switching_solve"]
 
 
 def _expm1_ratio(x: Tensor) -> Tensor:
@@ -189,15 +189,28 @@ def shared_starts_solve(
         As for :func:`piecewise_solve` (zero before the first start).
     """
     beta, gamma = _as_tensors(beta, gamma)
-    # per-gene coefficients of one whole segment of length L:
-    # u' = u e^{-beta L} + a U(L), s' = s e^{-gamma L} + a S(L) + u V(L) (see solve)
+    return carry_solve(t, starts, alphas, beta, gamma, *segment_coefficients(starts, beta, gamma))
+
+
+def segment_coefficients(starts: Tensor, beta: Tensor, gamma: Tensor) -> tuple[Tensor, ...]:
+    """Per-gene coefficients of whole segments for :func:`shared_starts_solve`.
+
+    Over a segment of length ``L`` at rate ``a`` the state goes from ``(u, s)`` to
+    ``u' = u e^{-beta L} + a U(L)`` and ``s' = s e^{-gamma L} + a S(L) + u V(L)``
+    (:func:`solve`). Returns ``e^{-beta L}, U, e^{-gamma L}, S, V``, each ``(..., K - 1,
+    G)`` for the ``K - 1`` segments between the ``K`` starts ``(..., K, G)``.
+    """
     length = starts[..., 1:, :] - starts[..., :-1, :]
     b, g = beta.unsqueeze(-2), gamma.unsqueeze(-2)
     quotient = _exp_difference_quotient(b, g, length)
-    decay_u, decay_s = torch.exp(-b * length), torch.exp(-g * length)
-    rate_u = -torch.expm1(-b * length) / b
-    rate_s = -torch.expm1(-g * length) / g + quotient
-    carry_u = -b * quotient
+    return (torch.exp(-b * length), -torch.expm1(-b * length) / b,
+            torch.exp(-g * length), -torch.expm1(-g * length) / g + quotient, -b * quotient)
+
+
+def carry_solve(t: Tensor, starts: Tensor, alphas: Tensor, beta: Tensor, gamma: Tensor,
+                *coefficients: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`shared_starts_solve` given its :func:`segment_coefficients` (the part that
+    is per cell and gene: :class:`pyro_velo.model.AncestralModel` compiles it)."""
     # carry the state from start to start and keep, per cell and gene, the state and
     # rate at the last start at or before t. Selecting by ``where`` rather than by
     # gathering from stacked states keeps every pass elementwise: compiled, they fuse
@@ -205,7 +218,7 @@ def shared_starts_solve(
     # unbind, not indexing: the backward of an index fills a zero tensor of the whole
     # shape per segment
     per_segment, per_start = alphas.unbind(-2), starts.unbind(-2)
-    coefficients = [x.unbind(-2) for x in (decay_u, rate_u, decay_s, rate_s, carry_u)]
+    per_gene = [x.unbind(-2) for x in coefficients]
     u = s = torch.zeros_like(per_segment[0])
     u0, s0, alpha_t, start = u, s, u, per_start[0]
     for k, alpha in enumerate(per_segment):
@@ -214,7 +227,7 @@ def shared_starts_solve(
         alpha_t = torch.where(started, alpha, alpha_t)
         start = torch.where(started, per_start[k], start)
         if k + 1 < len(per_segment):
-            du, ru, ds, rs, cu = (x[k] for x in coefficients)
+            du, ru, ds, rs, cu = (x[k] for x in per_gene)
             u, s = u * du + alpha * ru, s * ds + alpha * rs + u * cu
     u, s = solve((t - start).clamp(min=0.0), u0, s0, alpha_t, beta, gamma)
     return u, s, alpha_t

@@ -133,11 +133,9 @@ class BasicModel(PyroModule):
             alpha = alpha.expand(*t.shape[:-1], alpha.shape[-1]).contiguous()
         return self._kinetics_function(kinetics.switching_solve)(t, alpha, *rates)
 
-    def _kinetics_function(self, fn: Callable[..., Any],
-                           recompute: bool = True) -> Callable[..., Any]:
-        """``fn``, through the process-wide compiled version if ``compile_kinetics``
-        (``recompute``: see :class:`~pyro_velo._compile.CompiledOrEager`)."""
-        return compiled(fn, recompute) if self.compile_kinetics else fn
+    def _kinetics_function(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn``, through the process-wide compiled version if ``compile_kinetics``."""
+        return compiled(fn) if self.compile_kinetics else fn
 
     # ---- parameters on their natural scale -------------------------------------------
     def rates(self) -> dict[str, Tensor]:
@@ -485,20 +483,29 @@ class AncestralModel(FullModel):
         if not self.use_ancestors:
             return super().kinetic(t, c, idx, rates)
         r = {**self.rates(), **(rates or {})}
-        u, s, alpha_t = self._kinetics_function(history_solve, recompute=False)(
+        # compiled: the per-cell part only. Compiled whole, with the per-gene segment
+        # coefficients in the graph, a step took 82 ms against 51 (128 x 1900, one
+        # thread), and its gradients were wrong (torch 2.13) when the backward saved the
+        # forward's intermediates (benchmarks/RESULTS.md, session 16)
+        carry = self._kinetics_function(kinetics.carry_solve)
+        u, s, alpha_t = history_solve(
             t.unsqueeze(-1), self.rate_history(t, c), r["alpha"], r["beta"], r["gamma"],
-            r["t_on"], r["t_off"], self.ancestors.edges.to(r["t_on"].dtype))
+            r["t_on"], r["t_off"], self.ancestors.edges.to(r["t_on"].dtype), carry=carry)
         return self._observed(u, s, alpha_t, r)
 
 
 def history_solve(t: Tensor, history: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor,
-                  t_on: Tensor, t_off: Tensor, edges: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                  t_on: Tensor, t_off: Tensor, edges: Tensor,
+                  carry: Callable[..., tuple[Tensor, Tensor, Tensor]] = kinetics.carry_solve,
+                  ) -> tuple[Tensor, Tensor, Tensor]:
     """State at ``t`` ``(..., B, 1)`` under relative rates ``history`` ``(..., B, bins, G)``.
 
     Bin ``k`` covers ``[edges[k - 1], edges[k])`` (``edges``: the ``bins - 1`` inner edges;
     the first and last bins are open), intersected with the gene's ``[t_on, t_off)``; the
-    rate is ``history[..., k, :] * alpha`` there and 0 outside ``[t_on, t_off)``. Solved by
-    :func:`~pyro_velo.kinetics.shared_starts_solve`; returns ``u, s, alpha_t``.
+    rate is ``history[..., k, :] * alpha`` there and 0 outside ``[t_on, t_off)``. Solved as
+    :func:`~pyro_velo.kinetics.shared_starts_solve`, with its per-cell part ``carry``
+    (:func:`~pyro_velo.kinetics.carry_solve` or a compiled version of it); returns ``u, s,
+    alpha_t``.
     """
     # the first segment starts at t_on, the inner edges are clamped into [t_on, t_off],
     # a last segment of rate 0 starts at t_off
@@ -506,4 +513,5 @@ def history_solve(t: Tensor, history: Tensor, alpha: Tensor, beta: Tensor, gamma
     starts = torch.stack([t_on, *inner, t_off], -2)
     rates = history * alpha.unsqueeze(-2)
     alphas = torch.cat([rates, torch.zeros_like(rates[..., :1, :])], -2)
-    return kinetics.shared_starts_solve(t, starts, alphas, beta, gamma)
+    return carry(t, starts, alphas, beta, gamma,
+                 *kinetics.segment_coefficients(starts, beta, gamma))

@@ -4,11 +4,12 @@ with the train() switches of both.
 
 Compiling a graph takes seconds; every test here that compiles uses the process-wide
 compiled ``switching_solve`` (one file runs in one worker), with per-gene or per-cell
-rates, so each graph is built once per test run; the ancestral model's solution,
-``history_solve``, is compiled by one test.
+rates, so each graph is built once per test run; the per-cell part of the ancestral
+model's solution, ``kinetics.carry_solve``, is compiled by one test.
 """
 
 import warnings
+from functools import partial
 
 import numpy as np
 import pytest
@@ -83,8 +84,8 @@ def test_compiled_rate_history_solution_matches_eager():
         loss = (weights[0] * u).sum() + (weights[1] * s).sum()
         return [u, s, alpha_t, *torch.autograd.grad(loss, inputs[1:7])]
 
-    wrapped = _compile.compiled(history_solve, recompute=False)  # as the model compiles it
-    compiled = values_and_grads(wrapped, args, weights)
+    wrapped = _compile.compiled(kinetics.carry_solve)
+    compiled = values_and_grads(partial(history_solve, carry=wrapped), args, weights)
     assert wrapped._compiled is not None and not wrapped.failed
     args64 = [x.detach().double().requires_grad_(x.requires_grad) for x in args]
     reference = values_and_grads(history_solve, args64, weights.double())
