@@ -218,3 +218,23 @@ def test_without_ancestors_is_the_full_model_and_restores_the_switch():
     with pytest.raises(ValueError), model.without_ancestors():
         raise ValueError
     assert model.use_ancestors
+
+
+def test_random_rates_with_the_ancestors_rates():
+    """With a rate prior the sampled rates reach the piecewise solution: training runs
+    through the ancestors' stage, the rates have a posterior spread, and posterior draws
+    of the velocity are finite and differ between draws."""
+    adata = pv.datasets.simulate(n_cells=300, n_genes=30, topology="bifurcation", seed=4)
+    pv.pp.preprocess(adata, random_state=0)
+    vae = pv.VeloVAE(adata, rate_history="ancestors", rate_prior=0.5, hidden=(32, 16),
+                     seed=0)
+    vae.train(max_epochs=6, warmup_epochs=3, refine_epochs=3, progress_bar=False,
+              num_threads=1)
+    assert [name for name, _ in vae.history.stages][-1] == "ancestors"
+    assert vae.model.ancestors.alive.any()
+    rates = vae.get_rate_uncertainty().loc[vae.data.fitted]
+    assert ((rates["gamma_q05"] < rates["gamma_median"])
+            & (rates["gamma_median"] < rates["gamma_q95"])).all()
+    draws = vae.sample_posterior(3, return_sites=("velocity",))["velocity"]
+    assert draws.shape[0] == 3 and np.isfinite(draws).all()
+    assert not np.allclose(draws[0], draws[1])
