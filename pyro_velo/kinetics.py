@@ -213,8 +213,8 @@ def carry_solve(t: Tensor, starts: Tensor, alphas: Tensor, beta: Tensor, gamma: 
     is per cell and gene: :class:`pyro_velo.model.AncestralModel` compiles it)."""
     # carry the state from start to start and keep, per cell and gene, the state and
     # rate at the last start at or before t. Selecting by ``where`` rather than by
-    # gathering from stacked states keeps every pass elementwise: compiled, they fuse
-    # (128 x 2000, one thread, forward and backward: 29 ms against 43 ms gathering).
+    # gathering from the stacked states keeps every pass elementwise, so that compiled
+    # they fuse (faster compiled, slower eager: benchmarks/RESULTS.md, session 16).
     # unbind, not indexing: the backward of an index fills a zero tensor of the whole
     # shape per segment
     per_segment, per_start = alphas.unbind(-2), starts.unbind(-2)

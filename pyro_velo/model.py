@@ -406,7 +406,7 @@ class AncestralModel(FullModel):
     ``rho_i``. Before a branch point every branch thus shares the root's rates. The
     switch-on and switch-off times stay: the rate history applies inside
     ``[t_on, t_off)``, and the ODE is solved exactly over the pieces
-    (:func:`history_solve`, compiled while ``compile_kinetics``).
+    (:func:`history_solve`, its per-cell part compiled while ``compile_kinetics``).
 
     This replaces the initial-condition refinement (the refinement's windows are a
     one-step version of the same idea), so :meth:`set_initial_conditions` is not
