@@ -52,6 +52,9 @@ What happens on the ranks:
 - Batch-normalisation statistics are accumulated per rank and averaged across ranks at
   the end of every epoch; other buffers (e.g. per-cell initial conditions) are not sent
   per step (they are broadcast from rank 0 when DDP wraps the model at each stage).
+- The ancestral model's table of ancestors (``rate_history='ancestors'``) is updated on
+  every rank with the whole minibatch's cells (gathered from the ranks in rank order),
+  so the tables stay the same on all ranks.
 - The epoch's train loss and the validation loss (each rank evaluates a share of the
   validation cells) are summed across ranks, so early stopping decides the same on all
   ranks, and parameters stay identical on all ranks.
@@ -196,6 +199,42 @@ def average_norm_statistics(module: torch.nn.Module, group: Group) -> None:
     for s in stats:
         s.copy_(flat[offset:offset + s.numel()].view_as(s))
         offset += s.numel()
+
+
+#: the group of the :func:`pyro_velo.train.fit` steps running now (see training_group)
+_TRAINING_GROUP: Group | None = None
+
+
+@contextmanager
+def training_group(group: Group | None) -> Iterator[None]:
+    """Within the block :func:`active_training_group` returns ``group``: set by
+    :func:`pyro_velo.train.fit` around its training steps, for model code that must
+    combine something across the ranks (the ancestors' table)."""
+    global _TRAINING_GROUP
+    previous, _TRAINING_GROUP = _TRAINING_GROUP, group
+    try:
+        yield
+    finally:
+        _TRAINING_GROUP = previous
+
+
+def active_training_group() -> Group | None:
+    """The group of the training steps running now; None outside them or in one process."""
+    return _TRAINING_GROUP
+
+
+def all_gather_rows(x: Tensor, group: Group) -> Tensor:
+    """Every rank's ``x`` (any number of rows, the same trailing shape), concatenated in
+    rank order: the whole minibatch again when each rank holds its :func:`shard`."""
+    rows = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(rows) for _ in range(group.world_size)]
+    torch.distributed.all_gather(sizes, rows)
+    counts = [int(size.item()) for size in sizes]
+    padded = x.new_zeros((max(counts), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(group.world_size)]
+    torch.distributed.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
 
 
 def all_reduce_sum(values: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
-from . import kinetics
+from . import distributed, kinetics
 from ._compile import compiled
 from .ancestry import AncestorTable
 from .initialize import RateInit, WindowTable
@@ -465,12 +465,17 @@ class AncestralModel(FullModel):
         Bins before the cell's own: its ancestors' ``rho`` (its own where the table has no
         prototype in the bin); its own bin and later: its own ``rho``. During training
         steps (train mode with gradients on; not in validation or prediction) the cells
-        are first absorbed into the table.
+        are first absorbed into the table (in data-parallel training every rank absorbs
+        the cells of all ranks, so the tables stay the same).
         """
         own = self.transcription_rate(c)
         flat_t, flat_c = t.reshape(-1).detach(), c.reshape(-1, c.shape[-1]).detach()
         if self.training and torch.is_grad_enabled():
-            self.ancestors.update(flat_t, flat_c, own.reshape(-1, own.shape[-1]).detach())
+            cells = (flat_t, flat_c, own.reshape(-1, own.shape[-1]).detach())
+            group = distributed.active_training_group()
+            if group is not None:  # every rank absorbs the whole minibatch, in order
+                cells = tuple(distributed.all_gather_rows(x, group) for x in cells)
+            self.ancestors.update(*cells)
         past, seeded = self.ancestors.lookup(flat_c)
         past = past.reshape(*own.shape[:-1], *past.shape[1:])
         bins = torch.arange(self.ancestors.n_bins, device=t.device)

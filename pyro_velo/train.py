@@ -328,8 +328,8 @@ def fit(
         # sees every training and validation cell; later epochs skip them (about 8% of
         # an epoch at 3,700 x 2,000): non-finite values still raise DivergenceError
         checks = nullcontext() if epoch == epochs.start else pyro.validation_enabled(False)
-        with local_params(), checks, (nullcontext() if group is None
-                                      else dist_.rank_random_stream(group, device)):
+        with local_params(), checks, dist_.training_group(group), (
+                nullcontext() if group is None else dist_.rank_random_stream(group, device)):
             batches = data.minibatches(train_idx, batch_size, n_train, generator=gen)
             taken = 0
             for step, (batch, args, kwargs) in enumerate(batches):

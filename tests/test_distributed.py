@@ -83,6 +83,13 @@ def _worker(rank: int, world_size: int, port: int, adata, out: str) -> None:
             full.train(max_epochs=2, warmup_epochs=1, refine_epochs=1, seed=1,
                        progress_bar=False, checkpoint_dir=os.path.join(out, "ckpt"),
                        checkpoint_every=1)
+        # the ancestors' rates: every rank absorbs the whole minibatch into its table
+        ancestral = pv.VeloVAE(adata, rate_history="ancestors", hidden=(16,), latent_dim=2,
+                               seed=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ancestral.train(max_epochs=3, warmup_epochs=1, refine_epochs=2, seed=1,
+                            progress_bar=False)
         # the deferred divergence check (the GPU default) under DDP; then a NaN gradient on
         # rank 1 only: gradients are averaged, so both ranks stop at the same step
         deferred = _vae(adata)
@@ -107,6 +114,7 @@ def _worker(rank: int, world_size: int, port: int, adata, out: str) -> None:
             alone = (alone.history, _states(alone))
         torch.distributed.barrier()
         torch.save({"basic": (vae.history, _states(vae)), "full": (full.history, _states(full)),
+                    "ancestors": (ancestral.history, _states(ancestral)),
                     "deferred": (None, _states(deferred)), "errors": errors, "alone": alone},
                    os.path.join(out, f"rank{rank}.pt"))
     finally:
@@ -142,9 +150,12 @@ def test_two_processes_match_one(adata, tmp_path):
     _spawn(adata, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     # every rank holds the same model and history, stage after stage
-    for key in ("basic", "full", "deferred"):
+    for key in ("basic", "full", "ancestors", "deferred"):
         assert ranks[0][key][0] == ranks[1][key][0]
         assert _equal_states(ranks[0][key][1], ranks[1][key][1]), key
+    # the ancestors' tables (part of the states above) were filled, the same on both ranks
+    assert ranks[0]["ancestors"][0].stages[-1][0] == "ancestors"
+    assert ranks[0]["ancestors"][1]["model.ancestors.count"].sum() > 0
     for every, step in ((None, "minibatch step 0"), (3, "check at step 2")):
         for errors in (ranks[0]["errors"], ranks[1]["errors"]):  # (each names its own loss)
             assert "minibatch step 0: the gradient of model.log_beta" in errors[every]
