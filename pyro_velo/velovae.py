@@ -511,7 +511,8 @@ class VeloVAE:
             checkpoint's epoch. The warm-up and the
             refinement are not checkpointed inside: a run interrupted during the warm-up
             restarts it, one interrupted during the refinement restarts the refinement
-            from the end of the ``full`` stage.
+            from the end of the ``full`` stage. The ``ancestors`` stage
+            (``rate_history='ancestors'``) is checkpointed inside, table included.
             Resuming a finished run restores its final state without training.
         distributed
             Data-parallel training over the default process group (every stage; see
@@ -656,8 +657,10 @@ class VeloVAE:
                 self.is_trained = True
                 if refine_epochs > 0:
                     if self._ancestral:
-                        self._fit_ancestors(refine_epochs, early_stopping=early_stopping,
-                                            **opts)
+                        self._fit_ancestors(refine_epochs, resuming=ckpt.resuming("refine"),
+                                            early_stopping=early_stopping, **opts,
+                                            **ckpt.fit_options("refine", self.history,
+                                                               self.config))
                     else:
                         # eager: with t and c held fixed the compiled graph of the first
                         # stages does not apply, and a new one costs more (about 10 s)
@@ -669,11 +672,15 @@ class VeloVAE:
         self.is_trained = True
         return self.history
 
-    def _fit_ancestors(self, epochs: int, **fit_options) -> TrainingHistory:
+    def _fit_ancestors(self, epochs: int, resuming: bool = False,
+                       **fit_options) -> TrainingHistory:
         """The ``ancestors`` stage: the full model's fit continued with the ancestors' rates
-        (every parameter trained, the table built afresh from this stage's steps)."""
-        self.model.ancestors.clear()
-        self.history.stages.append(("ancestors", len(self.history.train)))
+        (every parameter trained, the table built afresh from this stage's steps).
+        ``resuming``: continue an interrupted stage (its table and history restored from
+        the checkpoint; checkpointed under the last stage's name, ``refine``)."""
+        if not resuming:
+            self.model.ancestors.clear()
+            self.history.stages.append(("ancestors", len(self.history.train)))
         return _fit_stage(self.model, self.guide, self.data, epochs,
                           description="Ancestors' rates", **fit_options)
 

@@ -245,25 +245,35 @@ def _interrupt_after(monkeypatch, n_writes):
     monkeypatch.setattr(train_module, "write_checkpoint", write_then_maybe_stop)
 
 
+def _model(adata, kind):
+    if kind == "ancestors":
+        return pv.VeloVAE(adata, rate_history="ancestors", **SMALL)
+    return pv.VeloVAE(adata, model=kind, **SMALL)
+
+
 @pytest.mark.parametrize(("kind", "n_writes", "epochs_done"),
-                         # the warm-up writes one checkpoint, at its end
-                         [("basic", 3, 4), ("full", 8, 8)])
+                         # the warm-up writes one checkpoint, at its end; "ancestors":
+                         # interrupted inside its last stage (after the full stage's 8)
+                         [("basic", 3, 4), ("full", 8, 8), ("ancestors", 10, 9)])
 def test_resumed_training_equals_uninterrupted(kind, n_writes, epochs_done, adata, tmp_path,
                                                monkeypatch):
     args = dict(QUICK, max_epochs=6, early_stopping=True, patience=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = pv.VeloVAE(adata, model=kind, **SMALL)
+        reference = _model(adata, kind)
         reference.train(**args)
-        interrupted = pv.VeloVAE(adata, model=kind, **SMALL)
+        interrupted = _model(adata, kind)
         _interrupt_after(monkeypatch, n_writes)
         with pytest.raises(KeyboardInterrupt):
             interrupted.train(**args, checkpoint_dir=tmp_path, checkpoint_every=1)
         monkeypatch.undo()
         saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
         assert len(saved["history"]["train"]) == epochs_done
+        if kind == "ancestors":
+            assert saved["stage"] == "refine" and not saved["done"]
+            assert saved["history"]["stages"][-1][0] == "ancestors"
         # a new process: a new object built with the same arguments
-        resumed = pv.VeloVAE(adata, model=kind, **SMALL)
+        resumed = _model(adata, kind)
         resumed.train(**args, checkpoint_dir=tmp_path, resume=True)
     assert len(resumed.history.train) == len(reference.history.train)
     assert resumed.history == reference.history
