@@ -81,6 +81,7 @@ GPUs, with a ``batch_size`` large enough to keep each one busy.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -223,18 +224,28 @@ def active_training_group() -> Group | None:
     return _TRAINING_GROUP
 
 
-def all_gather_rows(x: Tensor, group: Group) -> Tensor:
-    """Every rank's ``x`` (any number of rows, the same trailing shape), concatenated in
-    rank order: the whole minibatch again when each rank holds its :func:`shard`."""
-    rows = torch.tensor([x.shape[0]], device=x.device)
+def all_gather_rows(group: Group, *xs: Tensor) -> tuple[Tensor, ...]:
+    """Every rank's rows of each of ``xs``, concatenated in rank order: the whole minibatch
+    again when each rank holds its :func:`shard`.
+
+    The ``xs`` (one dtype; the same number of rows on a rank, any trailing shapes) travel
+    side by side in one padded message, so a call costs two collectives whatever their
+    number: one for the ranks' row counts, one for the rows.
+    """
+    n = xs[0].shape[0]
+    columns = torch.cat([x.reshape(n, math.prod(x.shape[1:])) for x in xs], dim=1)
+    rows = torch.tensor([n], device=columns.device)
     sizes = [torch.zeros_like(rows) for _ in range(group.world_size)]
     torch.distributed.all_gather(sizes, rows)
     counts = [int(size.item()) for size in sizes]
-    padded = x.new_zeros((max(counts), *x.shape[1:]))
-    padded[: x.shape[0]] = x
+    padded = columns.new_zeros((max(counts), columns.shape[1]))
+    padded[:n] = columns
     parts = [torch.empty_like(padded) for _ in range(group.world_size)]
-    torch.distributed.all_gather(parts, padded.contiguous())
-    return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
+    torch.distributed.all_gather(parts, padded)
+    gathered = torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
+    widths = [math.prod(x.shape[1:]) for x in xs]
+    return tuple(block.reshape(-1, *x.shape[1:])
+                 for block, x in zip(gathered.split(widths, dim=1), xs, strict=True))
 
 
 def all_reduce_sum(values: Tensor) -> Tensor:

@@ -474,7 +474,7 @@ class AncestralModel(FullModel):
             cells = (flat_t, flat_c, own.reshape(-1, own.shape[-1]).detach())
             group = distributed.active_training_group()
             if group is not None:  # every rank absorbs the whole minibatch, in order
-                cells = tuple(distributed.all_gather_rows(x, group) for x in cells)
+                cells = distributed.all_gather_rows(group, *cells)
             self.ancestors.update(*cells)
         past, seeded = self.ancestors.lookup(flat_c)
         past = past.reshape(*own.shape[:-1], *past.shape[1:])
