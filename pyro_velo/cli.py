@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="upper bound on training epochs (default: scales with cells)")
         p.add_argument("--batch-size", type=_positive_int, default=batch_size)
         p.add_argument("--seed", type=int, default=0, help="seed for a reproducible run")
+        p.add_argument("--n-starts", type=_positive_int, default=1,
+                       help="train from this many random starts and keep the one with "
+                            "the best validation ELBO (costs that many trainings)")
         p.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--threads", type=_positive_int, default=None,
@@ -106,7 +109,8 @@ def _fit(adata, args):
     vae = VeloVAE(adata, model=args.model, rate_history=args.rate_history, seed=args.seed)
     vae.train(max_epochs=args.max_epochs, batch_size=args.batch_size, seed=args.seed,
               device=args.device, progress_bar=not args.quiet, num_threads=args.threads,
-              compile=_SWITCH[args.compile], bf16=_SWITCH[args.bf16])
+              compile=_SWITCH[args.compile], bf16=_SWITCH[args.bf16],
+              n_starts=args.n_starts)
     vae.export_to_anndata(adata)
     return vae
 

@@ -55,6 +55,9 @@ from .train import (
 )
 
 MODELS = ("basic", "full")
+#: what :meth:`VeloVAE.train` records in ``config`` (not constructor arguments)
+TRAINING_RECORDS = ("refine_delta1", "refine_delta2", "refined", "warm_start", "n_starts",
+                    "start", "start_losses")
 #: values of ``rate_history``: the paper's one rate per cell, or rates from the ancestors
 RATE_HISTORIES = ("constant", "ancestors")
 #: epochs between the refinement's checks of the validation log-likelihood, and the
@@ -426,6 +429,7 @@ class VeloVAE:
         distributed: bool | None = None,
         compile: bool | None = None,
         bf16: bool | None = None,
+        n_starts: int = 1,
     ) -> TrainingHistory:
         """Fit by minibatch SVI with early stopping on the validation ELBO.
 
@@ -542,12 +546,22 @@ class VeloVAE:
             (``True`` is slow on a CPU without native bfloat16). At the pancreas size on
             an AMD EPYC with AVX512-BF16 it saved 10-20% of an epoch, with the same
             latent time, velocity and test MSE (``benchmarks/RESULTS.md``, session 12).
+        n_starts
+            Independent trainings from different random starts; the one with the
+            highest validation ELBO is kept (see :meth:`_best_of_starts`). Start ``k``
+            initialises the networks with seed ``self.config['seed'] + k`` and trains
+            with ``seed + k``; start 0 is the fit ``n_starts=1`` gives. The ELBO of the
+            mixture of ODEs has local optima (on bifurcations, e.g., branches fitted on
+            different clocks), and the better ELBO marked the better fit on simulations
+            (``benchmarks/RESULTS.md``, session 17). Costs ``n_starts`` trainings; not
+            combined with ``checkpoint_dir`` or distributed training, and only for a
+            model not trained yet.
 
         Returns
         -------
         TrainingHistory
             Per-epoch train and validation loss (negative ELBO per cell), also in
-            ``self.history``.
+            ``self.history`` (of the start kept, with ``n_starts > 1``).
 
         Raises
         ------
@@ -576,6 +590,23 @@ class VeloVAE:
             patience=patience, warmup_epochs=warmup_epochs, basic_epochs=basic_epochs,
             refine_epochs=refine_epochs, checkpoint_every=checkpoint_every,
             num_threads=num_threads)
+        check_int(n_starts, "n_starts", minimum=1)
+        if n_starts > 1:
+            if checkpoint_dir is not None or resume:
+                raise InputError("n_starts > 1 cannot be combined with checkpoint_dir or "
+                                 "resume; checkpoint single starts (n_starts=1)")
+            if current_group(distributed) is not None:
+                raise InputError("n_starts > 1 is not available with distributed training; "
+                                 "run the starts as separate fits")
+            if self.is_trained:
+                raise InputError("n_starts > 1 needs a model that is not trained yet")
+            return self._best_of_starts(n_starts, seed, dict(
+                max_epochs=max_epochs, batch_size=batch_size, lr=lr, lr_ode=lr_ode,
+                device=device, early_stopping=early_stopping, patience=patience,
+                warmup_epochs=warmup_epochs, basic_epochs=basic_epochs,
+                refine_epochs=refine_epochs, progress_bar=progress_bar,
+                num_threads=num_threads, distributed=distributed, compile=compile,
+                bf16=bf16))
         if max_epochs is None:
             max_epochs = default_max_epochs(self.data.n_cells)
         if warmup_epochs is None:
@@ -670,6 +701,37 @@ class VeloVAE:
                                 epochs=refine_epochs, early_stopping=early_stopping, **opts)
                     ckpt.stage_done("refine", self.history, self.config, finished=True)
         self.is_trained = True
+        return self.history
+
+    def _best_of_starts(self, n_starts: int, seed: int, options: dict) -> TrainingHistory:
+        """Train ``n_starts`` times from different random starts; keep the best.
+
+        The split, the data and the steady-state initialisation are shared; start ``k``
+        builds fresh networks after seeding with ``self.config['seed'] + k`` (start 0
+        keeps the pair built by the constructor) and trains with ``seed + k``. Each
+        fit's validation loss (negative ELBO per cell; training cells without a
+        validation split) is evaluated with the same seed, so that the starts are
+        compared on the same guide draws. The kept start's number and every start's
+        loss are recorded in ``config['start']`` and ``config['start_losses']``.
+        """
+        split = "validation" if (self.data.split == 1).any() else "train"
+        check = self.data.indices(split)
+        config = copy.deepcopy(self.config)
+        losses: list[float] = []
+        best = None
+        for k in range(n_starts):
+            if k:
+                set_seed(config["seed"] + k)
+                self.model, self.guide = self._make_pair(config["model"])
+            self.config, self.history = copy.deepcopy(config), TrainingHistory()
+            self.train(seed=seed + k, **options)
+            set_seed(seed)
+            losses.append(evaluate_loss(self.model, self.guide, self.data,
+                                        check.to(self.device)))
+            if best is None or losses[-1] < losses[best[0]]:
+                best = (k, self.model, self.guide, self.config, self.history)
+        k, self.model, self.guide, self.config, self.history = best
+        self.config.update(n_starts=n_starts, start=k, start_losses=losses)
         return self.history
 
     def _fit_ancestors(self, epochs: int, resuming: bool = False,
@@ -1664,8 +1726,7 @@ class VeloVAE:
         config.update(components)
         hidden = config.pop("hidden")
         split_fractions = tuple(config.pop("split_fractions"))
-        refine = {k: config.pop(k) for k in ("refine_delta1", "refine_delta2", "refined",
-                                             "warm_start") if k in config}
+        refine = {k: config.pop(k) for k in TRAINING_RECORDS if k in config}
         split = state["split"].numpy()
         vae = cls(adata, hidden=tuple(hidden), split_fractions=split_fractions,
                   _split=split, **config)

@@ -66,18 +66,21 @@ def test_console_script_help():
     assert "demo" in result.stdout and "fit" in result.stdout
 
 
-def test_threads_option_reaches_training(monkeypatch, tmp_path):
+@pytest.mark.parametrize(("flag", "option", "default"),
+                         [("--threads", "num_threads", None), ("--n-starts", "n_starts", 1)])
+def test_count_options_reach_training(monkeypatch, tmp_path, flag, option, default):
     options = {}
     monkeypatch.setattr(pv.VeloVAE, "train", lambda self, **kw: options.update(kw))
     monkeypatch.setattr(pv.VeloVAE, "export_to_anndata", lambda self, adata: None)
-    args = cli.build_parser().parse_args(["demo", "--threads", "3", "-o", str(tmp_path)])
+    args = cli.build_parser().parse_args(["demo", flag, "3", "-o", str(tmp_path)])
     adata = pv.datasets.simulate(n_cells=60, n_genes=20, topology="linear", seed=0)
     pv.pp.preprocess(adata, n_neighbors=10, n_pcs=10)
     cli._fit(adata, args)
-    assert options["num_threads"] == 3
-    assert cli.build_parser().parse_args(["demo"]).threads is None
+    assert options[option] == 3
+    cli._fit(adata, cli.build_parser().parse_args(["demo", "-o", str(tmp_path)]))
+    assert options[option] == default
     with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["demo", "--threads", "0"])
+        cli.build_parser().parse_args(["demo", flag, "0"])
 
 
 @pytest.mark.parametrize("option", ["compile", "bf16"])

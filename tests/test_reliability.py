@@ -375,6 +375,55 @@ def test_non_finite_parameter_after_the_first_epoch_is_caught(adata):
 
 
 # ---- determinism ---------------------------------------------------------------------
+# ---- restarts ------------------------------------------------------------------------
+def _fit_starts(adata, n_starts):
+    vae = pv.VeloVAE(adata, model="full", **SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vae.train(**QUICK, n_starts=n_starts)
+    return vae
+
+
+def _validation_loss(vae):
+    """The validation loss as ``_best_of_starts`` scores a start (same guide draws)."""
+    train_module.set_seed(QUICK["seed"])
+    return train_module.evaluate_loss(vae.model, vae.guide, vae.data,
+                                      vae.data.indices("validation"))
+
+
+def test_restarts_keep_the_start_with_the_best_validation_elbo(adata, tmp_path):
+    single, starts = _fit_starts(adata, 1), _fit_starts(adata, 3)
+    losses = starts.config["start_losses"]
+    assert starts.config["n_starts"] == 3 and len(losses) == 3
+    assert len(set(losses)) == 3  # different starts, different fits
+    assert starts.config["start"] == int(np.argmin(losses))
+    assert _validation_loss(starts) == losses[starts.config["start"]]
+    # start 0 is the fit one start gives, bit for bit
+    assert "start" not in single.config
+    assert _validation_loss(single) == losses[0]
+    # the kept start's history and records survive saving
+    assert starts.history.stages[0] == ("warm-up", 0)
+    starts.save(tmp_path / "starts")
+    loaded = pv.VeloVAE.load(tmp_path / "starts", adata)
+    assert loaded.config["start_losses"] == losses
+    assert loaded.config["start"] == starts.config["start"]
+    assert _equal(loaded.get_latent_time(), starts.get_latent_time())
+
+
+def test_restart_errors(adata, full, tmp_path):
+    vae = pv.VeloVAE(adata, model="basic", **SMALL)
+    for bad in (0, 1.5, "2", True):
+        with pytest.raises(InputError, match="n_starts"):
+            vae.train(**QUICK, n_starts=bad)
+    with pytest.raises(InputError, match="checkpoint_dir"):
+        vae.train(**QUICK, n_starts=2, checkpoint_dir=tmp_path)
+    assert not vae.is_trained and not any(tmp_path.iterdir())
+    before = full.get_latent_time()
+    with pytest.raises(InputError, match="not trained yet"):
+        full.train(**QUICK, n_starts=2)
+    assert _equal(full.get_latent_time(), before)
+
+
 def test_same_seed_same_full_fit_bitwise(adata):
     runs = []
     for _ in range(2):
