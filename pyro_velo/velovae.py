@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
+from tqdm.auto import tqdm
 
 from . import __version__
 from ._checks import InputError, MissingFileError, check_int, check_real
@@ -720,6 +721,8 @@ class VeloVAE:
         losses: list[float] = []
         best = None
         for k in range(n_starts):
+            if options["progress_bar"]:
+                tqdm.write(f"Start {k + 1} of {n_starts}")
             if k:
                 set_seed(config["seed"] + k)
                 self.model, self.guide = self._make_pair(config["model"])

@@ -376,8 +376,8 @@ def test_non_finite_parameter_after_the_first_epoch_is_caught(adata):
 
 # ---- determinism ---------------------------------------------------------------------
 # ---- restarts ------------------------------------------------------------------------
-def _fit_starts(adata, n_starts):
-    vae = pv.VeloVAE(adata, model="full", **SMALL)
+def _fit_starts(adata, n_starts, history="constant"):
+    vae = pv.VeloVAE(adata, model="full", rate_history=history, **SMALL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         vae.train(**QUICK, n_starts=n_starts)
@@ -391,8 +391,9 @@ def _validation_loss(vae):
                                       vae.data.indices("validation"))
 
 
-def test_restarts_keep_the_start_with_the_best_validation_elbo(adata, tmp_path):
-    single, starts = _fit_starts(adata, 1), _fit_starts(adata, 3)
+@pytest.mark.parametrize("history", ["constant", "ancestors"])
+def test_restarts_keep_the_start_with_the_best_validation_elbo(adata, tmp_path, history):
+    single, starts = _fit_starts(adata, 1, history), _fit_starts(adata, 3, history)
     losses = starts.config["start_losses"]
     assert starts.config["n_starts"] == 3 and len(losses) == 3
     assert len(set(losses)) == 3  # different starts, different fits
