@@ -553,10 +553,12 @@ class VeloVAE:
             initialises the networks with seed ``self.config['seed'] + k`` and trains
             with ``seed + k``; start 0 is the fit ``n_starts=1`` gives. The ELBO of the
             mixture of ODEs has local optima (on bifurcations, e.g., branches fitted on
-            different clocks), and the better ELBO marked the better fit on simulations
-            (``benchmarks/RESULTS.md``, session 17). Costs ``n_starts`` trainings; not
-            combined with ``checkpoint_dir`` or distributed training, and only for a
-            model not trained yet.
+            different clocks); on simulations the fits in such an optimum had the lower
+            validation ELBO, while among the other fits the ELBO did not rank the
+            velocity (``benchmarks/RESULTS.md``, session 17). Costs ``n_starts``
+            trainings. If a start fails or is interrupted, the best finished start is
+            kept before the error propagates. Not combined with ``checkpoint_dir`` or
+            distributed training, and only for a model not trained yet.
 
         Returns
         -------
@@ -727,15 +729,25 @@ class VeloVAE:
                 set_seed(config["seed"] + k)
                 self.model, self.guide = self._make_pair(config["model"])
             self.config, self.history = copy.deepcopy(config), TrainingHistory()
-            self.train(seed=seed + k, **options)
+            try:
+                self.train(seed=seed + k, **options)
+            except BaseException:  # e.g. a diverged start or Ctrl-C: keep the best so far
+                if best is not None:
+                    self._keep_start(best, n_starts, losses)
+                raise
             set_seed(seed)
             losses.append(evaluate_loss(self.model, self.guide, self.data,
                                         check.to(self.device)))
             if best is None or losses[-1] < losses[best[0]]:
                 best = (k, self.model, self.guide, self.config, self.history)
-        k, self.model, self.guide, self.config, self.history = best
-        self.config.update(n_starts=n_starts, start=k, start_losses=losses)
+        self._keep_start(best, n_starts, losses)
         return self.history
+
+    def _keep_start(self, best: tuple, n_starts: int, losses: list[float]) -> None:
+        """Install a finished start of :meth:`_best_of_starts` and record the choice."""
+        k, self.model, self.guide, self.config, self.history = best
+        self.is_trained = True
+        self.config.update(n_starts=n_starts, start=k, start_losses=list(losses))
 
     def _fit_ancestors(self, epochs: int, resuming: bool = False,
                        **fit_options) -> TrainingHistory:

@@ -411,6 +411,27 @@ def test_restarts_keep_the_start_with_the_best_validation_elbo(adata, tmp_path, 
     assert _equal(loaded.get_latent_time(), starts.get_latent_time())
 
 
+def test_a_failed_start_keeps_the_best_finished_one(adata, monkeypatch):
+    vae = pv.VeloVAE(adata, model="full", **SMALL)
+    calls = {"n": 0}
+    original = pv.VeloVAE._start_from_basic
+
+    def second_start_fails(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise DivergenceError("a diverged start")
+        return original(self, *args)
+
+    monkeypatch.setattr(pv.VeloVAE, "_start_from_basic", second_start_fails)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DivergenceError, match="diverged start"):
+            vae.train(**QUICK, n_starts=3)
+    assert vae.is_trained and vae.config["start"] == 0
+    assert len(vae.config["start_losses"]) == 1
+    assert _validation_loss(vae) == vae.config["start_losses"][0]
+
+
 def test_restart_errors(adata, full, tmp_path):
     vae = pv.VeloVAE(adata, model="basic", **SMALL)
     for bad in (0, 1.5, "2", True):
