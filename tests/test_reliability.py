@@ -1,4 +1,5 @@
-"""Reliability: save/load, out-of-sample inference, resumable training, divergence, seeds.
+"""Reliability: save/load, out-of-sample inference, resumable training, divergence,
+restarts, seeds.
 
 Every fit here is tiny (300 cells x 30 genes, a few epochs): these tests check exactness
 and error handling, not the quality of the fit.
@@ -374,7 +375,6 @@ def test_non_finite_parameter_after_the_first_epoch_is_caught(adata):
     assert torch.distributions.Distribution._validate_args is True
 
 
-# ---- determinism ---------------------------------------------------------------------
 # ---- restarts ------------------------------------------------------------------------
 def _fit_starts(adata, n_starts, history="constant"):
     vae = pv.VeloVAE(adata, model="full", rate_history=history, **SMALL)
@@ -446,6 +446,7 @@ def test_restart_errors(adata, full, tmp_path):
     assert _equal(full.get_latent_time(), before)
 
 
+# ---- determinism ---------------------------------------------------------------------
 def test_same_seed_same_full_fit_bitwise(adata):
     runs = []
     for _ in range(2):
