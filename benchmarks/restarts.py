@@ -19,6 +19,7 @@ Results: ``benchmarks/RESULTS.md``, session 17.
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 import warnings
 
@@ -29,6 +30,8 @@ import pyro_velo as pv
 #: name -> (cells, genes, branches, data seed)
 SETS = {"sparse2": (1000, 100, 2, 3), "sparse3": (1000, 100, 3, 3),
         "test2": (2000, 200, 2, 2), "test3": (2000, 200, 3, 3)}
+HEADER = ("| set | size factors | base seed | kept start | validation loss of the starts "
+          "| Spearman | cosine | future | wall |\n|---|---|---|---|---|---|---|---|---|")
 
 
 def run(name: str, size_factors: str, seed: int, n_starts: int) -> str:
@@ -53,17 +56,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", default=["sparse2", "sparse3"], choices=SETS)
     parser.add_argument("--size-factors", nargs="+", default=["neighbourhood"],
-                        choices=["total", "neighbourhood"])
+                        choices=pv.pp.SIZE_FACTORS)
     parser.add_argument("--base-seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--n-starts", type=int, default=3)
     args = parser.parse_args()
-    print("| set | size factors | base seed | kept start | validation loss of the starts "
-          "| Spearman | cosine | future | wall |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name in args.sets:
-        for size_factors in args.size_factors:
-            for seed in args.base_seeds:
-                print(run(name, size_factors, seed, args.n_starts), flush=True)
+    print(HEADER)
+    for grid_point in itertools.product(args.sets, args.size_factors, args.base_seeds):
+        print(run(*grid_point, args.n_starts), flush=True)
 
 
 if __name__ == "__main__":
