@@ -717,8 +717,7 @@ class VeloVAE:
         compared on the same guide draws. The kept start's number and every start's
         loss are recorded in ``config['start']`` and ``config['start_losses']``.
         """
-        split = "validation" if (self.data.split == 1).any() else "train"
-        check = self.data.indices(split)
+        check = self.data.indices(_selection_split(self.data))
         config = copy.deepcopy(self.config)
         losses: list[float] = []
         best = None
@@ -861,7 +860,7 @@ class VeloVAE:
         span = float(t.max() - t.min())
         delta1 = 0.03 * span if delta1 is None else float(delta1)
         delta2 = 0.005 * span if delta2 is None else float(delta2)
-        check_split = "validation" if (self.data.split == 1).any() else "train"
+        check_split = _selection_split(self.data)
         if require_improvement:  # the first stage to compare with and to restore
             before = self._reconstruction(check_split)["log_likelihood"]
             saved = copy.deepcopy(self.model.state_dict())
@@ -943,7 +942,7 @@ class VeloVAE:
         """
         initial = (copy.deepcopy(model.state_dict()), copy.deepcopy(guide.state_dict()))
         data = self._start_data
-        check = data.indices("validation" if (data.split == 1).any() else "train")
+        check = data.indices(_selection_split(data))
         starts = {"capture times" if self.capture_times is not None else "steady state":
                   self._on_start_data(self.capture_times)}
         best = None
@@ -1741,11 +1740,11 @@ class VeloVAE:
         config.update(components)
         hidden = config.pop("hidden")
         split_fractions = tuple(config.pop("split_fractions"))
-        refine = {k: config.pop(k) for k in TRAINING_RECORDS if k in config}
+        records = {k: config.pop(k) for k in TRAINING_RECORDS if k in config}
         split = state["split"].numpy()
         vae = cls(adata, hidden=tuple(hidden), split_fractions=split_fractions,
                   _split=split, **config)
-        vae.config.update(refine)
+        vae.config.update(records)
         fitted = state["fitted"].numpy()
         if not np.array_equal(vae.data.fitted, fitted):
             raise InputError(
@@ -1838,6 +1837,12 @@ def _rates_to_guide(model: BasicModel, guide) -> None:
         with torch.no_grad():
             for name in guide.rates.names:
                 getattr(guide.rates, f"log_{name}_loc").copy_(getattr(model, f"log_{name}"))
+
+
+def _selection_split(data: VelocityData | DiskVelocityData) -> str:
+    """The split that chooses between fits (warm-ups, refinement, restarts): the
+    validation cells, or the training cells where there are none."""
+    return "validation" if (data.split == 1).any() else "train"
 
 
 def _fit_stage(model: BasicModel, guide, *args, **kwargs) -> TrainingHistory:
