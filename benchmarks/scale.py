@@ -309,7 +309,7 @@ def child_overhead(args: argparse.Namespace) -> dict:
 
 def child_pancreas(args: argparse.Namespace) -> dict:
     import pyro_velo as pv
-    import pyro_velo.velovae as velovae
+    import pyro_velo.schedule as schedule
 
     start = time.perf_counter()
     adata = pv.datasets.simulate(n_cells=args.n_cells, n_genes=args.genes, seed=0)
@@ -318,7 +318,7 @@ def child_pancreas(args: argparse.Namespace) -> dict:
     pv.pp.preprocess(adata)
     preprocess_s = time.perf_counter() - start
     stage_times: list[tuple[str, float]] = []
-    fit_stage = velovae._fit_stage
+    fit_stage = schedule._fit_stage
 
     def timed_fit_stage(*a, **k):
         t0 = time.perf_counter()
@@ -327,7 +327,7 @@ def child_pancreas(args: argparse.Namespace) -> dict:
         finally:
             stage_times.append((k.get("description", "refine"), time.perf_counter() - t0))
 
-    velovae._fit_stage = timed_fit_stage
+    schedule._fit_stage = timed_fit_stage
     profiler = None
     if args.profile:
         from pyinstrument import Profiler

@@ -6,7 +6,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 import pyro_velo as pv
-import pyro_velo.velovae as velovae
+import pyro_velo.schedule as schedule
 from pyro_velo._checks import InputError
 from pyro_velo.ancestry import AncestorTable
 from pyro_velo.initialize import steady_state_init
@@ -140,14 +140,14 @@ def ancestral_fit():
     adata = pv.datasets.simulate(n_cells=300, n_genes=30, topology="bifurcation", seed=4)
     pv.pp.preprocess(adata, random_state=0)
     vae = pv.VeloVAE(adata, rate_history="ancestors", seed=0)
-    stages, fit_stage = [], velovae._fit_stage
+    stages, fit_stage = [], schedule._fit_stage
 
     def recording(model, *args, **kwargs):
         stages.append((kwargs["description"], getattr(model, "use_ancestors", None)))
         return fit_stage(model, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(velovae, "_fit_stage", recording)
+        patch.setattr(schedule, "_fit_stage", recording)
         vae.train(max_epochs=40, progress_bar=False, num_threads=1)
     return vae, adata, stages
 

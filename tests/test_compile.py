@@ -175,13 +175,13 @@ def small_adata():
 def _record_at_each_stage(monkeypatch, read=lambda: BasicModel.compile_kinetics) -> list:
     """Record ``read()`` (default: ``BasicModel.compile_kinetics``) at every training stage."""
     seen = []
-    fit_stage = pv.velovae._fit_stage
+    fit_stage = pv.schedule._fit_stage
 
     def recording(*args, **kwargs):
         seen.append(read())
         return fit_stage(*args, **kwargs)
 
-    monkeypatch.setattr(pv.velovae, "_fit_stage", recording)
+    monkeypatch.setattr(pv.schedule, "_fit_stage", recording)
     return seen
 
 
@@ -211,7 +211,7 @@ def test_train_compiles_by_default_only_for_large_work(small_adata, monkeypatch)
     seen.clear()
     train_cells = len(vae.data.indices("train"))
     work = train_cells * vae.data.n_genes * 2
-    monkeypatch.setattr(pv.velovae, "COMPILE_MIN_WORK", work)
+    monkeypatch.setattr(pv.schedule, "COMPILE_MIN_WORK", work)
     vae.train(max_epochs=2, warmup_epochs=1, progress_bar=False, num_threads=1)
     assert set(seen) == {True}
     assert BasicModel.compile_kinetics is False
@@ -286,15 +286,15 @@ def test_train_uses_bf16_by_default_only_for_large_work_on_capable_cpus(small_ad
     vae = pv.VeloVAE(small_adata, model="basic", seed=0)
     short = dict(max_epochs=2, warmup_epochs=1, progress_bar=False, num_threads=1,
                  compile=False)
-    monkeypatch.setattr(pv.velovae, "bf16_supported", lambda: True)
+    monkeypatch.setattr(pv.schedule, "bf16_supported", lambda: True)
     vae.train(**short)
     assert set(seen) == {False}  # small work
     seen.clear()
-    monkeypatch.setattr(pv.velovae, "COMPILE_MIN_WORK", 1)
+    monkeypatch.setattr(pv.schedule, "COMPILE_MIN_WORK", 1)
     vae.train(**short)
     assert set(seen) == {True}
     seen.clear()
-    monkeypatch.setattr(pv.velovae, "bf16_supported", lambda: False)
+    monkeypatch.setattr(pv.schedule, "bf16_supported", lambda: False)
     vae.train(**short)
     assert set(seen) == {False}  # no native bfloat16 on this CPU
     seen.clear()

@@ -115,13 +115,13 @@ def test_same_seed_same_fit_and_models_do_not_share_parameters(linear_adata):
 def test_training_uses_torchs_thread_setting_unless_told(linear_adata, monkeypatch):
     torch = __import__("torch")
     seen = []
-    fit_stage = pv.velovae._fit_stage
+    fit_stage = pv.schedule._fit_stage
 
     def recording(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return fit_stage(*args, **kwargs)
 
-    monkeypatch.setattr(pv.velovae, "_fit_stage", recording)
+    monkeypatch.setattr(pv.schedule, "_fit_stage", recording)
     vae = pv.VeloVAE(linear_adata, model="basic", hidden=(8,))
     before = torch.get_num_threads()
     try:
