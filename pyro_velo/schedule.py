@@ -460,11 +460,12 @@ class TrainingMixin:
 
         By default (``require_improvement=True``) the refinement is kept only if it
         raises the reconstruction log-likelihood of the validation cells (see
-        :meth:`evaluate`); otherwise the model is restored to its state before the call,
-        with a warning (noisy or sparse data can make the window means a worse start
-        than the first-stage model). While the fine-tuning runs, that log-likelihood is
-        checked every few epochs and the fine-tuning ends once the refinement cannot
-        catch up with the first stage by its last epoch (see ``_hopeless_refinement``):
+        :meth:`~pyro_velo.VeloVAE.evaluate`); otherwise the model is restored to its
+        state before the call, with a warning (noisy or sparse data can make the window
+        means a worse start than the first-stage model). While the fine-tuning runs,
+        that log-likelihood is checked every few epochs and the fine-tuning ends once the
+        refinement cannot catch up with the first stage by its last epoch (see
+        ``_hopeless_refinement``):
         rejected refinements cost a fraction of ``epochs``.
 
         Parameters
