@@ -465,8 +465,7 @@ class TrainingMixin:
         means a worse start than the first-stage model). While the fine-tuning runs,
         that log-likelihood is checked every few epochs and the fine-tuning ends once the
         refinement cannot catch up with the first stage by its last epoch (see
-        ``_hopeless_refinement``):
-        rejected refinements cost a fraction of ``epochs``.
+        ``_hopeless_refinement``): rejected refinements cost a fraction of ``epochs``.
 
         Parameters
         ----------
