@@ -68,8 +68,8 @@ def run(n_branches: int, n_cells: int, n_genes: int, models: list[str],
     rows = []
     for kind in models:
         start = time.perf_counter()
-        history = {"rate_history": rate_history} if kind == "full" else {}
-        vae = pv.VeloVAE(adata, model=kind, seed=0, **history)
+        full_only = {"rate_history": rate_history} if kind == "full" else {}
+        vae = pv.VeloVAE(adata, model=kind, seed=0, **full_only)
         vae.train(progress_bar=False, seed=0, num_threads=threads)
         wall = time.perf_counter() - start
         metrics = vae.evaluate()
