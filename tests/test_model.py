@@ -331,3 +331,74 @@ def test_diffusion_pseudotime_orders_a_chain_from_its_ends():
         assert abs(spearmanr(pt, position)[0]) > 0.99
     # the two roots are the two ends: opposite orders
     assert spearmanr(candidates[0], candidates[1])[0] < -0.99
+
+
+def _y_graph(stem: int, long: int, short: int):
+    """A stem that splits into a long and a short arm (first and second neighbours joined),
+    rows shuffled; returns the graph, the shuffled rows of stem, long and short arm cells
+    in path order, and the row of the root."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    arms = (np.arange(stem), np.arange(stem, stem + long),
+            np.arange(stem + long, stem + long + short))
+    edges = [(i, i + 1) for i in range(stem - 1)]
+    for arm in arms[1:]:
+        edges += [(stem - 1, arm[0]), *zip(arm[:-1], arm[1:], strict=True)]
+    n = stem + long + short
+    rows, cols = np.array(edges).T
+    path = sp.coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n)).tocsr()
+    path = path + path.T
+    two = path @ path
+    two.setdiag(0)
+    graph = ((path + two) > 0).astype(float)
+    perm = np.random.default_rng(1).permutation(n)  # row j is cell perm[j]
+    where = np.argsort(perm)
+    return sp.csr_matrix(graph[perm][:, perm]), [where[a] for a in arms], where[0]
+
+
+@pytest.mark.parametrize("stem,long,short", [(60, 120, 60), (30, 150, 40), (20, 200, 20)])
+def test_branch_clock_runs_every_branch_from_zero_to_one(stem, long, short):
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from pyro_velo.initialize import (
+        branch_clock,
+        diffusion_coordinates,
+        extreme_cells,
+        pseudotimes_from,
+    )
+
+    graph, (stem_rows, long_rows, short_rows), root = _y_graph(stem, long, short)
+    coords = diffusion_coordinates(graph)
+    dpt = pseudotimes_from(coords, [root])[0]
+    assert dpt[short_rows[-1]] < 0.7 * dpt[long_rows[-1]]  # the short arm ends early
+    clock = branch_clock(graph, coords, root, extreme_cells(coords))
+    assert clock[root] == 0
+    np.testing.assert_allclose(clock[[long_rows[-1], short_rows[-1]]], 1.0, atol=1e-9)
+    assert clock.min() >= 0 and clock.max() <= 1
+    for rows in (stem_rows, long_rows, short_rows):  # increasing along every arm
+        assert spearmanr(clock[rows], np.arange(len(rows)))[0] > 0.99
+
+
+def test_branch_clock_falls_back_to_the_diffusion_pseudotime():
+    import numpy as np
+    import scipy.sparse as sp
+
+    from pyro_velo.initialize import branch_clock, diffusion_coordinates, pseudotimes_from
+
+    graph, (_stem, _long, _short), root = _y_graph(40, 60, 40)
+    coords = diffusion_coordinates(graph)
+    dpt = pseudotimes_from(coords, [root])[0]
+    # no end point far enough from the root: the diffusion pseudotime itself
+    np.testing.assert_allclose(branch_clock(graph, coords, root, [root]), dpt)
+    # cells the root cannot reach keep their diffusion pseudotime
+    n = graph.shape[0]
+    cut = sp.lil_matrix(graph)
+    island = _short[-5:]
+    for i in island:
+        cut[i, :] = 0
+        cut[:, i] = 0
+    clock = branch_clock(sp.csr_matrix(cut), coords, root, [int(_long[-1])])
+    assert np.isfinite(clock).all() and clock.shape == (n,)
+    np.testing.assert_allclose(clock[island], dpt[island])
