@@ -14,7 +14,7 @@ Two initialisations are provided:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -438,71 +438,15 @@ def knn_graph(x: np.ndarray, n_neighbors: int = 30, n_pcs: int = 30, seed: int =
     return graph.maximum(graph.T)
 
 
-def diffusion_coordinates(connectivities, n_comps: int = 10, seed: int = 0) -> np.ndarray:
-    """Diffusion-map coordinates of the cells (Haghverdi et al. 2016).
-
-    The symmetric normalisation of the kNN graph gives eigenvectors ``psi_k`` with
-    eigenvalues ``lambda_k`` (the stationary one dropped); a cell's coordinates are
-    ``psi_k lambda_k / (1 - lambda_k)``, so that the Euclidean distance between two
-    cells is their diffusion pseudotime distance.
-
-    Parameters
-    ----------
-    connectivities
-        ``(N, N)`` symmetric sparse kNN connectivities (``adata.obsp['connectivities']``).
-    n_comps
-        Diffusion components kept.
-    seed
-        Seed of the eigensolver's start vector.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(N, n_comps)`` coordinates (fewer for graphs of few cells), leading first.
-    """
-    import scipy.sparse as sp
-    from scipy.sparse.linalg import eigsh
-
-    graph = sp.csr_matrix(connectivities, dtype=np.float64)
-    graph = graph.maximum(graph.T)
-    n = graph.shape[0]
-    degree = np.asarray(graph.sum(1)).ravel()
-    degree[degree == 0] = 1.0
-    inv_sqrt = sp.diags(1.0 / np.sqrt(degree))
-    sym = inv_sqrt @ graph @ inv_sqrt
-    k = min(n_comps + 1, n - 2)
-    start = np.random.default_rng(seed).random(n)
-    evals, evecs = eigsh(sym, k=k, which="LA", v0=start)
-    order = np.argsort(-evals)
-    evals, evecs = evals[order][1:], evecs[:, order][:, 1:]  # drop the stationary vector
-    weight = evals / np.clip(1.0 - evals, 1e-6, None)
-    return (inv_sqrt @ evecs) * weight
-
-
-def extreme_cells(coords: np.ndarray, n_roots: int = 3) -> list[int]:
-    """The cells with the smallest and largest value of each of the first ``n_roots``
-    diffusion components: where trajectories start and end (``2 * n_roots`` cells)."""
-    return [int(f(coords[:, comp])) for comp in range(min(n_roots, coords.shape[1]))
-            for f in (np.argmin, np.argmax)]
-
-
-def pseudotimes_from(coords: np.ndarray, roots: Sequence[int]) -> list[np.ndarray]:
-    """The diffusion pseudotime from each of ``roots``: the Euclidean distance in
-    :func:`diffusion_coordinates` ``coords``, rescaled to ``[0, 1]``."""
-    out = []
-    for root in roots:
-        dpt = np.sqrt(((coords - coords[root]) ** 2).sum(1))
-        out.append((dpt - dpt.min()) / max(np.ptp(dpt), 1e-12))
-    return out
-
-
 def diffusion_pseudotimes(connectivities, n_comps: int = 10, n_roots: int = 3,
                           seed: int = 0) -> list[np.ndarray]:
     """Candidate orderings of the cells: diffusion pseudotimes from extreme cells.
 
-    The diffusion pseudotime from a root cell is the distance from it in
-    :func:`diffusion_coordinates`. Trajectories start and end at extremes of the
-    leading components, so the roots tried are the :func:`extreme_cells`.
+    A diffusion map of the kNN graph (Haghverdi et al. 2016) gives each cell coordinates
+    ``psi_k`` with eigenvalues ``lambda_k``; the diffusion pseudotime from a root cell is
+    ``sqrt(sum_k (lambda_k / (1 - lambda_k))^2 (psi_k - psi_k[root])^2)``. Trajectories
+    start and end at extremes of the leading components, so the roots tried are the cells
+    with the smallest and largest value of each of the first ``n_roots`` components.
 
     Parameters
     ----------
@@ -520,70 +464,27 @@ def diffusion_pseudotimes(connectivities, n_comps: int = 10, n_roots: int = 3,
     list of numpy.ndarray
         Each ``(N,)`` pseudotime rescaled to ``[0, 1]``.
     """
-    coords = diffusion_coordinates(connectivities, n_comps, seed)
-    return pseudotimes_from(coords, extreme_cells(coords, n_roots))
-
-
-def branch_clock(connectivities, coords: np.ndarray, root: int,
-                 candidate_ends: Sequence[int], min_end_distance: float = 0.05,
-                 slack: float = 0.02) -> np.ndarray:
-    """A pseudotime on which every branch runs from 0 at the root to 1 at its end.
-
-    The diffusion pseudotime is a distance from the root rescaled by its largest value,
-    which lies in the longest branch, so a shorter branch ends early; a fit started from
-    it kept two branches on different clocks although a fit with them aligned had the
-    higher likelihood (``benchmarks/RESULTS.md``, session 18). Here distances are
-    shortest paths over the kNN graph with each edge as long as its two cells are apart
-    in ``coords``; they do not saturate along a branch as diffusion distances do. A cell
-    lies on the path from the root to an end point ``e`` when ``d_root + d_e`` is
-    ``d_root[e]``; it is given the farthest end point on whose path it lies (to within
-    ``slack`` times the largest distance from the root, the least excess if none), and
-    its pseudotime is ``d_root / (d_root + d_e)``, the fraction of the way. An end point
-    part way along a branch therefore only counts for cells on no farther path.
-
-    Parameters
-    ----------
-    connectivities
-        ``(N, N)`` sparse kNN graph (its pattern: which cells are neighbours).
-    coords
-        ``(N, k)`` :func:`diffusion_coordinates`.
-    root
-        The root cell.
-    candidate_ends
-        Cells that may be end points, e.g. the :func:`extreme_cells`; those nearer to
-        the root than ``min_end_distance`` times the largest distance from it are not.
-    min_end_distance, slack
-        See above.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(N,)`` pseudotime in ``[0, 1]``. Cells the root cannot reach through the graph,
-        and every cell when no end point is left, get the diffusion pseudotime from
-        ``root`` (:func:`pseudotimes_from`).
-    """
     import scipy.sparse as sp
-    from scipy.sparse.csgraph import dijkstra
+    from scipy.sparse.linalg import eigsh
 
-    fallback = pseudotimes_from(coords, [root])[0]
-    pattern = sp.csr_matrix(connectivities)
-    edges = sp.triu(pattern.maximum(pattern.T), 1).tocoo()
-    length = np.sqrt(((coords[edges.row] - coords[edges.col]) ** 2).sum(1)) + 1e-12
-    graph = sp.csr_matrix((length, (edges.row, edges.col)), shape=connectivities.shape)
-    ends = sorted({int(e) for e in candidate_ends} - {int(root)})
-    dist = dijkstra(graph, directed=False, indices=[root, *ends])
-    d_root, d_ends = dist[0], dist[1:]
-    reached = np.isfinite(d_root)
-    span = float(d_root[reached].max())
-    keep = [k for k, e in enumerate(ends)
-            if np.isfinite(d_root[e]) and d_root[e] >= min_end_distance * span]
-    if not keep or span <= 0:
-        return fallback
-    far = d_root[[ends[k] for k in keep]]
-    excess = d_root[None, :] + d_ends[keep] - far[:, None]
-    on_path = excess <= excess.min(0)[None, :] + slack * span
-    chosen = np.argmax(np.where(on_path, far[:, None], -np.inf), axis=0)
-    d_end = d_ends[keep][chosen, np.arange(len(d_root))]
-    clock = d_root / np.maximum(d_root + d_end, 1e-12)
-    ok = reached & np.isfinite(d_end)
-    return np.where(ok, clock, fallback)
+    graph = sp.csr_matrix(connectivities, dtype=np.float64)
+    graph = graph.maximum(graph.T)
+    n = graph.shape[0]
+    degree = np.asarray(graph.sum(1)).ravel()
+    degree[degree == 0] = 1.0
+    inv_sqrt = sp.diags(1.0 / np.sqrt(degree))
+    sym = inv_sqrt @ graph @ inv_sqrt
+    k = min(n_comps + 1, n - 2)
+    start = np.random.default_rng(seed).random(n)
+    evals, evecs = eigsh(sym, k=k, which="LA", v0=start)
+    order = np.argsort(-evals)
+    evals, evecs = evals[order][1:], evecs[:, order][:, 1:]  # drop the stationary vector
+    psi = inv_sqrt @ evecs
+    weight = evals / np.clip(1.0 - evals, 1e-6, None)
+    coords = psi * weight
+    out = []
+    for comp in range(min(n_roots, coords.shape[1])):
+        for root in (int(np.argmin(psi[:, comp])), int(np.argmax(psi[:, comp]))):
+            dpt = np.sqrt(((coords - coords[root]) ** 2).sum(1))
+            out.append((dpt - dpt.min()) / max(np.ptp(dpt), 1e-12))
+    return out

@@ -30,12 +30,9 @@ from .disk import DiskVelocityData
 from .distributed import current_group
 from .guides import AmortizedGuide, CombinedGuide, FixedLatentGuide
 from .initialize import (
-    branch_clock,
-    diffusion_coordinates,
+    diffusion_pseudotimes,
     direction_score,
-    extreme_cells,
     knn_graph,
-    pseudotimes_from,
     time_informed_init,
     window_table,
 )
@@ -667,14 +664,12 @@ class TrainingMixin:
 
         Starting the warm-up from genes fitted to a data-driven order avoids a local
         optimum of the ELBO in which the first cells are glued to the end of time. The
-        candidate roots are the extreme cells of the diffusion map
-        (:func:`~pyro_velo.initialize.extreme_cells`); the one whose diffusion
-        pseudotime agrees best with ``ds/dt = beta u - gamma s``
-        (:func:`~pyro_velo.initialize.direction_score`) is the root. The pseudotime
-        returned runs from it with every branch on one clock
-        (:func:`~pyro_velo.initialize.branch_clock`), on ``[0, t_max]``. The graph is
-        ``obsp['connectivities']`` of the AnnData; without one (or for a sample of cells
-        streamed from a file) a kNN graph of the scaled abundances
+        candidates are pseudotimes from extreme cells of the diffusion map
+        (:func:`~pyro_velo.initialize.diffusion_pseudotimes`); the one whose order
+        agrees best with ``ds/dt = beta u - gamma s``
+        (:func:`~pyro_velo.initialize.direction_score`) is used, on ``[0, t_max]``.
+        The graph is ``obsp['connectivities']`` of the AnnData; without one (or for a
+        sample of cells streamed from a file) a kNN graph of the scaled abundances
         (:func:`~pyro_velo.initialize.knn_graph`). Of the cells of ``_start_data``;
         None with fewer than 20 cells.
         """
@@ -687,16 +682,13 @@ class TrainingMixin:
         if graph is None or data is not self.data or graph.shape != (n, n):
             graph = knn_graph(torch.cat([u, s], dim=1).numpy(), seed=self.config["seed"])
         rates = {k: v.detach().cpu() for k, v in model.rates().items()}
-        coords = diffusion_coordinates(graph, seed=self.config["seed"])
-        roots = extreme_cells(coords)
-        best, best_score = roots[0], -np.inf
-        for root, candidate in zip(roots, pseudotimes_from(coords, roots), strict=True):
+        best, best_score = None, -np.inf
+        for candidate in diffusion_pseudotimes(graph, seed=self.config["seed"]):
             t = torch.as_tensor(candidate, dtype=torch.float32)
             score = direction_score(t, u, s, rates["beta"], rates["gamma"], rates["scale_u"])
             if score > best_score:
-                best, best_score = root, score
-        clock = branch_clock(graph, coords, best, roots)
-        return torch.as_tensor(clock, dtype=torch.float32) * self.config["t_max"]
+                best, best_score = t, score
+        return best * self.config["t_max"]
 
     def _reinitialize_rates(self, model: BasicModel, guide, times: torch.Tensor | None = None
                             ) -> None:
