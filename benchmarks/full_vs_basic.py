@@ -58,13 +58,21 @@ def velocity_metrics(vae: pv.VeloVAE, adata) -> dict[str, float]:
     }
 
 
+def bifurcation(n_cells: int, n_genes: int, n_branches: int, data_seed: int,
+                size_factors: str = "total"):
+    """``simulate(..., topology='bifurcation', noise='nb')`` preprocessed as in the tests
+    (``pp.preprocess(random_state=0, size_factors=...)``)."""
+    adata = pv.datasets.simulate(n_cells=n_cells, n_genes=n_genes, topology="bifurcation",
+                                 n_branches=n_branches, noise="nb", seed=data_seed)
+    pv.pp.preprocess(adata, random_state=0, size_factors=size_factors)
+    return adata
+
+
 def run(n_branches: int, n_cells: int, n_genes: int, models: list[str],
         data_seed: int | None = None, size_factors: str = "total",
         rate_history: str = "constant", threads: int | None = None) -> list[str]:
     data_seed = n_branches if data_seed is None else data_seed
-    adata = pv.datasets.simulate(n_cells=n_cells, n_genes=n_genes, topology="bifurcation",
-                                 n_branches=n_branches, noise="nb", seed=data_seed)
-    pv.pp.preprocess(adata, random_state=0, size_factors=size_factors)
+    adata = bifurcation(n_cells, n_genes, n_branches, data_seed, size_factors)
     rows = []
     for kind in models:
         start = time.perf_counter()

@@ -46,7 +46,7 @@ from unittest import mock
 
 import numpy as np
 import torch
-from full_vs_basic import velocity_metrics
+from full_vs_basic import bifurcation, velocity_metrics
 from torch import Tensor
 
 import pyro_velo as pv
@@ -131,10 +131,7 @@ def run(simulation: str, size_factors: str, seed: int, model: str, knots: int,
                                      **SMALL_SETS[simulation])
         pv.pp.preprocess(adata, random_state=0, size_factors=size_factors)
     else:
-        adata = pv.datasets.simulate(n_cells=2000, n_genes=200, topology="bifurcation",
-                                     n_branches=int(simulation), noise="nb",
-                                     seed=int(simulation))
-        pv.pp.preprocess(adata, random_state=0, size_factors=size_factors)
+        adata = bifurcation(2000, 200, int(simulation), int(simulation), size_factors)
     RateHistoryModel.knots = knots
     patches = []
     if model == "history":

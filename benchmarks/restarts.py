@@ -23,7 +23,7 @@ import itertools
 import time
 import warnings
 
-from full_vs_basic import velocity_metrics
+from full_vs_basic import bifurcation, velocity_metrics
 
 import pyro_velo as pv
 
@@ -36,11 +36,9 @@ HEADER = ("| set | size factors | base seed | kept start | validation loss of th
 
 def run(name: str, size_factors: str, seed: int, n_starts: int) -> str:
     n_cells, n_genes, n_branches, data_seed = SETS[name]
-    adata = pv.datasets.simulate(n_cells=n_cells, n_genes=n_genes, topology="bifurcation",
-                                 n_branches=n_branches, noise="nb", seed=data_seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pv.pp.preprocess(adata, random_state=0, size_factors=size_factors)
+        adata = bifurcation(n_cells, n_genes, n_branches, data_seed, size_factors)
     start = time.perf_counter()
     vae = pv.VeloVAE(adata, seed=seed)
     vae.train(progress_bar=False, seed=seed, num_threads=1, n_starts=n_starts)
