@@ -38,12 +38,14 @@ import torch
 
 from pyro_velo import kinetics
 from pyro_velo._checks import check_int
+from pyro_velo.grn import simulate_grn
 from pyro_velo._threads import cpu_threads
 
 __all__ = [
     "simulate",
     "simulate_h5ad",
     "simulate_scvelo",
+    "simulate_grn",
     "expected_state",
     "pancreas",
     "dentate_gyrus",

@@ -1,0 +1,254 @@
+"""Direction and order of time across data families: pyro_velo against scVelo, over draws.
+
+Usage::
+
+    python benchmarks/robustness.py [--families ode scvelo grn real] [--draws 6]
+        [--n-cells 1000] [--n-genes 100] [--methods pyro_velo scvelo-stochastic ...]
+        [--csv benchmarks/robustness.csv] [--table]
+
+Families and configurations (each drawn ``--draws`` times, draw ``d`` = data seed ``d``):
+
+- ``ode``: ``pv.datasets.simulate`` (the model's own ODE family): ``linear``,
+  ``bifurcation2``, ``bifurcation3``. Target: ``obs['true_t']``.
+- ``scvelo``: ``pv.datasets.simulate_scvelo`` (scVelo's simulator). Target: true time.
+- ``grn``: ``pv.datasets.simulate_grn`` (a stochastic regulatory network, not an ODE of
+  the model's form): ``chain``, ``fork``, ``tree``, each with (``+capture``) and without
+  binomial capture noise. Target: the depth of each cell's type in the type graph
+  (cells of one type sit near one steady state, so their order within a type is noise);
+  the Spearman with ``true_t`` is reported too.
+- ``real``: the 50-cell fixtures of ``../shared/data`` (pancreas, dentate gyrus), one
+  data set each, ``--draws`` model seeds. Target: the stage of each cell read from
+  known markers (:data:`MARKER_STAGES`; cells without a neuronal/endocrine stage marker
+  are left out).
+
+Methods, each on its own copy of the once-preprocessed data
+(``pv.pp.preprocess(adata, random_state=0)``), in this process, one after another:
+
+- ``pyro_velo``: the default workflow, ``VeloVAE(adata, seed=d).train(seed=d)``,
+  ``export_to_anndata``; time ``obs['latent_time']``.
+- ``scvelo-stochastic``: ``scv.tl.velocity(mode='stochastic')``, ``velocity_graph``,
+  ``velocity_pseudotime``; time ``obs['velocity_pseudotime']``.
+- ``scvelo-dynamical``: ``recover_dynamics``, ``velocity(mode='dynamical')``,
+  ``latent_time``.
+
+Each finished row is appended to ``--csv`` at once and skipped when the command is run
+again, so an interrupted run resumes. ``--table`` prints the per-family summary
+(median and worst Spearman, share of reversed fits, median velocity cosine, median
+seconds) from the CSV without fitting anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import mean_cosine, patch_scvelo_numpy2  # noqa: E402
+
+import pyro_velo as pv  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+CONFIGS = {
+    "ode": ["linear", "bifurcation2", "bifurcation3"],
+    "scvelo": ["linear"],
+    "grn": ["chain", "fork", "tree", "chain+capture", "fork+capture", "tree+capture"],
+    "real": ["pancreas", "dentategyrus"],
+}
+METHODS = ("pyro_velo", "scvelo-stochastic", "scvelo-dynamical")
+#: Marker genes of the stages of each real fixture, earliest first: pancreas, ductal ->
+#: Ngn3+ progenitors -> Fev+ pre-endocrine -> hormone-producing; dentate gyrus, the
+#: granule lineage, neuroblast -> mature granule cell. A cell takes the stage whose
+#: markers it expresses most (standardised log expression); cells expressing none are
+#: left out, and in the dentate gyrus so are cells whose glial markers dominate.
+MARKER_STAGES = {
+    "pancreas": [["Sox9", "Hes1", "Krt19", "Spp1"], ["Neurog3"], ["Fev", "Pax4"],
+                 ["Ins1", "Ins2", "Gcg", "Sst", "Ghrl"]],
+    "dentategyrus": [["Igfbpl1", "Sox4", "Sox11", "Dcx", "Neurod1", "Eomes"],
+                     ["Calb1", "C1ql2", "Plk5"]],
+}
+GLIAL_MARKERS = ["Aldoc", "Apoe", "Gfap", "Mbp", "Plp1", "Olig2", "Pdgfra"]
+FIELDS = ["family", "config", "draw", "method", "spearman", "spearman_true_t",
+          "velocity_cosine", "seconds", "direction", "error"]
+
+
+def log(message: str) -> None:
+    print(f"[robustness {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def marker_stage(adata, name: str) -> np.ndarray:
+    """Each cell's stage from :data:`MARKER_STAGES` (NaN where no stage can be read)."""
+    counts = adata.layers["spliced"]
+    total = np.asarray(counts.sum(1)).ravel()
+
+    def score(genes: list[str]) -> np.ndarray:
+        present = [g for g in genes if g in adata.var_names]
+        x = counts[:, [adata.var_names.get_loc(g) for g in present]]
+        x = np.log1p(np.asarray(x.todense(), dtype=float) / total[:, None] * 1e4)
+        scale = x.std(0)
+        return np.where(x.sum(1) > 0, (x / np.where(scale > 0, scale, 1)).mean(1), -np.inf)
+
+    scores = np.stack([score(genes) for genes in MARKER_STAGES[name]], axis=1)
+    stage = np.argmax(scores, axis=1).astype(float)
+    stage[~np.isfinite(scores.max(1))] = np.nan
+    if name == "dentategyrus":
+        stage[score(GLIAL_MARKERS) > scores.max(1)] = np.nan
+    return stage
+
+
+def dataset(family: str, config: str, draw: int, n_cells: int, n_genes: int):
+    """The raw data set and its target (per-cell depth or time) for one row."""
+    if family == "ode":
+        kwargs = ({"topology": "linear"} if config == "linear" else
+                  {"topology": "bifurcation", "n_branches": int(config[-1])})
+        adata = pv.datasets.simulate(n_cells, n_genes, seed=draw, **kwargs)
+        return adata, "true_t"
+    if family == "scvelo":
+        return pv.datasets.simulate_scvelo(n_cells, n_genes, seed=draw), "true_t"
+    if family == "grn":
+        topology, _, capture = config.partition("+")
+        adata = pv.datasets.simulate_grn(n_cells, n_genes, topology,
+                                         capture_noise=bool(capture), seed=draw)
+        return adata, "type_depth"
+    adata = anndata.read_h5ad(SHARED_DATA / f"{config}_50obs.h5ad")
+    adata.obs["marker_stage"] = marker_stage(adata, config)
+    return adata, "marker_stage"
+
+
+def run_method(method: str, adata, draw: int) -> tuple[str, dict]:
+    """Fit ``method`` on ``adata`` in place; its time key and extra fields."""
+    import scvelo as scv
+
+    extra = {}
+    if method == "pyro_velo":
+        vae = pv.VeloVAE(adata, seed=draw)
+        vae.train(seed=draw, progress_bar=False)
+        vae.export_to_anndata(adata)
+        direction = getattr(vae, "direction", None)
+        if callable(direction):
+            extra["direction"] = direction().get("status", "")
+        return "latent_time", extra
+    if method == "scvelo-stochastic":
+        scv.tl.velocity(adata, mode="stochastic")
+        scv.tl.velocity_graph(adata, n_jobs=1)
+        scv.tl.velocity_pseudotime(adata)
+        return "velocity_pseudotime", extra
+    scv.tl.recover_dynamics(adata, n_jobs=1)
+    scv.tl.velocity(adata, mode="dynamical")
+    scv.tl.latent_time(adata)
+    return "latent_time", extra
+
+
+def score_row(adata, time_key: str, target: str) -> dict:
+    t = adata.obs[time_key].to_numpy(dtype=float)
+    y = adata.obs[target].to_numpy(dtype=float)
+    ok = np.isfinite(t) & np.isfinite(y)
+    row = {"spearman": float(spearmanr(t[ok], y[ok])[0]) if ok.sum() > 2 else np.nan}
+    if "true_t" in adata.obs:
+        row["spearman_true_t"] = float(spearmanr(t, adata.obs["true_t"])[0])
+    if "true_velocity" in adata.layers and "velocity" in adata.layers:
+        truth = np.asarray(adata.layers["true_velocity"], dtype=float)
+        row["velocity_cosine"] = mean_cosine(np.asarray(adata.layers["velocity"]), truth)
+    return row
+
+
+def done_rows(path: Path) -> set[tuple]:
+    if not path.exists():
+        return set()
+    table = pd.read_csv(path)
+    return {(r.family, r.config, int(r.draw), r.method) for r in table.itertuples()}
+
+
+def run(args) -> None:
+    path = Path(args.csv)
+    done = done_rows(path)
+    new_file = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, FIELDS)
+        if new_file:
+            writer.writeheader()
+        for family in args.families:
+            for config in args.configs or CONFIGS[family]:
+                if config not in CONFIGS[family]:
+                    continue
+                for draw in range(args.draws):
+                    todo = [m for m in args.methods if (family, config, draw, m) not in done]
+                    if not todo:
+                        continue
+                    data_seed = 0 if family == "real" else draw
+                    raw, target = dataset(family, config, data_seed, args.n_cells,
+                                          args.n_genes)
+                    pv.pp.preprocess(raw, random_state=0)
+                    for method in todo:
+                        adata = raw.copy()
+                        row = {"family": family, "config": config, "draw": draw,
+                               "method": method}
+                        start = time.perf_counter()
+                        try:
+                            with warnings.catch_warnings():
+                                warnings.simplefilter("ignore")
+                                time_key, extra = run_method(method, adata, draw)
+                            row["seconds"] = time.perf_counter() - start
+                            row.update(extra)
+                            row.update(score_row(adata, time_key, target))
+                        except Exception as error:  # a failed method is a result too
+                            row["seconds"] = time.perf_counter() - start
+                            row["error"] = f"{type(error).__name__}: {error}"[:200]
+                        log(f"{family}/{config} draw {draw} {method}: "
+                            f"rho={row.get('spearman', np.nan):.3f} "
+                            f"cos={row.get('velocity_cosine', np.nan):.3f} "
+                            f"{row['seconds']:.1f}s {row.get('direction', '')}")
+                        writer.writerow(row)
+                        handle.flush()
+
+
+def summary(path: Path, families: list[str] | None = None, by: str = "family") -> str:
+    """Markdown table per family (or per configuration) and method."""
+    table = pd.read_csv(path)
+    if families:
+        table = table[table.family.isin(families)]
+    keys = ["family"] if by == "family" else ["family", "config"]
+    lines = ["| " + " | ".join(keys) + " | method | n | median Spearman | worst | reversed "
+             "| median cosine | median s |",
+             "|" + "---|" * (len(keys) + 7)]
+    for group, rows in table.groupby(keys + ["method"], sort=False):
+        rho = rows.spearman.astype(float)
+        cos = rows.velocity_cosine.astype(float)
+        lines.append("| " + " | ".join(map(str, group)) + f" | {rho.notna().sum()} | "
+                     f"{rho.median():.3f} | {rho.min():.3f} | {(rho < 0).mean():.0%} | "
+                     + ("-" if cos.isna().all() else f"{cos.median():.3f}")
+                     + f" | {rows.seconds.median():.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--families", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=None,
+                        help="only these configurations of the families")
+    parser.add_argument("--draws", type=int, default=6)
+    parser.add_argument("--n-cells", type=int, default=1000)
+    parser.add_argument("--n-genes", type=int, default=100)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--csv", default=str(REPO / "benchmarks" / "robustness.csv"))
+    parser.add_argument("--table", action="store_true", help="only print the summary")
+    parser.add_argument("--by", choices=["family", "config"], default="family")
+    args = parser.parse_args(argv)
+    if not args.table:
+        patch_scvelo_numpy2()
+        run(args)
+    print(summary(Path(args.csv), args.families, args.by))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
