@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/robustness.py [--families ode scvelo grn real] [--draws 6]
-        [--n-cells 1000] [--n-genes 100] [--methods pyro_velo scvelo-stochastic ...]
+        [--n-cells 800] [--n-genes 100] [--methods pyro_velo scvelo-stochastic ...]
         [--csv benchmarks/robustness.csv] [--table]
 
 Families and configurations (each drawn ``--draws`` times, draw ``d`` = data seed ``d``):
@@ -78,7 +78,8 @@ MARKER_STAGES = {
 }
 GLIAL_MARKERS = ["Aldoc", "Apoe", "Gfap", "Mbp", "Plp1", "Olig2", "Pdgfra"]
 FIELDS = ["family", "config", "draw", "method", "spearman", "spearman_true_t",
-          "velocity_cosine", "seconds", "direction", "error"]
+          "velocity_cosine", "seconds", "direction", "flow_agreement", "warm_start",
+          "time_held", "error"]
 
 
 def log(message: str) -> None:
@@ -133,9 +134,10 @@ def run_method(method: str, adata, draw: int) -> tuple[str, dict]:
         vae = pv.VeloVAE(adata, seed=draw)
         vae.train(seed=draw, progress_bar=False)
         vae.export_to_anndata(adata)
-        direction = getattr(vae, "direction", None)
-        if callable(direction):
-            extra["direction"] = direction().get("status", "")
+        report = vae.direction()
+        extra.update(direction=report["status"], flow_agreement=report["flow_agreement"],
+                     warm_start=vae.config.get("warm_start", ""),
+                     time_held=bool(vae.config.get("time_held", False)))
         return "latent_time", extra
     if method == "scvelo-stochastic":
         scv.tl.velocity(adata, mode="stochastic")
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", default=None,
                         help="only these configurations of the families")
     parser.add_argument("--draws", type=int, default=6)
-    parser.add_argument("--n-cells", type=int, default=1000)
+    parser.add_argument("--n-cells", type=int, default=800)
     parser.add_argument("--n-genes", type=int, default=100)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--csv", default=str(REPO / "benchmarks" / "robustness.csv"))

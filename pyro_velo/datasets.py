@@ -38,8 +38,8 @@ import torch
 
 from pyro_velo import kinetics
 from pyro_velo._checks import check_int
-from pyro_velo.grn import simulate_grn
 from pyro_velo._threads import cpu_threads
+from pyro_velo.grn import simulate_grn
 
 __all__ = [
     "simulate",

@@ -67,6 +67,7 @@ def annotations(vae: VeloVAE, latent: dict[str, torch.Tensor]) -> Annotations:
         "version": __version__,
         "unspliced_layer": vae.config["unspliced_layer"],
         "spliced_layer": vae.config["spliced_layer"],
+        "direction": vae.direction(),
     }
     return out
 

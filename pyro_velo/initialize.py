@@ -438,6 +438,46 @@ def knn_graph(x: np.ndarray, n_neighbors: int = 30, n_pcs: int = 30, seed: int =
     return graph.maximum(graph.T)
 
 
+def diffusion_coordinates(connectivities, n_comps: int = 10, seed: int = 0
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Diffusion-map coordinates of the cells of a kNN graph (Haghverdi et al. 2016).
+
+    Returns ``(coords, psi)``: ``psi`` the ``(N, k)`` leading non-trivial eigenvectors
+    of the diffusion operator, ``coords`` the same scaled by ``lambda / (1 - lambda)``,
+    so that Euclidean distances between rows of ``coords`` are diffusion pseudotime
+    distances.
+    """
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import eigsh
+
+    graph = sp.csr_matrix(connectivities, dtype=np.float64)
+    graph = graph.maximum(graph.T)
+    n = graph.shape[0]
+    degree = np.asarray(graph.sum(1)).ravel()
+    degree[degree == 0] = 1.0
+    inv_sqrt = sp.diags(1.0 / np.sqrt(degree))
+    sym = inv_sqrt @ graph @ inv_sqrt
+    k = min(n_comps + 1, n - 2)
+    start = np.random.default_rng(seed).random(n)
+    evals, evecs = eigsh(sym, k=k, which="LA", v0=start)
+    order = np.argsort(-evals)
+    evals, evecs = evals[order][1:], evecs[:, order][:, 1:]  # drop the stationary vector
+    psi = inv_sqrt @ evecs
+    weight = evals / np.clip(1.0 - evals, 1e-6, None)
+    return psi * weight, psi
+
+
+def root_pseudotime(connectivities, root: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Diffusion pseudotime from a set of root cells, on ``[0, 1]``.
+
+    Each cell's diffusion distance (:func:`diffusion_coordinates`) to the centre of the
+    root cells (``root``: ``(N,)`` boolean mask), rescaled to ``[0, 1]``.
+    """
+    coords, _ = diffusion_coordinates(connectivities, seed=seed)
+    dpt = np.sqrt(((coords - coords[root].mean(0)) ** 2).sum(1))
+    return (dpt - dpt.min()) / max(np.ptp(dpt), 1e-12)
+
+
 def diffusion_pseudotimes(connectivities, n_comps: int = 10, n_roots: int = 3,
                           seed: int = 0) -> list[np.ndarray]:
     """Candidate orderings of the cells: diffusion pseudotimes from extreme cells.
@@ -464,24 +504,7 @@ def diffusion_pseudotimes(connectivities, n_comps: int = 10, n_roots: int = 3,
     list of numpy.ndarray
         Each ``(N,)`` pseudotime rescaled to ``[0, 1]``.
     """
-    import scipy.sparse as sp
-    from scipy.sparse.linalg import eigsh
-
-    graph = sp.csr_matrix(connectivities, dtype=np.float64)
-    graph = graph.maximum(graph.T)
-    n = graph.shape[0]
-    degree = np.asarray(graph.sum(1)).ravel()
-    degree[degree == 0] = 1.0
-    inv_sqrt = sp.diags(1.0 / np.sqrt(degree))
-    sym = inv_sqrt @ graph @ inv_sqrt
-    k = min(n_comps + 1, n - 2)
-    start = np.random.default_rng(seed).random(n)
-    evals, evecs = eigsh(sym, k=k, which="LA", v0=start)
-    order = np.argsort(-evals)
-    evals, evecs = evals[order][1:], evecs[:, order][:, 1:]  # drop the stationary vector
-    psi = inv_sqrt @ evecs
-    weight = evals / np.clip(1.0 - evals, 1e-6, None)
-    coords = psi * weight
+    coords, psi = diffusion_coordinates(connectivities, n_comps, seed)
     out = []
     for comp in range(min(n_roots, coords.shape[1])):
         for root in (int(np.argmin(psi[:, comp])), int(np.argmax(psi[:, comp]))):

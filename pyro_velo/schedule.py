@@ -17,6 +17,7 @@ import contextlib
 import copy
 import inspect
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +34,13 @@ from .initialize import (
     diffusion_pseudotimes,
     direction_score,
     knn_graph,
+    root_pseudotime,
     time_informed_init,
     window_table,
 )
 from .model import BasicModel, compiled_kinetics
 from .nn import bf16_matmuls, bf16_supported
+from .orientation import FlowEvidence, StartCandidate, flow_evidence
 from .train import (
     Checkpointer,
     TrainingHistory,
@@ -93,6 +96,8 @@ class TrainingMixin:
         compile: bool | None = None,
         bf16: bool | None = None,
         n_starts: int = 1,
+        root_key: str | None = None,
+        root: str | Sequence[str] | None = None,
     ) -> TrainingHistory:
         """Fit by minibatch SVI with early stopping on the validation ELBO.
 
@@ -209,6 +214,12 @@ class TrainingMixin:
             (``True`` is slow on a CPU without native bfloat16). At the pancreas size on
             an AMD EPYC with AVX512-BF16 it saved 10-20% of an epoch, with the same
             latent time, velocity and test MSE (``benchmarks/RESULTS.md``, session 12).
+        root_key, root
+            Cells the trajectory starts from: those whose ``obs[root_key]`` equals
+            ``root`` (a label or a list of labels). Training then starts from a diffusion
+            pseudotime rooted at them, and the direction of time is theirs, never the
+            heuristics' (see :meth:`direction`). Not with capture times, which set the
+            direction already.
         n_starts
             Independent trainings from different random starts; the one with the
             highest validation ELBO is kept (see :meth:`_best_of_starts`). Start ``k``
@@ -256,6 +267,7 @@ class TrainingMixin:
             refine_epochs=refine_epochs, checkpoint_every=checkpoint_every,
             num_threads=num_threads)
         check_int(n_starts, "n_starts", minimum=1)
+        self._root = self._root_cells(root_key, root)
         if n_starts > 1:
             if checkpoint_dir is not None or resume:
                 raise InputError("n_starts > 1 cannot be combined with checkpoint_dir or "
@@ -271,7 +283,7 @@ class TrainingMixin:
                 warmup_epochs=warmup_epochs, basic_epochs=basic_epochs,
                 refine_epochs=refine_epochs, progress_bar=progress_bar,
                 num_threads=num_threads, distributed=distributed, compile=compile,
-                bf16=bf16))
+                bf16=bf16, root_key=root_key, root=root))
         if max_epochs is None:
             max_epochs = default_max_epochs(self.data.n_cells)
         if warmup_epochs is None:
@@ -319,6 +331,7 @@ class TrainingMixin:
             ckpt.restore(modules, self.config, self.history)
             if ckpt.finished:
                 self.is_trained = True
+                self._record_direction()
                 return self.history
             if warmup_epochs > 0 and ckpt.todo("warm-up"):
                 if ckpt.resuming("warm-up"):
@@ -337,6 +350,7 @@ class TrainingMixin:
                            early_stopping=early_stopping, description="Basic model", **opts,
                            **ckpt.fit_options("basic", self.history, self.config))
                 ckpt.stage_done("basic", self.history, self.config, finished=not full)
+            basic_agreement = self._flow_agreement(basic_guide) if full else None
             if full:
                 if ckpt.todo("full"):
                     if not ckpt.resuming("full"):
@@ -348,6 +362,18 @@ class TrainingMixin:
                                    early_stopping=early_stopping,
                                    description="Mixture of ODEs", **opts,
                                    **ckpt.fit_options("full", self.history, self.config))
+                        if self.orientation.lost_order(basic_agreement,
+                                                       self._flow_agreement(self.guide),
+                                                       self._evidence):
+                            # the cell states took over what time explained: again from
+                            # the basic fit, with its time encoder held fixed
+                            self._start_from_basic(basic_model, basic_guide)
+                            with _time_encoder_frozen(self.guide.encoder):
+                                _fit_stage(self.model, self.guide, self.data, max_epochs,
+                                           early_stopping=early_stopping,
+                                           description="Mixture of ODEs (time held)",
+                                           **opts)
+                            self.config["time_held"] = True
                     ckpt.stage_done("full", self.history, self.config,
                                     finished=refine_epochs <= 0)
                 self.is_trained = True
@@ -366,6 +392,7 @@ class TrainingMixin:
                                 epochs=refine_epochs, early_stopping=early_stopping, **opts)
                     ckpt.stage_done("refine", self.history, self.config, finished=True)
         self.is_trained = True
+        self._record_direction()
         return self.history
 
     def _best_of_starts(self, n_starts: int, seed: int, options: dict) -> TrainingHistory:
@@ -593,21 +620,29 @@ class TrainingMixin:
     def _warm_up(self, model: BasicModel, guide, epochs: int, opts: dict) -> None:
         """Warm-up, then re-initialise the rates from the encoded times.
 
-        Starts from the steady-state initialisation or, with capture times, from rates
-        fitted to them (paper, section 4.2). Without capture times the warm-up's order is
-        checked (:meth:`_doubtful_order`) against a diffusion pseudotime of the kNN graph
-        (:meth:`_pseudotime`) and against the splicing kinetics; if it looks like a failed
-        start (e.g. the ELBO's local optimum folded the order back on itself), a second
-        warm-up starts from rates fitted to the pseudotime, and the one with the lower
-        validation loss (negative ELBO) is kept with its history. The start used is
-        recorded in ``config['warm_start']``.
+        Starts from the steady-state initialisation or, where the direction is given,
+        from rates fitted to the capture times (paper, section 4.2) or to a pseudotime
+        rooted at the user's root cells. Otherwise the warm-up's order is checked
+        (:meth:`_doubtful_order`) against a diffusion pseudotime of the kNN graph
+        (:meth:`_pseudotime`) and against the splicing kinetics; if it looks like a
+        failed start (e.g. the ELBO's local optimum folded the order back on itself), a
+        second warm-up starts from rates fitted to the pseudotime. The ELBO cannot tell
+        a fit from its time-reversed twin, so the orders are also checked against the
+        potential of a velocity field built from the data alone
+        (:func:`~pyro_velo.orientation.flow_evidence`); where the ELBO's choice
+        contradicts it, a warm-up from the potential competes too, and
+        :class:`~pyro_velo.orientation.OrientationPolicy` picks the start. The start
+        used is recorded in ``config['warm_start']``.
         """
         initial = (copy.deepcopy(model.state_dict()), copy.deepcopy(guide.state_dict()))
         data = self._start_data
         check = data.indices(_selection_split(data))
-        starts = {"capture times" if self.capture_times is not None else "steady state":
-                  self._on_start_data(self.capture_times)}
-        best = None
+        given = self._direction_given()
+        first = (self._on_start_data(self.capture_times) if given == "capture times" else
+                 self._root_start_times() if given == "root" else None)
+        starts = {given or "steady state": first}
+        evidence = None if given else self._flow_evidence()
+        candidates: list[StartCandidate] = []
         while starts:
             name, start = starts.popitem()
             model.load_state_dict(initial[0])
@@ -621,17 +656,112 @@ class TrainingMixin:
                 pseudotime = self._pseudotime(model)
                 if pseudotime is not None and self._doubtful_order(model, guide, pseudotime):
                     starts["pseudotime"] = pseudotime
-            self._reinitialize_rates(model, guide)
-            loss = evaluate_loss(model, guide, data, check)
-            if best is None or loss < best[0]:
-                best = (loss, copy.deepcopy(model.state_dict()),
-                        copy.deepcopy(guide.state_dict()), trial, name)
-        _, model_state, guide_state, trial, name = best
+            self._reinitialize_rates(model, guide, keep_direction=name == "flow potential")
+            agreement = (evidence.agreement(self._encode(guide=guide, data=data)["t"].cpu())
+                         if evidence is not None else float("nan"))
+            candidates.append(StartCandidate(
+                name, evaluate_loss(model, guide, data, check), agreement,
+                (copy.deepcopy(model.state_dict()), copy.deepcopy(guide.state_dict()), trial)))
+            if not starts and name != "flow potential" and \
+                    self.orientation.wants_flow_start(candidates, evidence):
+                starts["flow potential"] = torch.as_tensor(
+                    evidence.start_times(self.config["t_max"]), dtype=torch.float32)
+        chosen = self.orientation.choose(candidates, evidence)
+        model_state, guide_state, trial = chosen.payload
         model.load_state_dict(model_state)
         guide.load_state_dict(guide_state)
         self.history.train.extend(trial.train)
         self.history.validation.extend(trial.validation)
-        self.config["warm_start"] = name
+        self.config["warm_start"] = chosen.name
+        self.config["warm_start_scores"] = {
+            c.name: {"loss": float(c.loss), "flow_agreement": float(c.agreement)}
+            for c in candidates}
+
+    def _direction_given(self) -> str | None:
+        """What sets the direction of time instead of the heuristics: ``'capture
+        times'``, ``'root'`` or None."""
+        if self.capture_times is not None:
+            return "capture times"
+        return "root" if getattr(self, "_root", None) is not None else None
+
+    def _root_cells(self, root_key: str | None, root) -> torch.Tensor | None:
+        """``(n_cells,)`` boolean mask of the user's root cells (None without a root)."""
+        if root_key is None and root is None:
+            return None
+        if root_key is None or root is None:
+            raise InputError("give both root_key (an obs column) and root (its label or "
+                             "labels of the first cells), or neither")
+        if self.capture_times is not None:
+            raise InputError("capture times already set the direction of time: give "
+                             "either capture_time_key or a root, not both")
+        if root_key not in self._obs:
+            raise InputError(f"root_key {root_key!r} is not a column of obs; columns: "
+                             f"{list(self._obs.columns)}")
+        labels = [root] if isinstance(root, str) or not isinstance(root, Sequence) else root
+        values = self._obs[root_key].astype(str).to_numpy()
+        mask = np.isin(values, [str(label) for label in labels])
+        if not mask.any():
+            raise InputError(f"no cell has obs[{root_key!r}] in {list(labels)}; values "
+                             f"include {sorted(set(values))[:10]}")
+        return torch.as_tensor(mask)
+
+    def _root_start_times(self) -> torch.Tensor:
+        """Diffusion pseudotime from the root cells (of ``_start_data``) on ``[0, t_max]``."""
+        root = self._on_start_data(self._root).numpy()
+        if not root.any():
+            raise InputError("none of the root cells is among the cells training starts "
+                             "from; give a root with more cells")
+        times = root_pseudotime(self._start_graph(), root, seed=self.config["seed"])
+        return torch.as_tensor(times * self.config["t_max"], dtype=torch.float32)
+
+    def _start_graph(self):
+        """kNN graph of the cells of ``_start_data``: ``obsp['connectivities']`` of the
+        AnnData or, without one (or for a sample of cells streamed from a file), a kNN
+        graph of the scaled abundances (:func:`~pyro_velo.initialize.knn_graph`)."""
+        data = self._start_data
+        n = data.n_cells
+        graph = self._graph
+        if graph is None or data is not self.data or graph.shape != (n, n):
+            graph = knn_graph(torch.cat([data.u.cpu(), data.s.cpu()], dim=1).numpy(),
+                              seed=self.config["seed"])
+        return graph
+
+    def _flow_evidence(self) -> FlowEvidence | None:
+        """The data's own flow over the cells of ``_start_data`` (None under 20 cells);
+        computed once, it depends on the data only."""
+        data = self._start_data
+        if data.n_cells < 20:
+            return None
+        if self._evidence is None:
+            self._evidence = flow_evidence(data.u.cpu().numpy(), data.s.cpu().numpy(),
+                                           self._start_graph(), seed=self.config["seed"])
+        return self._evidence
+
+    def _flow_agreement(self, guide) -> float | None:
+        """Agreement of ``guide``'s encoded times with the data's own flow (None where
+        capture times set the direction or there is no flow evidence)."""
+        if self.capture_times is not None or self._flow_evidence() is None:
+            return None
+        t = self._encode(guide=guide, data=self._start_data)["t"].cpu().numpy()
+        return self._evidence.agreement(t)
+
+    def _record_direction(self) -> None:
+        """Store the fit's direction diagnostic in ``config['direction']`` and warn when the
+        data do not identify the direction (see :meth:`direction`)."""
+        given = self._direction_given()
+        evidence = self._flow_evidence()
+        t = self._encode(data=self._start_data)["t"].cpu().numpy() if evidence else None
+        report = self.orientation.report(evidence, t, given)
+        self.config["direction"] = report
+        if report["status"] in ("reversed", "not identified"):
+            warnings.warn(
+                f"The direction of latent time is {report['status']} by the data's own "
+                f"velocity field (agreement {report['flow_agreement']:.2f}, "
+                f"reproducibility {report['flow_reproducibility']:.2f}): the time may run "
+                "backwards. Give the first cells, train(root_key='<obs column>', "
+                "root='<progenitor label>'), or capture times, "
+                "VeloVAE(adata, capture_time_key='<obs column>').",
+                UserWarning, stacklevel=3)
 
     def _on_start_data(self, values: torch.Tensor | None) -> torch.Tensor | None:
         """Per-cell ``values`` of ``self.data`` restricted to the cells of ``_start_data``."""
@@ -674,13 +804,10 @@ class TrainingMixin:
         None with fewer than 20 cells.
         """
         data = self._start_data
-        n = data.n_cells
-        if n < 20:
+        if data.n_cells < 20:
             return None
         u, s = data.u.cpu(), data.s.cpu()
-        graph = self._graph
-        if graph is None or data is not self.data or graph.shape != (n, n):
-            graph = knn_graph(torch.cat([u, s], dim=1).numpy(), seed=self.config["seed"])
+        graph = self._start_graph()
         rates = {k: v.detach().cpu() for k, v in model.rates().items()}
         best, best_score = None, -np.inf
         for candidate in diffusion_pseudotimes(graph, seed=self.config["seed"]):
@@ -690,15 +817,16 @@ class TrainingMixin:
                 best, best_score = t, score
         return best * self.config["t_max"]
 
-    def _reinitialize_rates(self, model: BasicModel, guide, times: torch.Tensor | None = None
-                            ) -> None:
+    def _reinitialize_rates(self, model: BasicModel, guide, times: torch.Tensor | None = None,
+                            keep_direction: bool = False) -> None:
         """Re-fit every gene's switch times and rate to cell times.
 
         Without ``times``, the warm-up's encoded times are used. The warm-up orders cells
         but may run time backwards (the encoder is free to): unspliced must lead
         spliced, and :func:`~pyro_velo.initialize.direction_score` tells from the data
         which way the order runs; the encoder's time output is mirrored when it runs
-        backwards (with capture times the direction is given). ``times`` (``(n_cells,)``,
+        backwards (with capture times or a root the direction is given, and
+        ``keep_direction`` keeps it too). ``times`` (``(n_cells,)``,
         NaN for unknown; of the cells of ``self._start_data``) initialises from given
         times, e.g. capture times (paper, section 4.2) or a diffusion pseudotime, using
         the cells that have one.
@@ -714,7 +842,8 @@ class TrainingMixin:
         rates = {k: v.detach().cpu() for k, v in model.rates().items()}
         u, s = (x.cpu() for x in data.rows(train))
         t_max = self.config["t_max"]
-        reverse = (times is None and self.capture_times is None and direction_score(
+        reverse = (times is None and not keep_direction and self._direction_given() is None
+                   and direction_score(
             t, u, s, rates["beta"], rates["gamma"], rates["scale_u"]) < 0)
         if reverse:
             guide.encoder.mirror_time()
@@ -756,6 +885,21 @@ class _RefinementCutoff:
         rate = max((g1 - g0) / (e1 - e0), 0.0)
         self.gave_up = gain + rate * (self.epochs - done) < 0
         return self.gave_up
+
+
+@contextlib.contextmanager
+def _time_encoder_frozen(encoder):
+    """Within the block, the encoder's shared body and its time head are not trained,
+    so the time posterior stays as it was and only the cell-state head learns."""
+    frozen = [p for p in (*encoder.body.parameters(), *encoder.t_head.parameters())
+              if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def default_max_epochs(n_cells: int) -> int:

@@ -30,6 +30,7 @@ from .initialize import (
 )
 from .likelihoods import LIKELIHOODS, Likelihood, make_likelihood
 from .model import AncestralModel, BasicModel, FullModel
+from .orientation import OrientationPolicy
 from .posterior import DERIVED, RATE_SITES, Moments, draws, multivariate_cv
 from .priors import CaptureTimePrior, LogNormalRatePrior, NormalTimePrior, default_time_scale
 from .schedule import TrainingMixin
@@ -237,6 +238,13 @@ class VeloVAE(TrainingMixin):
             if self._likelihood_template().observations == "counts":
                 self.data = self.data.with_counts(adata)
         self.obs_names = np.asarray(adata.obs_names)
+        self._obs = adata.obs  # a reference: train(root_key=...) reads the root cells
+        self._root: torch.Tensor | None = None
+        self._evidence = None  # the data's own flow, computed when training first needs it
+        #: how the data's own velocity field decides the direction of time; replace it
+        #: with another :class:`~pyro_velo.orientation.OrientationPolicy` to change its
+        #: thresholds
+        self.orientation = OrientationPolicy()
         # the data the warm-up and the initialisations use: all cells in memory, a
         # sample of whole blocks of cells from a file
         self._start_data = (self.data if isinstance(self.data, VelocityData) else
@@ -646,6 +654,25 @@ class VeloVAE(TrainingMixin):
             frame.loc[self.data.fitted, name] = value
         frame["fitted"] = self.data.fitted
         return frame
+
+    def direction(self) -> dict:
+        """Whether the data identify the direction of the fitted time, and how.
+
+        Returns
+        -------
+        dict
+            ``status``: ``'given'`` (a root or capture times set it; ``given_by`` says
+            which), ``'forward'`` (the time agrees with a reproducible velocity field
+            built from the data alone), ``'reversed'`` (it runs against that field) or
+            ``'not identified'`` (the field is too weak or too noisy to tell; then give a
+            root, ``train(root_key=..., root=...)``, or capture times);
+            ``flow_agreement``: Spearman correlation of the latent time with the field's
+            potential; ``flow_reproducibility``: agreement of the potentials of two
+            halves of the genes. See :mod:`pyro_velo.orientation`. Exported as
+            ``uns['velocity_params']['direction']``.
+        """
+        self._check_trained()
+        return dict(self.config.get("direction", {}))
 
     def get_split(self) -> pd.Series:
         """Which split (train / validation / test) each cell belongs to."""
