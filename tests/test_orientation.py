@@ -116,7 +116,7 @@ def test_root_argument_errors_name_the_problem(grn_fork):
         vae.train(max_epochs=2, root_key="stage", root="type_0", progress_bar=False)
     with pytest.raises(pv._checks.InputError, match="no cell has"):
         vae.train(max_epochs=2, root_key="cell_type", root="type_9", progress_bar=False)
-    with pytest.raises(pv._checks.InputError, match="not trained"):
+    with pytest.raises(RuntimeError, match="not trained"):
         vae.direction()
 
 
