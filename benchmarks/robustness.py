@@ -178,11 +178,12 @@ def run(args) -> None:
         writer = csv.DictWriter(handle, FIELDS)
         if new_file:
             writer.writeheader()
-        for family in args.families:
-            for config in args.configs or CONFIGS[family]:
-                if config not in CONFIGS[family]:
-                    continue
-                for draw in range(args.draws):
+        # draw-major, so that an interrupted run has covered every configuration
+        for draw in range(args.draws):
+            for family in args.families:
+                for config in args.configs or CONFIGS[family]:
+                    if config not in CONFIGS[family]:
+                        continue
                     todo = [m for m in args.methods if (family, config, draw, m) not in done]
                     if not todo:
                         continue

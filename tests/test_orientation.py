@@ -142,3 +142,12 @@ def test_given_root_sets_the_direction(grn_fork):
     t = vae.get_latent_time()
     root = (adata.obs["cell_type"] == "type_0").to_numpy()
     assert np.median(t[root]) < np.median(t[~root])
+
+
+def test_direction_survives_save_and_load(grn_fork, tmp_path):
+    adata = grn_fork.copy()
+    vae = pv.VeloVAE(adata, model="basic", seed=0, progress_bar=False)
+    vae.train(max_epochs=5, seed=0, progress_bar=False)
+    vae.save(tmp_path / "model")
+    loaded = pv.VeloVAE.load(tmp_path / "model", adata)
+    assert loaded.direction() == vae.direction()
