@@ -79,7 +79,7 @@ MARKER_STAGES = {
 GLIAL_MARKERS = ["Aldoc", "Apoe", "Gfap", "Mbp", "Plp1", "Olig2", "Pdgfra"]
 FIELDS = ["family", "config", "draw", "method", "spearman", "spearman_true_t",
           "velocity_cosine", "seconds", "direction", "flow_agreement", "warm_start",
-          "time_held", "error"]
+          "time_held", "basic_agreement", "full_agreement", "error"]
 
 
 def log(message: str) -> None:
@@ -138,6 +138,8 @@ def run_method(method: str, adata, draw: int) -> tuple[str, dict]:
         extra.update(direction=report["status"], flow_agreement=report["flow_agreement"],
                      warm_start=vae.config.get("warm_start", ""),
                      time_held=bool(vae.config.get("time_held", False)))
+        stages = vae.config.get("stage_flow_agreement", {})
+        extra.update(basic_agreement=stages.get("basic"), full_agreement=stages.get("full"))
         return "latent_time", extra
     if method == "scvelo-stochastic":
         scv.tl.velocity(adata, mode="stochastic")

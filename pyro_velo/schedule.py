@@ -362,8 +362,10 @@ class TrainingMixin:
                                    early_stopping=early_stopping,
                                    description="Mixture of ODEs", **opts,
                                    **ckpt.fit_options("full", self.history, self.config))
-                        if self.orientation.lost_order(basic_agreement,
-                                                       self._flow_agreement(self.guide),
+                        full_agreement = self._flow_agreement(self.guide)
+                        self.config["stage_flow_agreement"] = {"basic": basic_agreement,
+                                                               "full": full_agreement}
+                        if self.orientation.lost_order(basic_agreement, full_agreement,
                                                        self._evidence):
                             # the cell states took over what time explained: again from
                             # the basic fit, with its time encoder held fixed

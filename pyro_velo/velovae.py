@@ -46,7 +46,8 @@ from .train import (
 MODELS = ("basic", "full")
 #: what :meth:`VeloVAE.train` records in ``config`` (not constructor arguments)
 TRAINING_RECORDS = ("refine_delta1", "refine_delta2", "refined", "warm_start", "n_starts",
-                    "start", "start_losses", "warm_start_scores", "time_held", "direction")
+                    "start", "start_losses", "warm_start_scores", "time_held", "direction",
+                    "stage_flow_agreement")
 #: values of ``rate_history``: the paper's one rate per cell, or rates from the ancestors
 RATE_HISTORIES = ("constant", "ancestors")
 GUIDES = ("amortized", "amortized_mvn")
