@@ -47,7 +47,7 @@ HIGHER_IS_BETTER = {
 }
 
 
-# ---- shared helpers --------------------------------------------------------------------
+# ---- shared pieces ---------------------------------------------------------------------
 def _figure(ax: Axes | None, figsize: tuple[float, float], **kwargs: Any) -> tuple[Figure, Axes]:
     """The figure and axes to draw into: ``ax`` and its figure, or a new single-panel one."""
     if ax is not None:
