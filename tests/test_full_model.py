@@ -148,7 +148,7 @@ def test_predicted_future_moves_along_true_velocity(fits, request):
 def test_neighbourhood_size_factors_predict_future_states(neighbourhood_fits):
     """The paper's model (one rate per cell, refinement) on the 2-branch set with
     neighbourhood size factors: 0.75-0.84 over model seeds 0-5 (benchmarks/RESULTS.md,
-    "Size factors")."""
+    "Seed stability")."""
     corr = _future_correlation(neighbourhood_fits["constant"], neighbourhood_fits["adata"])
     assert corr >= 0.7, corr
 
