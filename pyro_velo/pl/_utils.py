@@ -30,21 +30,6 @@ CLOUD_GREY = "0.55"
 FIT_RED = "crimson"
 LEGEND_WIDTH_IN = 1.9  # space at the right of multi-panel figures for their legend
 
-# metric -> True when higher is better (benchmark titles)
-HIGHER_IS_BETTER = {
-    "spearman_t": True,
-    "velocity_cosine": True,
-    "cbdir": True,
-    "branch_accuracy": True,
-    "future_corr": True,
-    "ll_train": True,
-    "ll_test": True,
-    "mse_train": False,
-    "mse_test": False,
-    "mae_train": False,
-    "mae_test": False,
-    "wall_s": False,
-}
 
 
 # ---- shared pieces ---------------------------------------------------------------------

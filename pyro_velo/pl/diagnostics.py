@@ -18,7 +18,6 @@ from matplotlib.lines import Line2D
 from ..train import TrainingHistory
 from ._utils import (
     EXPORT_HINT,
-    HIGHER_IS_BETTER,
     UNCERTAINTY_HINT,
     _basis,
     _colors,
@@ -36,6 +35,22 @@ from .cells import velocity_stream
 from .genes import phase_portraits
 
 __all__ = ["benchmark", "summary", "training_curves", "uncertainty"]
+
+# metric -> True when higher is better (benchmark titles)
+HIGHER_IS_BETTER = {
+    "spearman_t": True,
+    "velocity_cosine": True,
+    "cbdir": True,
+    "branch_accuracy": True,
+    "future_corr": True,
+    "ll_train": True,
+    "ll_test": True,
+    "mse_train": False,
+    "mse_test": False,
+    "mae_train": False,
+    "mae_test": False,
+    "wall_s": False,
+}
 
 
 def _group_panel(ax: Axes, adata: AnnData, key: str, groupby: str | None, kind: str,
