@@ -160,7 +160,7 @@ def log(message: str) -> None:
     print(f"[compare {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-# --------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------- utilities
 
 
 def parse_transitions(text: str | None) -> list[tuple[str, str]]:

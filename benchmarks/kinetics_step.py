@@ -10,7 +10,7 @@ forward and backward (gradients of ``u + s + ds`` summed): the first step (compi
 when on) and the mean of ``--steps`` more after three warm-up steps. For the ancestral
 model the table of ancestors is first filled with 30 random minibatches, so every bin
 has prototypes. The rest of a training step (encoder, decoder, likelihood, Pyro) is not
-included. Results: ``benchmarks/RESULTS.md``, sessions 15 and 16.
+included. Results: ``benchmarks/RESULTS.md``, "Kinetics step".
 """
 
 from __future__ import annotations

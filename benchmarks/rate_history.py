@@ -27,14 +27,14 @@ Simulations as in ``tests/test_full_model.py`` (``simulate(2000, 200,
 topology='bifurcation', n_branches=k, noise='nb', seed=k)``, ``pp.preprocess(
 random_state=0, size_factors=...)``); ``scvelo``: scVelo's simulator,
 ``simulate_scvelo(2000, 200, seed=1)`` (one lineage, no boosts), preprocessed with
-``min_shared_counts=None`` as in session 10; ``small2``, ``small3``, ``linear``: the
-small sets of session 10 (``simulate(1000, 100, ...)``, 2 branches with data seed 3, 3
-branches with seed 5, one lineage with seed 6), where starts fail most. Default
+``min_shared_counts=None``; ``small2``, ``small3``, ``linear``: small, hard sets
+(``simulate(1000, 100, ...)``, 2 branches with data seed 3, 3 branches with seed 5, one
+lineage with seed 6), where starts fail most. Default
 training, one torch thread. Prints one markdown row per fit: latent-time Spearman,
 velocity cosine, future-state correlation (as in ``full_vs_basic.py``), the median
 per-gene correlation of model and true velocity over the transcriptional-boost genes,
 test log-likelihood per cell and wall time.
-Results: ``benchmarks/RESULTS.md``, sessions 14 and 15.
+Results: ``benchmarks/RESULTS.md``, "Rate history".
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class RateHistoryModel(AncestralModel):
 
 
 MODELS = ("full", "history", "ancestors")
-#: the small, hard sets of session 10 (1000 cells x 100 genes), where starts fail most
+#: small, hard sets (1000 cells x 100 genes), where starts fail most
 SMALL_SETS = {"small2": dict(topology="bifurcation", n_branches=2, seed=3),
               "small3": dict(topology="bifurcation", n_branches=3, seed=5),
               "linear": dict(topology="linear", seed=6)}

@@ -10,10 +10,10 @@ cosine and future-state correlation (as in ``full_vs_basic.py``) and wall time.
 
 Sets: ``sparse2`` / ``sparse3``: ``simulate(1000, 100, topology='bifurcation',
 n_branches=2 / 3, noise='nb', seed=3)``, 9% root cells, where single starts put the
-branches on different clocks; ``test2`` / ``test3``: the issue-3 test sets
+branches on different clocks; ``test2`` / ``test3``: the test suite's full-model sets
 (``simulate(2000, 200, ..., n_branches=k, seed=k)``). Preprocessing:
 ``pp.preprocess(random_state=0, size_factors=...)``.
-Results: ``benchmarks/RESULTS.md``, session 17.
+Results: ``benchmarks/RESULTS.md``, "Restarts".
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Memory of ``get_uncertainty`` against a single posterior-mean pass.
 
-The probabilistic-modelling issue asks that ``get_uncertainty(100)`` on 50k cells x 500
-genes stays within 2x of the memory of one posterior-mean pass. Both are measured on the
+The target: ``get_uncertainty(100)`` on 50k cells x 500 genes stays within 2x of the
+memory of one posterior-mean pass. Both are measured on the
 same fitted model (saved once, loaded in a fresh process for each call, so that memory
 freed by one call cannot hide the other's), as the peak resident memory *above* the
 resident memory just before the call (``compare.PeakMemory``: the kernel's peak, reset

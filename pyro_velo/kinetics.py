@@ -141,7 +141,8 @@ def piecewise_solve(
     s = torch.zeros((), dtype=starts.dtype, device=starts.device) + s0
     alpha_t = torch.zeros((), dtype=starts.dtype, device=starts.device)
     # unbind, not indexing: the backward of an index fills a zero tensor of the whole
-    # (..., K) shape for each segment (40% of the ancestral model's kinetics, session 14)
+    # (..., K) shape for each segment (40% of the ancestral model's kinetics step,
+    # measured by benchmarks/kinetics_step.py)
     starts_k, alphas_k = starts.unbind(-1), alphas.unbind(-1)
     for k in range(n_segments):
         start = starts_k[k]
@@ -214,7 +215,7 @@ def carry_solve(t: Tensor, starts: Tensor, alphas: Tensor, beta: Tensor, gamma: 
     # carry the state from start to start and keep, per cell and gene, the state and
     # rate at the last start at or before t. Selecting by ``where`` rather than by
     # gathering from the stacked states keeps every pass elementwise, so that compiled
-    # they fuse (faster compiled, slower eager: benchmarks/RESULTS.md, session 16).
+    # they fuse (faster compiled, slower eager: benchmarks/RESULTS.md, "Kinetics step").
     # unbind, not indexing: the backward of an index fills a zero tensor of the whole
     # shape per segment
     per_segment, per_start = alphas.unbind(-2), starts.unbind(-2)

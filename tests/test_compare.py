@@ -1,4 +1,4 @@
-"""Smoke tests of the helper functions of benchmarks/compare.py (no model is fitted)."""
+"""Smoke tests of the building blocks of benchmarks/compare.py (no model is fitted)."""
 
 from __future__ import annotations
 

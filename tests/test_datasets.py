@@ -508,7 +508,7 @@ def test_real_dataset_offline_raises_a_clear_error(name, scvelo_name, tmp_path, 
     def must_not_download(*args, **kwargs):
         raise AssertionError("scVelo must not be called when offline")
 
-    monkeypatch.setattr(datasets, "_reachable", offline)
+    monkeypatch.setattr(datasets.loaders, "_reachable", offline)
     monkeypatch.setattr(scvelo.datasets, scvelo_name, must_not_download)
     target = tmp_path / "cache" / "data.h5ad"
     with pytest.raises(datasets.DatasetUnavailableError) as info:
@@ -533,7 +533,7 @@ def test_real_dataset_failed_download_is_reported(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise URLError("connection reset")
 
-    monkeypatch.setattr(datasets, "_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(datasets.loaders, "_reachable", lambda *a, **k: True)
     monkeypatch.setattr(scvelo.datasets, "pancreas", broken)
     with pytest.raises(datasets.DatasetUnavailableError,
                        match=r"(?s)pancreas data set could not be loaded.*URLError.*"
@@ -547,7 +547,7 @@ def test_real_dataset_is_read_from_the_cache_without_network(tmp_path, monkeypat
     def no_network(*args, **kwargs):
         raise AssertionError("a cached file must not need the network")
 
-    monkeypatch.setattr(datasets, "_reachable", no_network)
+    monkeypatch.setattr(datasets.loaders, "_reachable", no_network)
     cached = anndata.AnnData(sp.csr_matrix(np.eye(3, dtype=np.float32)))
     cached.layers["spliced"] = cached.X.copy()
     path = tmp_path / "dg.h5ad"
@@ -560,7 +560,7 @@ def test_network_check_fails_fast_on_a_closed_port():
     import socket
     import time
 
-    from pyro_velo.datasets import _reachable
+    from pyro_velo.datasets.loaders import _reachable
 
     with socket.socket() as sock:  # a port that was free a moment ago: nothing listens
         sock.bind(("127.0.0.1", 0))

@@ -187,7 +187,7 @@ def test_two_processes_match_one(adata, tmp_path):
     assert abs(two.train[-1] - one.train[-1]) < TOLERANCE, (two.train, one.train)
 
 
-# ---- helpers -------------------------------------------------------------------------
+# ---- utilities -----------------------------------------------------------------------
 @pytest.mark.parametrize("n", [0, 1, 5, 128, 131])
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_shards_cover_the_minibatch(n, world_size):

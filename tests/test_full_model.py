@@ -1,4 +1,4 @@
-"""The mixture of ODEs on bifurcating simulations: the full-model issue's acceptance tests.
+"""The mixture of ODEs on bifurcating simulations: the full model's acceptance tests.
 
 Each bifurcation (2 and 3 branches; 2000 cells x 200 genes, negative-binomial counts) is
 fitted once with the basic and once with the full model; the tests read those fits.
@@ -58,7 +58,7 @@ def test_cell_state_separates_branches(fits):
 
 
 VELOCITY_2_BRANCHES_OPEN = (
-    "open (full-model issue): with the default total-count normalisation the 2-branch "
+    "open: with the default total-count normalisation the 2-branch "
     "velocity cosine is 0.60-0.79 over seeds 0-5 (mean 0.70-0.72 in two series; 3 "
     "branches: 0.86 and 0.88 in two seed-0 runs); "
     "pp.preprocess(size_factors='neighbourhood') gives 0.73-0.82 over the same seeds "
@@ -106,8 +106,8 @@ def _median_velocity_correlation(vae, adata, behaviour):
 def test_ancestral_rates_fit_rate_rises_and_reach_the_velocity_target(neighbourhood_fits):
     """Transcriptional boosts (rates rising in steps) get the velocity pattern right only
     with the ancestors' rates (seeds 0-5: median per-gene r 0.74-0.81 against -0.02-0.45);
-    the mean cosine reaches the issue's 0.8 (seeds 0-5: 0.85-0.87, mean 0.86, against
-    0.72-0.82, mean 0.78; benchmarks/RESULTS.md, session 15)."""
+    the mean cosine reaches the 0.8 target (seeds 0-5: 0.85-0.87, mean 0.86, against
+    0.72-0.82, mean 0.78; benchmarks/RESULTS.md, "Rate history")."""
     adata = neighbourhood_fits["adata"]
     constant, ancestral = neighbourhood_fits["constant"], neighbourhood_fits["ancestors"]
     boost = [_median_velocity_correlation(vae, adata, "transcriptional_boost")
@@ -122,7 +122,7 @@ def test_ancestral_rates_fit_rate_rises_and_reach_the_velocity_target(neighbourh
 
 
 FUTURE_2_BRANCHES_OPEN = (
-    "open (full-model issue): with the default total-count normalisation the 2-branch "
+    "open: with the default total-count normalisation the 2-branch "
     "future-state correlation is 0.51-0.78 over model seeds 0-5 (mean 0.67-0.69); seed 0 "
     "gives 0.706 on an AMD EPYC and 0.676 on an Intel Xeon (the fit's rounding differs). "
     "With neighbourhood size factors it is 0.75-0.84 over seeds 0-5 "
@@ -147,7 +147,8 @@ def test_predicted_future_moves_along_true_velocity(fits, request):
 
 def test_neighbourhood_size_factors_predict_future_states(neighbourhood_fits):
     """The paper's model (one rate per cell, refinement) on the 2-branch set with
-    neighbourhood size factors: 0.75-0.84 over model seeds 0-5 (sessions 8 and 14)."""
+    neighbourhood size factors: 0.75-0.84 over model seeds 0-5 (benchmarks/RESULTS.md,
+    "Seed stability")."""
     corr = _future_correlation(neighbourhood_fits["constant"], neighbourhood_fits["adata"])
     assert corr >= 0.7, corr
 

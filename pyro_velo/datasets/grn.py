@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._checks import InputError, check_int
+from .._checks import InputError, check_int
 
 #: Type graphs by name: each type's parent (``-1`` for the root), before relabelling.
 TOPOLOGIES: dict[str, list[int]] = {
