@@ -42,9 +42,7 @@ def _numpy_lacks_old_assert_arguments() -> bool:
 def exported():
     """A 300-cell bifurcation, preprocessed, fitted (basic model) and exported."""
     adata = pv.datasets.simulate(n_cells=300, n_genes=40, topology="bifurcation", seed=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pv.pp.preprocess(adata, n_neighbors=15, n_pcs=10)
+    pv.pp.preprocess(adata, n_neighbors=15, n_pcs=10)
     vae = pv.VeloVAE(adata, model="basic", seed=0)
     vae.train(max_epochs=30, warmup_epochs=10, progress_bar=False, seed=0)
     vae.export_to_anndata(adata)
