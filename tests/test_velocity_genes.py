@@ -12,6 +12,7 @@ from pyro_velo._checks import InputError, MissingLayerError
 from pyro_velo.velocity_genes import (
     EXPORT_MIN_SCORE,
     gene_columns,
+    h5ad_gene_columns,
     select_velocity_genes,
     selection,
     velocity_gene_scores,
@@ -102,6 +103,25 @@ def test_select_velocity_genes_writes_only_its_columns():
         select_velocity_genes(adata)
     with pytest.raises(InputError, match="export a fitted model"):
         select_velocity_genes(exported_like(), split_key="split")
+
+
+def test_scores_read_from_a_file_equal_those_in_memory(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    adata = exported_like()
+    adata.write_h5ad(tmp_path / "export.h5ad")
+    split = adata.obs["pyro_velo_split"].to_numpy()
+    in_memory = gene_columns(adata.layers["Mu"], adata.layers["pyro_velo_u"],
+                             adata.layers["pyro_velo_s"], split, min_score=0.1)
+    with h5py.File(tmp_path / "export.h5ad", "r") as file:
+        from_file = h5ad_gene_columns(file, "Mu", "pyro_velo_u", "pyro_velo_s", split,
+                                      min_score=0.1)
+        # a file without the observed layer: no evidence, every fitted gene is kept
+        without = h5ad_gene_columns(file, "no_such_layer", "pyro_velo_u", "pyro_velo_s",
+                                    split, min_score=0.1)
+    np.testing.assert_allclose(from_file["velocity_score"], in_memory["velocity_score"])
+    np.testing.assert_array_equal(from_file["velocity_genes"], [True, False, False])
+    assert np.isnan(without["velocity_score"]).all()
+    np.testing.assert_array_equal(without["velocity_genes"], [True, True, False])
 
 
 @pytest.mark.slow
