@@ -6,7 +6,7 @@ Namespaces follow scanpy: :mod:`pyro_velo.pp` (preprocessing), :mod:`pyro_velo.p
 
 __version__ = "0.1.0"
 
-from . import datasets, kinetics, pl, pp, tl  # noqa: E402
+from . import datasets, kinetics, pl, pp, tl, velocity_genes  # noqa: E402
 from .velovae import VeloVAE  # noqa: E402
 
-__all__ = ["VeloVAE", "datasets", "kinetics", "pl", "pp", "tl", "__version__"]
+__all__ = ["VeloVAE", "datasets", "kinetics", "pl", "pp", "tl", "velocity_genes", "__version__"]

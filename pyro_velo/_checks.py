@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "check_names_present",
     "check_numeric",
     "check_same_shape",
+    "check_unique_cell_names",
     "check_unique_names",
     "is_integer_valued",
 ]
@@ -338,7 +340,7 @@ def _listing(names: list[str], limit: int = 10) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def check_unique_names(names: Iterable[str], what: str) -> None:
+def check_unique_names(names: Iterable[str], what: str, remedy: str | None = None) -> None:
     """Check that ``names`` (e.g. ``adata.var_names``) has no duplicates.
 
     Parameters
@@ -347,6 +349,9 @@ def check_unique_names(names: Iterable[str], what: str) -> None:
         The names to check.
     what
         How to refer to them in the error message, e.g. ``"adata.var_names"``.
+    remedy
+        The call that makes them unique, e.g. ``"adata.obs_names_make_unique()"``;
+        ``None`` names both AnnData methods (genes and cells).
 
     Raises
     ------
@@ -357,11 +362,37 @@ def check_unique_names(names: Iterable[str], what: str) -> None:
     unique, counts = np.unique(values.astype(str), return_counts=True)
     duplicated = [str(n) for n in unique[counts > 1]]
     if duplicated:
+        remedy = remedy or ("adata.var_names_make_unique() (genes) or "
+                            "adata.obs_names_make_unique() (cells)")
         raise InputError(
             f"{what} contains {len(duplicated)} duplicated name(s): {_listing(duplicated)}. "
-            "Names must be unique; e.g. call adata.var_names_make_unique() (genes) or "
-            "adata.obs_names_make_unique() (cells)."
+            f"Names must be unique; e.g. call {remedy}."
         )
+
+
+def check_unique_cell_names(names: Iterable[str], what: str = "adata.obs_names") -> None:
+    """Check that the cell names ``names`` have no duplicates.
+
+    Results are matched to cells by name (``obs`` columns, the train/validation/test
+    split, saved models, exports into files), so duplicated cell names would silently
+    misalign them.
+
+    Parameters
+    ----------
+    names
+        The cell names, e.g. ``adata.obs_names``.
+    what
+        How to refer to them in the error message.
+
+    Raises
+    ------
+    InputError
+        If a name occurs more than once; the message lists (up to ten of) the duplicated
+        names and suggests ``adata.obs_names_make_unique()``.
+    """
+    if pd.Index(names).is_unique:  # a hash table: fast on millions of cells
+        return
+    check_unique_names(names, what, remedy="adata.obs_names_make_unique()")
 
 
 def check_names_present(required: Iterable[str], available: Iterable[str], what: str) -> None:

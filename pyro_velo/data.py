@@ -18,6 +18,7 @@ from ._checks import (
     check_names_present,
     check_nonnegative,
     check_numeric,
+    check_unique_cell_names,
     check_unique_names,
 )
 
@@ -198,12 +199,13 @@ class VelocityData:
         ------
         InputError
             Missing layers, non-numeric layers, NaN/inf or negative values, duplicated
-            gene names, fewer than 10 cells or fewer than 2 training cells, no usable gene.
+            gene or cell names, fewer than 10 cells or fewer than 2 training cells, no usable gene.
         """
         check_layers(adata, [unspliced_layer, spliced_layer])
         for name in (unspliced_layer, spliced_layer):
             check_numeric(adata.layers[name], f"layers['{name}']")
         check_unique_names(adata.var_names, "adata.var_names")
+        check_unique_cell_names(adata.obs_names)
         if adata.n_obs < 10:
             raise InputError(f"need at least 10 cells to fit, got {adata.n_obs}")
         u = _dense(adata.layers[unspliced_layer])

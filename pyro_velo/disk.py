@@ -28,7 +28,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from ._checks import InputError, MissingFileError, check_unique_names
+from ._checks import InputError, MissingFileError, check_unique_cell_names, check_unique_names
 from .data import VelocityData, random_split, split_indices
 
 #: cells per contiguous block read from the file
@@ -344,8 +344,9 @@ class DiskVelocityData:
             No file at ``path``.
         InputError
             Not an HDF5 file, missing or non-numeric layers, layers of other shapes,
-            NaN/inf or negative values (the first offending rows are named), fewer than 10
-            cells, no gene that varies, an invalid split.
+            duplicated gene or cell names, NaN/inf or negative values (the first
+            offending rows are named), fewer than 10 cells, no gene that varies, an
+            invalid split.
         """
         from tqdm.auto import tqdm
 
@@ -358,10 +359,8 @@ class DiskVelocityData:
             n_cells, n_vars = readers[0].shape
             if n_cells < 10:
                 raise InputError(f"need at least 10 cells to fit, got {n_cells}")
-            names = file["var"].attrs.get("_index", "_index")
-            var_index = file["var"][names.decode() if isinstance(names, bytes) else names]
-            check_unique_names(var_index.asstr()[:] if var_index.dtype.kind == "O"
-                               else var_index[:], "var_names")
+            check_unique_names(_index(file["var"]), "var_names")
+            check_unique_cell_names(_index(file["obs"]), "obs_names")
             stats = [_RunningMoments(n_vars), _RunningMoments(n_vars)]
             step = block_cells * buffer_blocks
             for start in tqdm(range(0, n_cells, step), desc="Reading layers",
@@ -386,6 +385,13 @@ class DiskVelocityData:
                    torch.from_numpy(scale_u[fitted].astype(np.float32)),
                    torch.from_numpy(scale_s[fitted].astype(np.float32)),
                    block_cells, buffer_blocks)
+
+
+def _index(group: h5py.Group) -> np.ndarray:
+    """The names (index column) of an ``obs`` or ``var`` group of an .h5ad file."""
+    key = group.attrs.get("_index", "_index")
+    names = group[key.decode() if isinstance(key, bytes) else key]
+    return names.asstr()[:] if names.dtype.kind == "O" else names[:]
 
 
 def _layer(file: h5py.File, name: str) -> H5adLayer:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from . import velocity_genes
 from ._checks import InputError
 
 if TYPE_CHECKING:
@@ -137,6 +138,10 @@ def write_h5ad(vae: VeloVAE, path: str | Path, rho: bool | None = None,
                 for name, key in layers.items():
                     group[temporary[name]][rows] = vae._full_width(
                         expected[key].detach().cpu().numpy())
+            # velocity genes, as in write_anndata, from the file's layers block by block
+            notes.var.update(velocity_genes.h5ad_gene_columns(
+                file, vae.config["unspliced_layer"], temporary[PREFIX + "u"],
+                temporary[PREFIX + "s"], notes.obs[PREFIX + "split"]))
         except BaseException:
             for tmp in temporary.values():
                 if tmp in group:
@@ -177,6 +182,10 @@ def write_anndata(vae: VeloVAE, adata, rho: bool | None = None) -> None:
                       strict=True))
     if export_rho(vae, rho):
         layers[PREFIX + "rho"] = vae._transcription_rate(latent["c"])
+    # velocity genes: the fitted genes whose dynamics predict held-out cells
+    notes.var.update(velocity_genes.gene_columns(
+        adata.layers[vae.config["unspliced_layer"]], layers[PREFIX + "u"],
+        layers[PREFIX + "s"], notes.obs[PREFIX + "split"]))
     # everything is computed: now write
     for column, value in notes.obs.items():
         adata.obs[column] = value

@@ -26,6 +26,7 @@ from ._checks import (
     check_nonnegative,
     check_numeric,
     check_same_shape,
+    check_unique_cell_names,
     is_integer_valued,
 )
 from ._threads import cpu_threads
@@ -184,8 +185,9 @@ def preprocess(
     Raises
     ------
     InputError
-        Before anything is modified, if a layer is missing, the count matrices
-        have different shapes, contain NaN, infinite or negative values, there
+        Before anything is modified, if cell names (``obs_names``) are duplicated
+        (call ``adata.obs_names_make_unique()`` first), a layer is missing, the count
+        matrices have different shapes, contain NaN, infinite or negative values, there
         are fewer than ``n_neighbors + 1`` cells, or a parameter is invalid; and
         (``adata`` still unchanged) if fewer than two genes are left after
         filtering or gene selection. :class:`~pyro_velo._checks.MissingLayerError`,
@@ -292,6 +294,7 @@ def _validate_adata(
             "adata is backed on disk, which preprocess does not support; load it into "
             "memory first with adata = adata.to_memory()."
         )
+    check_unique_cell_names(adata.obs_names)
     try:
         layers = adata.layers
     except ValueError as err:  # anndata validates layer shapes when building the mapping

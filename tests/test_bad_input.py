@@ -98,6 +98,16 @@ def _duplicate_genes(adata):
     adata.var_names = names
 
 
+def _duplicate_cells(adata):
+    names = list(adata.obs_names)
+    names[7] = names[3] = names[0]
+    names[9] = names[8]
+    adata.obs_names = names
+
+
+DUPLICATED_CELLS = r"obs_names contains 2 duplicated name\(s\).*obs_names_make_unique\(\)"
+
+
 def _zero_everything(adata):
     for key in ("Mu", "Ms"):
         adata.layers[key] = np.zeros(adata.shape, dtype=np.float32)
@@ -112,6 +122,7 @@ VELOVAE_CASES = {
     "negative": (_set("Mu", 5, 1, -2.0), {}, InputError, r"layers\['Mu'\].*negative"),
     "strings": (_to_strings("Ms"), {}, InputError, r"layers\['Ms'\] has dtype"),
     "duplicated genes": (_duplicate_genes, {}, InputError, "duplicated name.*make_unique"),
+    "duplicated cells": (_duplicate_cells, {}, InputError, DUPLICATED_CELLS),
     "one cell": (lambda a: None, {"_cells": 1}, InputError, "at least 10 cells"),
     "nine cells": (lambda a: None, {"_cells": 9}, InputError, "at least 10 cells"),
     "all genes constant": (_zero_everything, {}, InputError, "no gene varies"),
@@ -144,6 +155,7 @@ def _zero_counts(adata):
 
 PREPROCESS_CASES = {
     "missing layer": (_delete("unspliced"), {}, MissingLayerError, "'unspliced' not found"),
+    "duplicated cells": (_duplicate_cells, {}, InputError, DUPLICATED_CELLS),
     "NaN": (_set("spliced", 0, 0, np.nan), {}, InputError, "NaN"),
     "inf": (_set("unspliced", 2, 3, np.inf), {}, InputError, "infinite"),
     "negative": (_set("spliced", 1, 1, -1.0), {}, InputError, "negative"),
@@ -160,7 +172,9 @@ def test_preprocess_rejects_invalid_counts(case, raw):
     mutate, kwargs, error, match = PREPROCESS_CASES[case]
     kwargs = dict(kwargs)
     adata = raw[: kwargs.pop("_cells", raw.n_obs)].copy()
-    mutate(adata)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata warns about duplicated names
+        mutate(adata)
     before = snapshot(adata)
     with pytest.raises(error, match=match):
         pv.pp.preprocess(adata, **kwargs)
@@ -223,6 +237,29 @@ def test_duplicated_gene_names_pass_preprocessing_then_velovae_asks_to_fix(raw):
         pv.VeloVAE(adata, **TINY)
     adata.var_names_make_unique()
     pv.VeloVAE(adata, **TINY)
+
+
+def test_duplicated_cell_names_are_named_and_the_fix_works(raw, prepared, tmp_path):
+    adata = raw.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _duplicate_cells(adata)
+    with pytest.raises(InputError) as error:
+        pv.pp.preprocess(adata, n_neighbors=15)
+    message = str(error.value)
+    assert repr(raw.obs_names[0]) in message and repr(raw.obs_names[8]) in message
+    assert repr(raw.obs_names[1]) not in message
+    adata.obs_names_make_unique()
+    pv.pp.preprocess(adata, n_neighbors=15, n_pcs=10)
+    assert "Ms" in adata.layers and adata.obs_names.is_unique
+    # a file on disk is checked too, before any layer is read
+    on_disk = prepared.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _duplicate_cells(on_disk)
+        on_disk.write_h5ad(tmp_path / "duplicated.h5ad")
+    with pytest.raises(InputError, match=DUPLICATED_CELLS):
+        pv.VeloVAE(tmp_path / "duplicated.h5ad", **TINY)
 
 
 # ---- accepted layer formats ----------------------------------------------------------

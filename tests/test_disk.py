@@ -260,6 +260,8 @@ def test_export_to_h5ad_writes_what_export_to_anndata_writes(streamed, adata, h5
     np.testing.assert_allclose(written.obsm["pyro_velo_cell_state"],
                                expected.obsm["pyro_velo_cell_state"], rtol=1e-6)
     np.testing.assert_array_equal(written.var["velocity_genes"], expected.var["velocity_genes"])
+    np.testing.assert_allclose(written.var["velocity_score"], expected.var["velocity_score"],
+                               rtol=1e-5, atol=1e-6)
     assert written.uns["velocity_params"]["mode"] == "pyro_velo"
     np.testing.assert_array_equal(written.layers["Mu"], adata.layers["Mu"])  # untouched
     # the model still reads its own file afterwards

@@ -73,7 +73,8 @@ def simulate_h5ad(
         File to write (conventionally ``*.h5ad``); its folder must exist. It is written
         as ``<path>.partial`` and renamed when complete, so an interrupted run never
         leaves a file that looks finished.
-    n_cells, n_genes, topology, n_branches, noise, dispersion, library_size_cv, t_max,
+    n_cells, n_genes, topology, n_branches, noise, dispersion, library_size_cv, t_max
+        As for :func:`simulate`.
     branch_time, behaviours, n_capture_times, branch_specific_fraction, seed
         As for :func:`simulate`.
     chunk_cells
