@@ -17,6 +17,7 @@ import contextlib
 import copy
 import inspect
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -517,14 +518,15 @@ class TrainingMixin:
         if not isinstance(require_improvement, bool):
             raise InputError("require_improvement must be True or False, got "
                              f"{require_improvement!r}")
-        latent = self._encode()
+        predictor = self.predictor
+        latent = predictor.encode()
         t, c = latent["t"], latent["c"]
         span = float(t.max() - t.min())
         delta1 = 0.03 * span if delta1 is None else float(delta1)
         delta2 = 0.005 * span if delta2 is None else float(delta2)
         check_split = _selection_split(self.data)
         if require_improvement:  # the first stage to compare with and to restore
-            before = self._reconstruction(check_split)["log_likelihood"]
+            before = predictor.reconstruction(check_split)["log_likelihood"]
             saved = copy.deepcopy(self.model.state_dict())
             saved_guide = copy.deepcopy(self.guide.state_dict())
 
@@ -532,7 +534,7 @@ class TrainingMixin:
             train = self.data.indices("train").to(self.device)
             for batch, (u, s, *_), _kwargs in self.data.minibatches(train, 4096):
                 if source == "fitted":
-                    fit = self._expected(idx=batch, scale=False,
+                    fit = predictor.expected(idx=batch, scale=False,
                                          encoded={"t": t[batch], "c": c[batch]})
                     u, s = fit["u"], fit["s"]
                 yield batch, torch.cat([u, s], dim=1)
@@ -551,8 +553,9 @@ class TrainingMixin:
         fit_options.setdefault("description", "Refining initial conditions")
         stop_when = fit_options.pop("stop_when", None)
         if require_improvement:
-            hopeless = self._hopeless_refinement(fit_options["history"], epochs,
-                                                 check_split, before)
+            hopeless = RefinementCutoff(
+                lambda: predictor.reconstruction(check_split)["log_likelihood"],
+                self.model, len(fit_options["history"].train), epochs, before)
             user_stop = stop_when
             stop_when = hopeless if user_stop is None else (
                 lambda h: bool(user_stop(h)) or hopeless(h))
@@ -561,7 +564,7 @@ class TrainingMixin:
         if not require_improvement:
             self.config["refined"] = True
             return history
-        after = self._reconstruction(check_split)["log_likelihood"]
+        after = predictor.reconstruction(check_split)["log_likelihood"]
         self.config["refined"] = bool(after > before)
         if not self.config["refined"]:
             # also restores (or clears) the initial conditions of a previous refinement
@@ -574,21 +577,6 @@ class TrainingMixin:
                 f"({before:.3f} -> {after:.3f}){ended}; kept the model without it",
                 stacklevel=2)
         return history
-
-    def _hopeless_refinement(self, history: TrainingHistory, epochs: int, split: str,
-                             before: float) -> _RefinementCutoff:
-        """A ``stop_when`` for the refinement: end it once it cannot beat ``before``.
-
-        Every :data:`REFINE_CHECK_EVERY` epochs from :data:`REFINE_MIN_EPOCHS` on, the
-        ``split`` log-likelihood is compared with ``before`` (the first-stage model's).
-        While it is lower, the refinement stops if the gain, extrapolated linearly at its
-        rate over the last checks (about 10 epochs) to the last epoch, stays below zero:
-        the gain grows ever more slowly, so a straight line overestimates it and a
-        refinement that would have been accepted is not cut short. On simulations the
-        rejected refinements started 8-60 nats per cell below the first stage and were
-        still below after 100 epochs, while the accepted one crossed zero by epoch 9.
-        """
-        return _RefinementCutoff(self, len(history.train), epochs, split, before)
 
     def _warm_up(self, model: BasicModel, guide, epochs: int, opts: dict) -> None:
         """Warm-up, then re-initialise the rates from the encoded times.
@@ -651,7 +639,7 @@ class TrainingMixin:
 
         data = self._start_data
         train = data.indices("train").to(self.device)
-        encoded = self._encode(train, guide, data=data)["t"].cpu()
+        encoded = self.predictor.encode(train, guide, data=data)["t"].cpu()
         agreement = spearmanr(encoded.numpy(), pseudotime[train.cpu()].numpy())[0]
         rates = {k: v.detach().cpu() for k, v in model.rates().items()}
         u, s = data.rows(train)
@@ -706,7 +694,7 @@ class TrainingMixin:
         data = self._start_data
         train = data.indices("train").to(self.device)
         if times is None:
-            t = self._encode(train, guide, data=data)["t"].cpu()
+            t = self.predictor.encode(train, guide, data=data)["t"].cpu()
         else:
             t = times.to(self.device)[train].cpu()
             train = train[~torch.isnan(t).to(self.device)]
@@ -726,17 +714,28 @@ class TrainingMixin:
         _rates_to_guide(model, guide)
 
 
-class _RefinementCutoff:
-    """The ``stop_when`` of :meth:`TrainingMixin._hopeless_refinement` (see there).
+class RefinementCutoff:
+    """A ``stop_when`` for the refinement: end it once it cannot beat ``before``.
 
-    ``epochs_done`` counts the refinement's epochs so far; ``gave_up`` tells whether it
-    was the rule that ended them.
+    Every :data:`REFINE_CHECK_EVERY` epochs from :data:`REFINE_MIN_EPOCHS` on, ``score()``
+    (the selection split's reconstruction log-likelihood, with ``model`` in evaluation
+    mode) is compared with ``before`` (the first-stage model's). While it is lower, the
+    refinement stops if the gain, extrapolated linearly at its rate over the last checks
+    (about 10 epochs) to the last epoch, stays below zero: the gain grows ever more
+    slowly, so a straight line overestimates it and a refinement that would have been
+    accepted is not cut short. On simulations the rejected refinements started 8-60 nats
+    per cell below the first stage and were still below after 100 epochs, while the
+    accepted one crossed zero by epoch 9.
+
+    ``first`` is the history's length when the refinement starts and ``epochs`` its
+    length in epochs; ``epochs_done`` counts the refinement's epochs so far and
+    ``gave_up`` tells whether it was this rule that ended them.
     """
 
-    def __init__(self, vae: TrainingMixin, first: int, epochs: int, split: str,
-                 before: float) -> None:
-        self.vae, self.first, self.epochs = vae, first, epochs
-        self.split, self.before = split, before
+    def __init__(self, score: Callable[[], float], model: torch.nn.Module, first: int,
+                 epochs: int, before: float) -> None:
+        self.score, self.model, self.first, self.epochs = score, model, first, epochs
+        self.before = before
         self.gains: list[tuple[int, float]] = []
         self.epochs_done, self.gave_up = 0, False
 
@@ -744,11 +743,10 @@ class _RefinementCutoff:
         done = self.epochs_done = len(history.train) - self.first
         if done < REFINE_MIN_EPOCHS or done % REFINE_CHECK_EVERY:
             return False
-        model = self.vae.model
-        was_training = model.training
-        model.eval()
-        gain = self.vae._reconstruction(self.split)["log_likelihood"] - self.before
-        model.train(was_training)
+        was_training = self.model.training
+        self.model.eval()
+        gain = self.score() - self.before
+        self.model.train(was_training)
         self.gains.append((done, gain))
         if gain > 0 or len(self.gains) < 2:
             return False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from .initialize import (
 )
 from .likelihoods import LIKELIHOODS, Likelihood, make_likelihood
 from .model import AncestralModel, BasicModel, FullModel
-from .posterior import DERIVED, RATE_SITES, Moments, draws, multivariate_cv
+from .predict import Predictor
 from .priors import CaptureTimePrior, LogNormalRatePrior, NormalTimePrior, default_time_scale
 from .schedule import TrainingMixin
 from .train import (
@@ -391,26 +391,11 @@ class VeloVAE(TrainingMixin):
         self.data = self.data.to(self.device)
         self._start_data = self.data if same else self._start_data.to(self.device)
 
-    # ---- posterior summaries ---------------------------------------------------------
-    @torch.no_grad()
-    def _encode(self, idx: torch.Tensor | None = None, guide: AmortizedGuide | None = None,
-                batch_size: int = 4096, data: VelocityData | None = None
-                ) -> dict[str, torch.Tensor]:
-        """Posterior means (``t``, ``c``) and standard deviations (``t_std``, ``c_std``).
-
-        Of the cells ``idx`` (default all) of ``data`` (default the fitted cells,
-        ``self.data``; new cells come from :meth:`_cells`).
-        """
-        data = self.data if data is None else data
-        idx = torch.arange(data.n_cells, device=self.device) if idx is None else idx
-        guide = self.guide if guide is None else guide
-        guide.eval()
-        parts: dict[str, list[torch.Tensor]] = {}
-        with torch.no_grad():
-            for _batch, (u, s, *_), _kwargs in data.minibatches(idx, batch_size):
-                for name, value in guide.summary(u, s).items():
-                    parts.setdefault(name, []).append(value)
-        return {name: torch.cat(values) for name, values in parts.items()}
+    @property
+    def predictor(self) -> Predictor:
+        """The fitted pair's :class:`~pyro_velo.predict.Predictor` on the fitted cells."""
+        return Predictor(self.model, self.guide, self.data, self.var_names, self.obs_names,
+                         self.device)
 
     def _check_trained(self) -> None:
         if not self.is_trained:
@@ -460,9 +445,11 @@ class VeloVAE(TrainingMixin):
             invalid values.
         """
         self._check_trained()
-        t = self._encode(data=self._cells(adata))["t"].cpu().numpy().astype(np.float64)
+        predictor = self.predictor
+        t = predictor.encode(data=self._cells(adata))["t"].cpu().numpy().astype(np.float64)
         if scaled:
-            ref = t if adata is None else self._encode()["t"].cpu().numpy().astype(np.float64)
+            ref = t if adata is None else predictor.encode()["t"].cpu().numpy().astype(
+                np.float64)
             t = (t - ref.min()) / max(ref.max() - ref.min(), 1e-12)
         return t
 
@@ -474,7 +461,7 @@ class VeloVAE(TrainingMixin):
         """
         self._check_trained()
         self._require_full("get_cell_state")
-        return self._encode(data=self._cells(adata))["c"].cpu().numpy()
+        return self.predictor.encode(data=self._cells(adata))["c"].cpu().numpy()
 
     def get_transcription_rate(self, adata: AnnData | None = None) -> np.ndarray:
         """Relative transcription rate ``rho = g(c)`` of every cell and gene.
@@ -485,90 +472,13 @@ class VeloVAE(TrainingMixin):
         """
         self._check_trained()
         self._require_full("get_transcription_rate")
-        return self._transcription_rate(self._encode(data=self._cells(adata))["c"])
-
-    def _transcription_rate(self, c: torch.Tensor) -> np.ndarray:
-        with torch.no_grad():
-            rho = torch.cat([self.model.transcription_rate(b) for b in c.split(4096)])
-        return self._full_width(rho.cpu().numpy())
+        predictor = self.predictor
+        return predictor.transcription_rate(predictor.encode(data=self._cells(adata))["c"])
 
     def _require_full(self, what: str) -> None:
         if self.config["model"] != "full":
             raise RuntimeError(f"{what} needs the full model (model='full'), this is "
                                f"{self.config['model']!r}")
-
-    @torch.no_grad()
-    def _expected(self, delta_t: float = 0.0, idx: torch.Tensor | None = None,
-                  scale: bool = True, encoded: dict[str, torch.Tensor] | None = None,
-                  data: VelocityData | None = None) -> dict[str, torch.Tensor]:
-        """Model's u, s, du/dt, ds/dt at each cell's posterior mean time + ``delta_t``.
-
-        ``(cells, fitted genes)`` tensors, on the data scales when ``scale``. ``encoded``
-        reuses the output of :meth:`_encode` for the same cells. ``data``: new cells
-        (from :meth:`_cells`), which have no per-cell initial conditions.
-        """
-        own = data is None or data is self.data
-        data = self.data if data is None else data
-        idx = torch.arange(data.n_cells, device=self.device) if idx is None else idx
-        latent = self._encode(idx, data=data) if encoded is None else encoded
-        latent = {k: latent[k] for k in ("t", "c") if k in latent}
-        latent["t"] = latent["t"] + delta_t
-        out: dict[str, list[torch.Tensor]] = {k: [] for k in ("u", "s", "du", "ds")}
-        for pos in torch.arange(len(idx), device=self.device).split(4096):
-            batch = {k: v[pos] for k, v in latent.items()}
-            for k, v in self.model.kinetic(**batch, idx=idx[pos] if own else None).items():
-                out[k].append(v)
-        result = {k: torch.cat(v) for k, v in out.items()}
-        if scale:
-            for k in result:
-                result[k] = result[k] * (
-                    self.data.gene_scale_u if k in ("u", "du") else self.data.gene_scale_s)
-        return result
-
-    def _full_width(self, x: np.ndarray) -> np.ndarray:
-        """Embed a ``(cells, fitted genes)`` array into ``(cells, n_vars)`` with NaN."""
-        full = np.full((x.shape[0], len(self.var_names)), np.nan, dtype=np.float32)
-        full[:, self.data.fitted] = x
-        return full
-
-    def _expected_blocks(self, delta_t: float = 0.0, data: VelocityData | None = None,
-                         chunk: int = 1024,
-                         encoded: dict[str, torch.Tensor] | None = None,
-                         ) -> Iterator[tuple[slice, dict[str, torch.Tensor],
-                                             dict[str, torch.Tensor]]]:
-        """:meth:`_expected` of the cells of ``data``, ``chunk`` cells at a time.
-
-        Yields ``(rows, expected, latent)``: the block's rows, its expectations
-        (``(rows, fitted genes)``) and its part of the encoding. ``encoded``: the output
-        of :meth:`_encode` for all cells of ``data``, if at hand. The one loop behind the
-        in-memory arrays (:meth:`_expected_arrays`) and the chunked file writer
-        (:func:`pyro_velo.export.write_h5ad`).
-        """
-        data = self.data if data is None else data
-        latent = self._encode(data=data) if encoded is None else encoded
-        for pos in torch.arange(data.n_cells, device=self.device).split(chunk):
-            part = {k: v[pos] for k, v in latent.items()}
-            rows = slice(int(pos[0]), int(pos[-1]) + 1)
-            yield rows, self._expected(delta_t, idx=pos, data=data, encoded=part), part
-
-    def _expected_arrays(self, keys: tuple[str, ...], delta_t: float = 0.0,
-                         data: VelocityData | None = None, chunk: int = 1024,
-                         encoded: dict[str, torch.Tensor] | None = None,
-                         ) -> tuple[np.ndarray, ...]:
-        """Full-width ``(cells, n_vars)`` float32 arrays of :meth:`_expected`'s ``keys``.
-
-        Filled ``chunk`` cells at a time, so that only the returned arrays are of size
-        cells x genes (not the four expectations, their scaled copies and a float64 copy).
-        ``encoded``: the output of :meth:`_encode` for all cells of ``data``, if at hand.
-        """
-        data = self.data if data is None else data
-        columns = np.flatnonzero(self.data.fitted)
-        out = tuple(np.full((data.n_cells, len(self.var_names)), np.nan, dtype=np.float32)
-                    for _ in keys)
-        for rows, part, _ in self._expected_blocks(delta_t, data, chunk, encoded):
-            for array, key in zip(out, keys, strict=True):
-                array[rows, columns] = part[key].cpu().numpy()
-        return out
 
     def get_velocity(self, adata: AnnData | None = None) -> tuple[np.ndarray, np.ndarray]:
         """RNA velocity ``(ds/dt, du/dt)`` at each cell's inferred state.
@@ -587,7 +497,7 @@ class VeloVAE(TrainingMixin):
             cell's own rho).
         """
         self._check_trained()
-        return self._expected_arrays(("ds", "du"), data=self._cells(adata))
+        return self.predictor.expected_arrays(("ds", "du"), data=self._cells(adata))
 
     def get_expression_fit(self, adata: AnnData | None = None
                            ) -> tuple[np.ndarray, np.ndarray]:
@@ -597,7 +507,7 @@ class VeloVAE(TrainingMixin):
         genes not fitted). ``adata``: new cells, as for :meth:`get_velocity`.
         """
         self._check_trained()
-        return self._expected_arrays(("u", "s"), data=self._cells(adata))
+        return self.predictor.expected_arrays(("u", "s"), data=self._cells(adata))
 
     def predict_future(self, delta_t: float, adata: AnnData | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
@@ -611,7 +521,7 @@ class VeloVAE(TrainingMixin):
         """
         self._check_trained()
         delta_t = check_real(delta_t, "delta_t")
-        return self._expected_arrays(("u", "s"), delta_t, self._cells(adata))
+        return self.predictor.expected_arrays(("u", "s"), delta_t, self._cells(adata))
 
     def get_rates(self) -> pd.DataFrame:
         """Per-gene ODE parameters on the data scale (NaN rows for genes not fitted).
@@ -690,40 +600,8 @@ class VeloVAE(TrainingMixin):
         """
         self._check_trained()
         check_training_arguments(max_epochs=n_samples, batch_size=batch_size)
-        available = self._posterior_sites()
-        if return_sites is None:
-            return_sites = [name for name in ("t", "c") if name in available]
-        unknown = [name for name in return_sites if name not in available]
-        if unknown:
-            raise InputError(f"unknown site(s) {unknown}; available: {available}")
-        set_seed(seed)
-        parts: dict[str, list[list[torch.Tensor]]] = {
-            name: [[] for _ in range(n_samples)] for name in return_sites}
-        idx = torch.arange(self.data.n_cells, device=self.device)
-        derived = any(name in DERIVED for name in return_sites)
-        for batch, k, values in draws(self.model, self.guide, self.data, idx, n_samples,
-                                      batch_size, derived, progress_bar):
-            for name in return_sites:
-                if name in RATE_SITES:
-                    if batch[0] == 0:
-                        parts[name][k].append(values[name])
-                else:
-                    parts[name][k].append(self._data_scale(name, values[name]))
-        return {name: torch.stack([torch.cat(chunks) if name not in RATE_SITES else chunks[0]
-                                   for chunks in per_sample]).cpu().numpy()
-                for name, per_sample in parts.items()}
-
-    def _posterior_sites(self) -> list[str]:
-        sites = ["t"] + (["c"] if self.config["model"] == "full" else [])
-        rate_prior = getattr(self.model, "rate_prior", None)
-        return sites + (list(rate_prior.names) if rate_prior is not None else []) + list(DERIVED)
-
-    def _data_scale(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        if name == "velocity":
-            return value * self.data.gene_scale_s
-        if name == "velocity_u":
-            return value * self.data.gene_scale_u
-        return value
+        return self.predictor.sample_posterior(n_samples, return_sites, batch_size, seed,
+                                               progress_bar)
 
     def get_uncertainty(self, n_samples: int = 100, batch_size: int = 1024, seed: int = 0,
                         progress_bar: bool = True) -> pd.DataFrame:
@@ -757,35 +635,8 @@ class VeloVAE(TrainingMixin):
         """
         self._check_trained()
         check_training_arguments(max_epochs=n_samples, batch_size=batch_size)
-        set_seed(seed)
-        idx = torch.arange(self.data.n_cells, device=self.device)
-        columns: dict[str, list[torch.Tensor]] = {}
-        moments: dict[str, Moments] = {}
-        for _batch, k, values in draws(self.model, self.guide, self.data, idx, n_samples,
-                                      batch_size, progress_bar=progress_bar):
-            if "c" in values:
-                with torch.no_grad():  # draws() is no_grad only while it runs
-                    values["rho"] = self.model.transcription_rate(values["c"])
-            if k == 0:
-                moments = {name: Moments() for name in ("t", "c", "rho", "velocity")
-                           if name in values}
-            for name, acc in moments.items():
-                acc.add(self._data_scale(name, values[name]))
-            if k == n_samples - 1:
-                t = moments["t"]
-                summary = {"time_mean": t.mean, "time_std": t.variance.sqrt(),
-                           "time_cv": t.variance.sqrt() / t.mean.abs().clamp(min=1e-300)}
-                if "c" in moments:
-                    summary["state_cv"] = multivariate_cv(moments["c"].mean, moments["c"].variance)
-                    summary["rho_cv"] = multivariate_cv(moments["rho"].mean,
-                                                        moments["rho"].variance)
-                summary["velocity_cv"] = multivariate_cv(moments["velocity"].mean,
-                                                         moments["velocity"].variance)
-                for name, value in summary.items():
-                    columns.setdefault(name, []).append(value)
-        self.uncertainty = pd.DataFrame(
-            {name: torch.cat(values).cpu().numpy() for name, values in columns.items()},
-            index=self.obs_names)
+        self.uncertainty = self.predictor.uncertainty(n_samples, batch_size, seed,
+                                                      progress_bar)
         return self.uncertainty
 
     def get_rate_uncertainty(self) -> pd.DataFrame:
@@ -796,22 +647,7 @@ class VeloVAE(TrainingMixin):
         time); rows are genes (NaN for genes not fitted).
         """
         self._check_trained()
-        rates = getattr(self.guide, "rates", None)
-        if rates is None:
-            raise RuntimeError("rates are point estimates: pass rate_prior=... to VeloVAE "
-                               "to make them random with a posterior")
-        frame = pd.DataFrame(index=self.var_names)
-        z = 1.6448536269514722  # standard normal 95% quantile
-        for name in rates.names:
-            loc = getattr(rates, f"log_{name}_loc").detach().double().cpu()
-            scale = getattr(rates, f"log_{name}_scale").detach().double().exp().cpu()
-            factor = self.data.gene_scale_s.double().cpu() if name == "alpha" else 1.0
-            for suffix, value in (("median", loc), ("q05", loc - z * scale),
-                                  ("q95", loc + z * scale)):
-                column = np.full(len(self.var_names), np.nan)
-                column[self.data.fitted] = (value.exp() * factor).numpy()
-                frame[f"{name}_{suffix}"] = column
-        return frame
+        return self.predictor.rate_uncertainty()
 
     def get_time_state_correlation(self) -> np.ndarray:
         """Posterior correlation of t with each coordinate of c, ``(n_cells, latent_dim)``.
@@ -819,43 +655,13 @@ class VeloVAE(TrainingMixin):
         Needs ``guide='amortized_mvn'`` (the mean-field guide has none by construction).
         """
         self._check_trained()
-        cells = getattr(self.guide, "cells", self.guide)
-        if not isinstance(cells, AmortizedMVNGuide):
-            raise RuntimeError("the t-c correlation needs guide='amortized_mvn'")
-        cells.eval()
-        idx = torch.arange(self.data.n_cells, device=self.device)
-        out = [cells.correlation(u, s)
-               for _batch, (u, s, *_), _kwargs in self.data.minibatches(idx, 4096)]
-        return torch.cat(out).cpu().numpy()
+        return self.predictor.time_state_correlation()
 
     # ---- evaluation ------------------------------------------------------------------
     def elbo(self, split: str = "test") -> float:
         """Mean ELBO per cell on one split (higher is better)."""
         self._check_trained()
         return -evaluate_loss(self.model, self.guide, self.data, self.data.indices(split))
-
-    @torch.no_grad()
-    def _reconstruction(self, split: str) -> dict[str, float]:
-        idx = self.data.indices(split).to(self.device)
-        if len(idx) == 0:
-            return {"mse": np.nan, "mae": np.nan, "log_likelihood": np.nan}
-        squared = absolute = log_lik = 0.0  # float64 sums over minibatches of cells
-        n_log_lik = 0
-        for batch, (u, s, *_), kwargs in self.data.minibatches(idx, 4096):
-            expected = self._expected(idx=batch, scale=False)
-            residual = torch.cat([expected["u"] - u, expected["s"] - s], dim=1)
-            # the likelihood scores its own observations: moments, or raw counts
-            obs_u, obs_s, size_u, size_s = kwargs.get("counts", (u, s, None, None))
-            with local_params():  # the likelihood is a PyroModule: keep its params local
-                cell_log_lik = (self.model.u_dist(expected["u"], size_u).log_prob(obs_u)
-                                + self.model.s_dist(expected["s"], size_s).log_prob(obs_s))
-            squared += float((residual.double() ** 2).sum())
-            absolute += float(residual.double().abs().sum())
-            log_lik += float(cell_log_lik.double().sum())
-            n_log_lik += cell_log_lik.numel()
-        entries = len(idx) * 2 * self.data.n_genes
-        return {"mse": squared / entries, "mae": absolute / entries,
-                "log_likelihood": log_lik / n_log_lik}
 
     def evaluate(self) -> pd.DataFrame:
         """Reconstruction metrics of the paper's Appendix C on train and held-out test cells.
@@ -874,13 +680,14 @@ class VeloVAE(TrainingMixin):
             Rows ``train`` and ``test``; columns ``mse``, ``mae``, ``log_likelihood``.
         """
         self._check_trained()
-        return pd.DataFrame({split: self._reconstruction(split) for split in ("train", "test")}
-                            ).T
+        predictor = self.predictor
+        return pd.DataFrame({split: predictor.reconstruction(split)
+                             for split in ("train", "test")}).T
 
     def mse(self, split: str = "test") -> float:
         """Mean squared error of the fit on one split (see :meth:`evaluate`)."""
         self._check_trained()
-        return self._reconstruction(split)["mse"]
+        return self.predictor.reconstruction(split)["mse"]
 
     # ---- AnnData export --------------------------------------------------------------
     def export_to_anndata(self, adata: AnnData, rho: bool | None = None) -> None:

@@ -271,7 +271,7 @@ def test_failed_export_leaves_the_file_as_it_was(streamed, h5ad, tmp_path, monke
     path.write_bytes(h5ad.read_bytes())
     before = path.read_bytes()
     calls = []
-    original = type(streamed)._expected
+    original = pv.predict.Predictor.expected
 
     def failing(self, *args, **kwargs):
         calls.append(1)
@@ -279,7 +279,7 @@ def test_failed_export_leaves_the_file_as_it_was(streamed, h5ad, tmp_path, monke
             raise RuntimeError("disk full")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(type(streamed), "_expected", failing)
+    monkeypatch.setattr(pv.predict.Predictor, "expected", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         streamed.export_to_h5ad(path, batch_size=100, progress_bar=False)
     with h5py.File(path) as file:

@@ -197,11 +197,11 @@ def test_dense_outputs_do_not_depend_on_the_chunk_size(full):
     """get_velocity & co. fill their outputs in chunks of cells (memory): same values as
     one pass over all cells (exactly with chunks of 4096, the size of that pass's own
     kinetic calls; up to float32 rounding of other BLAS paths with 7 cells)."""
-    whole = full._expected(delta_t=0.3)
+    whole = full.predictor.expected(delta_t=0.3)
     genes = full.data.fitted
     keys = ("u", "s", "ds", "du")
     for chunk, rtol in ((4096, 0), (7, 1e-5)):
-        arrays = full._expected_arrays(keys, 0.3, chunk=chunk)
+        arrays = full.predictor.expected_arrays(keys, 0.3, chunk=chunk)
         for key, array in zip(keys, arrays, strict=True):
             assert array.shape == (full.data.n_cells, len(full.var_names))
             assert np.isnan(array[:, ~genes]).all()
@@ -209,7 +209,7 @@ def test_dense_outputs_do_not_depend_on_the_chunk_size(full):
             # velocities are differences (beta u - gamma s): rounding relative to the scale
             np.testing.assert_allclose(array[:, genes], reference, rtol=rtol,
                                        atol=rtol * np.abs(reference).max())
-    assert _equal(full.predict_future(0.3)[1], full._expected_arrays(("s",), 0.3)[0])
+    assert _equal(full.predict_future(0.3)[1], full.predictor.expected_arrays(("s",), 0.3)[0])
 
 
 def test_new_cells_errors_leave_adata_unchanged(basic, adata):
