@@ -27,14 +27,14 @@ Simulations as in ``tests/test_full_model.py`` (``simulate(2000, 200,
 topology='bifurcation', n_branches=k, noise='nb', seed=k)``, ``pp.preprocess(
 random_state=0, size_factors=...)``); ``scvelo``: scVelo's simulator,
 ``simulate_scvelo(2000, 200, seed=1)`` (one lineage, no boosts), preprocessed with
-``min_shared_counts=None`` as in session 10; ``small2``, ``small3``, ``linear``: the
-small sets of session 10 (``simulate(1000, 100, ...)``, 2 branches with data seed 3, 3
+``min_shared_counts=None``; ``small2``, ``small3``, ``linear``: small sets
+(``simulate(1000, 100, ...)``, 2 branches with data seed 3, 3
 branches with seed 5, one lineage with seed 6), where starts fail most. Default
 training, one torch thread. Prints one markdown row per fit: latent-time Spearman,
 velocity cosine, future-state correlation (as in ``full_vs_basic.py``), the median
 per-gene correlation of model and true velocity over the transcriptional-boost genes,
 test log-likelihood per cell and wall time.
-Results: ``benchmarks/RESULTS.md``, sessions 14 and 15.
+Results: ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -86,28 +86,37 @@ class RateHistoryModel(AncestralModel):
 
 
 MODELS = ("full", "history", "ancestors")
-#: the small, hard sets of session 10 (1000 cells x 100 genes), where starts fail most
+#: small, hard sets (1000 cells x 100 genes), where starts fail most
 SMALL_SETS = {"small2": dict(topology="bifurcation", n_branches=2, seed=3),
               "small3": dict(topology="bifurcation", n_branches=3, seed=5),
               "linear": dict(topology="linear", seed=6)}
 
 
-def _oracle_start(adata):
-    """A replacement of ``VeloVAE._start_from_basic`` that sets the true beta, gamma."""
-    original = velovae_module.VeloVAE._start_from_basic
+class OracleFullStage(pv.inference.FullStage):
+    """The full stage, started from the basic fit with the true beta and gamma."""
 
-    def start(self, basic_model, basic_guide):
-        original(self, basic_model, basic_guide)
+    adata = None  # the simulation with the true rates
+
+    def begin(self, run) -> None:
+        super().begin(run)
         r = self.model.rates()
         genes = self.data.fitted
-        beta, gamma = (torch.as_tensor(adata.var[f"true_{name}"].to_numpy()[genes],
+        beta, gamma = (torch.as_tensor(self.adata.var[f"true_{name}"].to_numpy()[genes],
                                        dtype=r["beta"].dtype, device=r["beta"].device)
                        for name in ("beta", "gamma"))
         # same steady states: s* = alpha / gamma, observed u* = scale_u alpha / beta
         self.model.load_rates(beta=beta, gamma=gamma, alpha=r["alpha"] * gamma / r["gamma"],
                               scale_u=r["scale_u"] * beta / r["beta"] * r["gamma"] / gamma)
 
-    return start
+
+class OracleVeloVAE(pv.VeloVAE):
+    """VeloVAE whose schedule's full stage is an :class:`OracleFullStage`."""
+
+    def schedule(self, *args, **kwargs):
+        return [OracleFullStage(stage.model, stage.guide, stage.data, stage.epochs,
+                                stage.basic_model, stage.basic_guide)
+                if isinstance(stage, pv.inference.FullStage) else stage
+                for stage in super().schedule(*args, **kwargs)]
 
 
 def _boost_correlation(vae: pv.VeloVAE, adata) -> float:
@@ -136,14 +145,13 @@ def run(simulation: str, size_factors: str, seed: int, model: str, knots: int,
     patches = []
     if model == "history":
         patches.append(mock.patch.object(velovae_module, "FullModel", RateHistoryModel))
-    if oracle:
-        patches.append(mock.patch.object(velovae_module.VeloVAE, "_start_from_basic",
-                                         _oracle_start(adata)))
+    OracleFullStage.adata = adata
+    fitter = OracleVeloVAE if oracle else pv.VeloVAE
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         for patch in patches:
             stack.enter_context(patch)
-        vae = pv.VeloVAE(adata, model="full", seed=seed,
+        vae = fitter(adata, model="full", seed=seed,
                          rate_history="ancestors" if model == "ancestors" else "constant")
         vae.train(progress_bar=False, seed=seed, num_threads=1,
                   **({"refine_epochs": 0} if model == "history" else {}))

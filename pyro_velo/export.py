@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from ._checks import InputError
+from ._settings import settings
 from .predict import Predictor
 
 PREFIX = "pyro_velo_"
@@ -148,7 +149,8 @@ def write_h5ad(vae: Fitted, path: str | Path, rho: bool | None = None,
             blocks = predictor.expected_blocks(chunk=batch_size, encoded=latent)
             for rows, expected, encoded in tqdm(blocks, desc="Writing layers",
                                                 total=-(-n_cells // batch_size),
-                                                disable=not progress_bar):
+                                                disable=not progress_bar
+                                                or settings.verbosity == 0):
                 if "rho" in layers.values():
                     expected["rho"] = predictor.model.transcription_rate(encoded["c"])
                 for name, key in layers.items():

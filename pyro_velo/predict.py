@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ._checks import InputError
 from ._params import local_params, set_seed
+from ._settings import settings
 from ._threads import cpu_threads
 from .guides import AmortizedMVNGuide
 
@@ -51,14 +52,14 @@ class Predictor:
     data
         The fitted cells: their split, per-gene scales and fitted-gene mask.
     var_names, obs_names
-        Names of all genes (fitted or not) and of the fitted cells: full-width outputs
-        have one column per gene, per-cell tables one row per cell.
+        Names of all genes (fitted or not) and of the fitted cells, for the index of
+        per-gene and per-cell tables (default: positions).
     device
         Where the model, the guide and the data live (default the data's device).
     """
 
     def __init__(self, model, guide, data: VelocityData | DiskVelocityData,
-                 var_names: np.ndarray, obs_names: np.ndarray | None = None,
+                 var_names: np.ndarray | None = None, obs_names: np.ndarray | None = None,
                  device: torch.device | None = None) -> None:
         self.model, self.guide, self.data = model, guide, data
         self.var_names, self.obs_names = var_names, obs_names
@@ -113,7 +114,7 @@ class Predictor:
 
     def full_width(self, x: np.ndarray) -> np.ndarray:
         """Embed a ``(cells, fitted genes)`` array into ``(cells, n_vars)`` with NaN."""
-        full = np.full((x.shape[0], len(self.var_names)), np.nan, dtype=np.float32)
+        full = np.full((x.shape[0], len(self.data.fitted)), np.nan, dtype=np.float32)
         full[:, self.data.fitted] = x
         return full
 
@@ -146,7 +147,7 @@ class Predictor:
         """
         data = self.data if data is None else data
         columns = np.flatnonzero(self.data.fitted)
-        out = tuple(np.full((data.n_cells, len(self.var_names)), np.nan, dtype=np.float32)
+        out = tuple(np.full((data.n_cells, len(self.data.fitted)), np.nan, dtype=np.float32)
                     for _ in keys)
         for rows, part, _ in self.expected_blocks(delta_t, data, chunk, encoded):
             for array, key in zip(out, keys, strict=True):
@@ -260,7 +261,8 @@ class Predictor:
         if rates is None:
             raise RuntimeError("rates are point estimates: pass rate_prior=... to VeloVAE "
                                "to make them random with a posterior")
-        frame = pd.DataFrame(index=self.var_names)
+        frame = pd.DataFrame(index=self.var_names if self.var_names is not None
+                             else pd.RangeIndex(len(self.data.fitted)))
         z = 1.6448536269514722  # standard normal 95% quantile
         for name in rates.names:
             loc = getattr(rates, f"log_{name}_loc").detach().double().cpu()
@@ -268,7 +270,7 @@ class Predictor:
             factor = self.data.gene_scale_s.double().cpu() if name == "alpha" else 1.0
             for suffix, value in (("median", loc), ("q05", loc - z * scale),
                                   ("q95", loc + z * scale)):
-                column = np.full(len(self.var_names), np.nan)
+                column = np.full(len(self.data.fitted), np.nan)
                 column[self.data.fitted] = (value.exp() * factor).numpy()
                 frame[f"{name}_{suffix}"] = column
         return frame
@@ -324,7 +326,7 @@ def draws(
         with local_params(), cpu_threads(1 if data.device.type == "cpu" else None):
             batches = tqdm(data.minibatches(idx, batch_size), desc="Posterior draws",
                            total=-(-len(idx) // batch_size), unit="batch",
-                           disable=not progress_bar)
+                           disable=not progress_bar or settings.verbosity == 0)
             for batch, args, kwargs in batches:
                 for k in range(n_samples):
                     conditioned = poutine.condition(guide, data=global_draws[k])

@@ -196,7 +196,7 @@ def test_training_from_a_file_reads_the_validation_cells_once(h5ad, monkeypatch)
 def test_data_without_held_validation_cells_is_validated_in_place(adata):
     """fit takes any data object with the minibatch protocol; one without
     ``validation_cells`` has its validation cells scored where they are."""
-    from pyro_velo import train as train_module
+    from pyro_velo.inference import loop as train_module
 
     class Plain:  # the VelocityData protocol minus validation_cells
         def __init__(self, inner):

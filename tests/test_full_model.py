@@ -15,7 +15,7 @@ from sklearn.model_selection import cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
 import pyro_velo as pv
-from pyro_velo.schedule import RefinementCutoff
+from pyro_velo.inference.refine import RefinementCutoff
 
 pytestmark = pytest.mark.slow
 

@@ -15,6 +15,7 @@ import torch
 from anndata import AnnData
 
 import pyro_velo as pv
+import pyro_velo.inference.checkpoint as checkpoint_module
 import pyro_velo.train as train_module
 from pyro_velo._checks import InputError, MissingFileError
 from pyro_velo.train import DivergenceError
@@ -234,7 +235,7 @@ def test_new_cells_errors_leave_adata_unchanged(basic, adata):
 # ---- resumable training --------------------------------------------------------------
 def _interrupt_after(monkeypatch, n_writes):
     """Make training stop (KeyboardInterrupt) right after its n-th checkpoint write."""
-    real = train_module.write_checkpoint
+    real = checkpoint_module.write_checkpoint
     count = {"n": 0}
 
     def write_then_maybe_stop(path, payload):
@@ -243,7 +244,7 @@ def _interrupt_after(monkeypatch, n_writes):
         if count["n"] == n_writes:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "write_checkpoint", write_then_maybe_stop)
+    monkeypatch.setattr(checkpoint_module, "write_checkpoint", write_then_maybe_stop)
 
 
 def _model(adata, kind):
@@ -414,7 +415,7 @@ def test_restarts_keep_the_start_with_the_best_validation_elbo(adata, tmp_path, 
 def test_a_failed_start_keeps_the_best_finished_one(adata, monkeypatch):
     vae = pv.VeloVAE(adata, model="full", **SMALL)
     calls = {"n": 0}
-    original = pv.VeloVAE._start_from_basic
+    original = pv.inference.FullStage.begin
 
     def second_start_fails(self, *args):
         calls["n"] += 1
@@ -422,7 +423,7 @@ def test_a_failed_start_keeps_the_best_finished_one(adata, monkeypatch):
             raise DivergenceError("a diverged start")
         return original(self, *args)
 
-    monkeypatch.setattr(pv.VeloVAE, "_start_from_basic", second_start_fails)
+    monkeypatch.setattr(pv.inference.FullStage, "begin", second_start_fails)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(DivergenceError, match="diverged start"):
