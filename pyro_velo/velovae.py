@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,16 +12,24 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from . import __version__, policies
-from ._checks import InputError, MissingFileError, check_int, check_real
-from ._params import adopt_module, local_params, set_seed
+from . import policies
+from ._checks import InputError, check_int, check_real
+from ._params import set_seed
 from ._threads import cpu_threads
 from .capture import capture_time_axis, capture_times_from_obs
+from .components import (
+    GUIDES,
+    RATE_HISTORIES,
+    build_pair,
+    check_components,
+    check_settings,
+    describe,
+    model_kind,
+)
 from .data import SPLIT_NAMES, VelocityData
 from .disk import DiskVelocityData, read_annotations
 from .distributed import current_group
 from .export import write_anndata, write_h5ad
-from .guides import AmortizedGuide, AmortizedMVNGuide, CombinedGuide, RateGuide
 from .inference.callbacks import Callback
 from .inference.checkpoint import Checkpointer
 from .inference.loop import TrainingHistory, check_training_arguments, evaluate_loss, fit
@@ -40,29 +46,16 @@ from .inference.stages import (
 )
 from .inference.warmup import WarmUp
 from .initialize import steady_state_init
-from .likelihoods import LIKELIHOODS, Likelihood, make_likelihood
-from .model import AncestralModel, BasicModel, FullModel
+from .likelihoods import Likelihood, make_likelihood
+from .model import BasicModel
+from .persist import FORMAT_VERSION as FORMAT_VERSION  # re-exported: the saved layout
+from .persist import load, save
 from .predict import Predictor
-from .priors import CaptureTimePrior, LogNormalRatePrior, NormalTimePrior, default_time_scale
+from .priors import LogNormalRatePrior, default_time_scale
 
-MODELS = ("basic", "full")
-#: what :meth:`VeloVAE.train` records in ``config`` (not constructor arguments)
-TRAINING_RECORDS = ("refine_delta1", "refine_delta2", "refined", "warm_start", "n_starts",
-                    "start", "start_losses")
-#: values of ``rate_history``: the paper's one rate per cell, or rates from the ancestors
-RATE_HISTORIES = ("constant", "ancestors")
-GUIDES = ("amortized", "amortized_mvn")
-COMPONENTS = ("likelihood", "guide", "time_prior", "state_prior", "rate_prior")
-# config value of a component passed as an object: it must be passed again to load()
-CUSTOM = "custom:"
 #: cells (whole blocks, from all splits) a model fitted from a file is warmed up and
 #: initialised on; in memory all cells are used
 START_SAMPLE_CELLS = 20_000
-#: Version of the layout :meth:`VeloVAE.save` writes (``config.json['format_version']``);
-#: :meth:`VeloVAE.load` reads this version only.
-FORMAT_VERSION = 2
-MODEL_FILE = "model.pt"
-CONFIG_FILE = "config.json"
 
 
 class VeloVAE:
@@ -188,18 +181,18 @@ class VeloVAE:
         progress_bar: bool = True,
         _split: np.ndarray | None = None,
     ) -> None:
-        model, custom_model = _model_kind(model)
+        model, custom_model = model_kind(model)
         if rate_history not in RATE_HISTORIES:
             raise InputError(f"unknown rate_history {rate_history!r}; choose one of "
                              f"{RATE_HISTORIES}")
         if rate_history != "constant" and model != "full":
             raise InputError(f"rate_history={rate_history!r} applies to model='full'")
-        self._check_settings(t_max=t_max, time_prior_loc=time_prior_loc,
+        check_settings(t_max=t_max, time_prior_loc=time_prior_loc,
                              time_prior_scale=time_prior_scale, hidden=hidden,
                              dropout=dropout, latent_dim=latent_dim,
                              c_prior_scale=c_prior_scale,
                              capture_time_scale=capture_time_scale, seed=seed)
-        components = self._check_components(model, likelihood, guide, time_prior, state_prior,
+        components = check_components(model, likelihood, guide, time_prior, state_prior,
                                             rate_prior, capture_time_key)
         self.config = {
             "model": model,
@@ -213,7 +206,7 @@ class VeloVAE:
             "latent_dim": int(latent_dim),
             "c_prior_scale": float(c_prior_scale),
             "rate_history": rate_history,
-            **{name: _describe(value) for name, value in components.items()},
+            **{name: describe(value) for name, value in components.items()},
             "capture_time_key": capture_time_key,
             "capture_time_mapping": capture_time_mapping,
             "capture_time_scale": capture_time_scale,
@@ -221,7 +214,7 @@ class VeloVAE:
             "seed": int(seed),
         }
         if custom_model is not None:
-            self.config["model_class"] = _describe(custom_model)
+            self.config["model_class"] = describe(custom_model)
             components["model"] = custom_model
         self._components = components
         if isinstance(adata, str | Path):
@@ -271,62 +264,6 @@ class VeloVAE:
         self.uncertainty: pd.DataFrame | None = None
         self.device = torch.device("cpu")
 
-    @staticmethod
-    def _check_settings(*, t_max, time_prior_loc, time_prior_scale, hidden, dropout,
-                        latent_dim, c_prior_scale, capture_time_scale, seed) -> None:
-        """Numbers and sizes of the constructor, checked before anything is built."""
-        check_real(t_max, "t_max", positive=True)
-        check_real(time_prior_loc, "time_prior_loc", allow_none=True)
-        for name, value in (("time_prior_scale", time_prior_scale),
-                            ("capture_time_scale", capture_time_scale)):
-            check_real(value, name, positive=True, allow_none=True)
-        check_real(c_prior_scale, "c_prior_scale", positive=True)
-        check_real(dropout, "dropout")
-        if not 0 <= dropout < 1:
-            raise InputError(f"dropout must be in [0, 1), got {dropout!r}.")
-        try:
-            widths = [] if isinstance(hidden, str | bytes) else list(hidden)
-        except TypeError:
-            widths = []
-        if not widths:
-            raise InputError(f"hidden must be a non-empty sequence of layer widths, got "
-                             f"{hidden!r}.")
-        for width in widths:
-            check_int(width, "each width in hidden", minimum=1)
-        check_int(latent_dim, "latent_dim", minimum=1)
-        check_int(seed, "seed", minimum=0)
-
-    @staticmethod
-    def _check_components(model, likelihood, guide, time_prior, state_prior, rate_prior,
-                          capture_time_key) -> dict:
-        """Validate the swappable pieces; return them by name (objects or names)."""
-        if isinstance(likelihood, str) and likelihood not in LIKELIHOODS:
-            raise InputError(f"unknown likelihood {likelihood!r}; choose one of "
-                             f"{sorted(LIKELIHOODS)} or pass a Likelihood object")
-        if not isinstance(likelihood, str | Likelihood):
-            raise InputError("likelihood must be a name or a pyro_velo.likelihoods.Likelihood")
-        if isinstance(guide, str):
-            if guide not in GUIDES:
-                raise InputError(f"unknown guide {guide!r}; choose one of {GUIDES} or pass "
-                                 "a guide object")
-            if guide == "amortized_mvn" and model != "full":
-                raise InputError("guide='amortized_mvn' correlates t with the cell state c: "
-                                 "it needs model='full'")
-        elif not (hasattr(guide, "summary") and hasattr(guide, "encoder")):
-            raise InputError("a guide object needs an encoder and a summary(u, s) method "
-                             "(posterior means and standard deviations, see AmortizedGuide)")
-        if time_prior is not None and capture_time_key is not None:
-            raise InputError("pass either time_prior or capture_time_key, not both")
-        if state_prior is not None and model != "full":
-            raise InputError("state_prior applies to the cell state of model='full'")
-        if rate_prior is not None and not isinstance(rate_prior, LogNormalRatePrior):
-            if isinstance(rate_prior, bool) or not isinstance(rate_prior, int | float) \
-                    or not rate_prior > 0:
-                raise InputError("rate_prior must be None, a positive log-scale standard "
-                                 f"deviation or a LogNormalRatePrior, got {rate_prior!r}")
-        return {"likelihood": likelihood, "guide": guide, "time_prior": time_prior,
-                "state_prior": state_prior, "rate_prior": rate_prior}
-
     @property
     def _ancestral(self) -> bool:
         """Whether the full model takes each cell's past rates from its ancestors."""
@@ -336,61 +273,10 @@ class VeloVAE:
         return make_likelihood(self._components["likelihood"])
 
     def make_pair(self, kind: str):
-        """A fresh (model, guide) of ``kind`` from the steady-state initialisation.
-
-        Objects passed by the user are copied, so the first-stage basic model and the
-        final model never share parameters.
-        """
-        with local_params():
-            return self._build_pair(kind)
-
-    def _build_pair(self, kind: str):
-        cfg, parts = self.config, self._components
-        likelihood = adopt_module(copy.deepcopy(self._likelihood_template()))
-        if not likelihood.ready:
-            likelihood.setup(self._init, self.data.gene_scale_u, self.data.gene_scale_s)
-        time_prior = _adopted_copy(parts["time_prior"])
-        if self.capture_times is not None:
-            fallback = NormalTimePrior(
-                policies.TIME_PRIOR.loc(cfg["t_max"], cfg["time_prior_loc"]),
-                policies.TIME_PRIOR.scale(cfg["t_max"], cfg["time_prior_scale"]))
-            time_prior = CaptureTimePrior(self.capture_times, cfg["capture_time_scale"],
-                                          fallback)
-        rate_prior = parts["rate_prior"]
-        rate_prior = (LogNormalRatePrior(float(rate_prior))
-                      if isinstance(rate_prior, int | float) else _adopted_copy(rate_prior))
-        common = (self._init, cfg["t_max"], cfg["time_prior_loc"], cfg["time_prior_scale"],
-                  likelihood, time_prior, rate_prior)
-        latent_dim = 0 if kind == "basic" else cfg["latent_dim"]
-        options = {} if kind == "basic" else dict(
-            latent_dim=cfg["latent_dim"], c_prior_scale=cfg["c_prior_scale"],
-            state_prior=_adopted_copy(parts["state_prior"]))
-        custom = parts.get("model") if kind == cfg["model"] else None
-        if isinstance(custom, type):  # the user's model class, built like ours
-            model = custom(*common, **options)
-        elif custom is not None:  # the user's model, as built
-            model = _adopted_copy(custom)
-        elif kind == "basic":
-            model = BasicModel(*common)
-        else:
-            if self._ancestral:
-                # prototypes no training cell has visited for two epochs are dropped
-                model = AncestralModel(*common, memory=2 * len(self.data.indices("train")),
-                                       **options)
-            else:
-                model = FullModel(*common, **options)
-        chosen = parts["guide"]
-        if kind != cfg["model"] or chosen == "amortized":
-            guide = AmortizedGuide(self.data.n_genes, cfg["hidden"], cfg["dropout"],
-                                   cfg["t_max"], latent_dim=latent_dim)
-        elif chosen == "amortized_mvn":
-            guide = AmortizedMVNGuide(self.data.n_genes, cfg["hidden"], cfg["dropout"],
-                                      cfg["t_max"], latent_dim=latent_dim)
-        else:
-            guide = adopt_module(chosen)
-        if rate_prior is not None:
-            guide = CombinedGuide(guide, RateGuide(model))
-        return model, guide
+        """A fresh (model, guide) of ``kind`` from the steady-state initialisation (see
+        :func:`~pyro_velo.components.build_pair`)."""
+        return build_pair(kind, self.config, self._components, self._init, self.data,
+                          self.capture_times)
 
     def __repr__(self) -> str:
         state = "trained" if self.is_trained else "not trained"
@@ -974,7 +860,7 @@ class VeloVAE:
         if self.config["model"] != "full":
             return stages
         stages.append(FullStage(self.model, self.guide, self.data, max_epochs, basic_model,
-                                basic_guide))
+                                basic_guide, without_ancestors=self._ancestral))
         if refine_epochs > 0:
             last = AncestorsStage if self._ancestral else Refine
             stages.append(last(self.model, self.guide, self.data, refine_epochs))
@@ -1124,7 +1010,7 @@ class VeloVAE:
           gene names, the fitted-gene mask, the per-gene scales the data were divided
           by, the training history and whether the model is trained;
         - ``config.json``: the constructor arguments (and refinement settings), the
-          package version and ``format_version`` (:data:`FORMAT_VERSION`).
+          package version and ``format_version`` (:data:`~pyro_velo.persist.FORMAT_VERSION`).
 
         The data themselves are not saved: :meth:`load` takes the AnnData. Parameters
         are saved on the CPU.
@@ -1143,33 +1029,7 @@ class VeloVAE:
         InputError
             ``path`` exists and is not a folder.
         """
-        path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise InputError(f"cannot save to {path}: it exists and is not a folder")
-        if path.exists() and any(path.iterdir()) and not overwrite:
-            raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True")
-        path.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {
-                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-                "guide": {k: v.detach().cpu() for k, v in self.guide.state_dict().items()},
-                "split": torch.from_numpy(self.data.split.copy()),
-                "fitted": torch.from_numpy(self.data.fitted.copy()),
-                "gene_scale_u": self.data.gene_scale_u.detach().cpu(),
-                "gene_scale_s": self.data.gene_scale_s.detach().cpu(),
-                "obs_names": [str(n) for n in self.obs_names],
-                "var_names": [str(n) for n in self.var_names],
-                "history": {"train": list(self.history.train),
-                            "validation": list(self.history.validation),
-                            "stages": [tuple(x) for x in self.history.stages],
-                            "best_epoch": self.history.best_epoch,
-                            "stopped_early": self.history.stopped_early},
-                "is_trained": self.is_trained,
-            },
-            path / MODEL_FILE,
-        )
-        config = {**self.config, "version": __version__, "format_version": FORMAT_VERSION}
-        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        save(self, path, overwrite)
 
     @classmethod
     def load(cls, path: str | Path, adata: AnnData | str | Path, **components) -> VeloVAE:
@@ -1196,133 +1056,8 @@ class VeloVAE:
             ``path`` is not a folder or lacks ``config.json`` / ``model.pt`` (also a
             :class:`FileNotFoundError`).
         InputError
-            A file is damaged, the format version differs from :data:`FORMAT_VERSION`,
-            or ``adata``'s cells, genes or fitted genes differ from the saved ones.
+            A file is damaged, the format version differs from
+            :data:`~pyro_velo.persist.FORMAT_VERSION`, or ``adata``'s cells, genes or
+            fitted genes differ from the saved ones.
         """
-        path = Path(path)
-        if not path.is_dir():
-            raise MissingFileError(f"no saved VeloVAE at {path}: the folder does not exist")
-        for name in (CONFIG_FILE, MODEL_FILE):
-            if not (path / name).is_file():
-                raise MissingFileError(f"no saved VeloVAE in {path}: {name} is missing")
-        try:
-            config = json.loads((path / CONFIG_FILE).read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise InputError(f"{path / CONFIG_FILE} is damaged (not valid JSON): {err}"
-                             ) from err
-        if not isinstance(config, dict):
-            raise InputError(f"{path / CONFIG_FILE} is damaged: expected a JSON object")
-        version = config.pop("format_version", None)
-        if version != FORMAT_VERSION:
-            found = ("has no format version (saved by an older pyro_velo)" if version is None
-                     else f"has format version {version!r}")
-            raise InputError(f"the model in {path} {found}; this pyro_velo "
-                             f"({__version__}) reads format version {FORMAT_VERSION}. "
-                             "Refit the model, or load it with the version that saved it.")
-        config.pop("version", None)
-        try:
-            state = torch.load(path / MODEL_FILE, map_location="cpu", weights_only=True)
-        except Exception as err:  # zip/pickle errors of many types for a damaged file
-            raise InputError(f"{path / MODEL_FILE} is damaged and cannot be read: {err}"
-                             ) from err
-        required = ("model", "guide", "split", "fitted", "gene_scale_u", "gene_scale_s",
-                    "obs_names", "var_names", "history", "is_trained")
-        missing = [k for k in required if not isinstance(state, dict) or k not in state]
-        if missing:
-            raise InputError(f"{path / MODEL_FILE} is damaged: it lacks {', '.join(missing)}")
-        obs_names, var_names = ((adata.obs_names, adata.var_names)
-                                if isinstance(adata, AnnData)
-                                else (frame.index for frame in read_annotations(adata)))
-        for what, names, saved in (("cells (obs_names)", obs_names, state["obs_names"]),
-                                   ("genes (var_names)", var_names, state["var_names"])):
-            if [str(n) for n in names] != saved:
-                raise InputError(
-                    f"adata's {what} differ from those the model in {path} was saved with "
-                    f"({len(names)} in adata, {len(saved)} saved; same names in the same "
-                    "order are needed). For other cells use get_latent_time(adata) etc.")
-        accepted = ("model", *COMPONENTS)
-        unknown = sorted(set(components) - set(accepted))
-        if unknown:
-            raise InputError(f"unknown component(s) {unknown}; load accepts {accepted}")
-        recorded = {**{name: config.get(name) for name in COMPONENTS},
-                    "model": config.pop("model_class", None)}
-        needed = [name for name in accepted if isinstance(recorded[name], str)
-                  and recorded[name].startswith(CUSTOM) and name not in components]
-        if needed:
-            raise InputError(
-                f"the model in {path} was built with custom {', '.join(needed)} "
-                f"({', '.join(recorded[n] for n in needed)}): pass them again, e.g. "
-                f"VeloVAE.load(path, adata, {needed[0]}=...)")
-        config.update(components)
-        hidden = config.pop("hidden")
-        split_fractions = tuple(config.pop("split_fractions"))
-        records = {k: config.pop(k) for k in TRAINING_RECORDS if k in config}
-        split = state["split"].numpy()
-        vae = cls(adata, hidden=tuple(hidden), split_fractions=split_fractions,
-                  _split=split, **config)
-        vae.config.update(records)
-        fitted = state["fitted"].numpy()
-        if not np.array_equal(vae.data.fitted, fitted):
-            raise InputError(
-                f"adata's abundances differ from the data the model in {path} was fitted on: "
-                f"{int(fitted.sum())} genes were fitted, {int(vae.data.fitted.sum())} genes "
-                "of adata vary (different layers or preprocessing?)")
-        scales = (state["gene_scale_u"], state["gene_scale_s"])
-        if not (torch.equal(vae.data.gene_scale_u, scales[0])
-                and torch.equal(vae.data.gene_scale_s, scales[1])):
-            warnings.warn(
-                "adata's abundances differ from the data the model was fitted on (their "
-                "per-gene scales differ); they are divided by the stored scales",
-                stacklevel=2)
-            if isinstance(vae.data, DiskVelocityData):
-                data = DiskVelocityData(adata, *vae.data.layers, fitted, split, *scales)
-            else:
-                data = VelocityData.for_new_cells(adata, vae.var_names, fitted, *scales,
-                                                  config["unspliced_layer"],
-                                                  config["spliced_layer"])
-                data.split = split.astype(np.int8)
-                data.counts = vae.data.counts  # raw counts of a count likelihood: unscaled
-            vae.data = data
-        vae.model.load_state_dict(state["model"])
-        vae.guide.load_state_dict(state["guide"])
-        history = state["history"]
-        vae.history = TrainingHistory(
-            train=list(history["train"]), validation=list(history["validation"]),
-            stages=[tuple(x) for x in history["stages"]], best_epoch=history["best_epoch"],
-            stopped_early=history["stopped_early"])
-        vae.is_trained = bool(state["is_trained"])
-        vae.model.eval()
-        vae.guide.eval()
-        return vae
-
-
-def _model_kind(model) -> tuple[str, type[BasicModel] | BasicModel | None]:
-    """``('basic' | 'full', the user's class or instance or None)`` of a ``model`` argument.
-
-    A subclass (or instance) of :class:`~pyro_velo.model.FullModel` is a full model (a
-    cell state and a decoder), any other :class:`~pyro_velo.model.BasicModel` a basic
-    one.
-    """
-    if isinstance(model, str):
-        if model not in MODELS:
-            raise InputError(f"unknown model {model!r}; choose one of {MODELS}, or pass a "
-                             "model class or instance (a pyro_velo.model.BasicModel)")
-        return model, None
-    kind = model if isinstance(model, type) else type(model)
-    if not (isinstance(kind, type) and issubclass(kind, BasicModel)):
-        raise InputError(f"model must be 'basic', 'full', or a subclass or instance of "
-                         f"pyro_velo.model.BasicModel, got {model!r}")
-    return ("full" if issubclass(kind, FullModel) else "basic"), model
-
-
-def _describe(value) -> object:
-    """JSON-able record of a component: names and numbers as they are, objects by class."""
-    if value is None or isinstance(value, str | int | float):
-        return value
-    return CUSTOM + (value if isinstance(value, type) else type(value)).__name__
-
-
-def _adopted_copy(component):
-    """A private copy of a user's component, ready to join our modules."""
-    component = copy.deepcopy(component)
-    return adopt_module(component) if isinstance(component, torch.nn.Module) else component
+        return load(cls, path, adata, components)

@@ -1,4 +1,5 @@
-"""Progress output: live bars where someone watches, one line per stage in a log."""
+"""Progress output (live bars where someone watches, one line per stage in a log) and the
+timing callback."""
 
 from __future__ import annotations
 
@@ -89,3 +90,19 @@ def test_a_terminal_gets_live_bars_and_verbosity_one_summaries(linear_adata, cap
 def test_verbosity_is_validated(value, verbosity):
     with pytest.raises(InputError, match="verbosity must be 0, 1 or 2"):
         verbosity.verbosity = value
+
+
+def test_the_timer_sees_every_stage_and_epoch(linear_adata, verbosity):
+    verbosity.verbosity = 0
+    timer, counter = pv.inference.Timer(), CountLoops()
+    vae = pv.VeloVAE(linear_adata, model="basic", hidden=(8,), seed=0)
+    vae.train(max_epochs=4, warmup_epochs=2, num_threads=1, callbacks=[timer, counter])
+    assert [(name, epochs) for name, _, epochs in timer.stages] == counter.loops
+    assert len(timer.epochs) == sum(epochs for _, epochs in counter.loops)
+    last = counter.loops[-1][1]  # the basic stage's epochs end the history
+    assert [epoch["loss"] for epoch in timer.epochs[-last:]] == vae.history.train[-last:]
+    for epoch in timer.epochs:
+        assert 0 <= epoch["read"] < epoch["seconds"]
+        assert 0 <= epoch["validation"] < epoch["seconds"]
+    assert sum(seconds for _, seconds, _ in timer.stages) >= sum(
+        epoch["seconds"] for epoch in timer.epochs)

@@ -1,6 +1,7 @@
 """Fitting by stochastic variational inference: the loop, its callbacks and the schedule.
 
-- :mod:`~pyro_velo.inference.loop`: the one SVI training loop (:func:`fit`);
+- :mod:`~pyro_velo.inference.loop`: the one SVI training loop (:func:`fit`), recording
+  a :class:`~pyro_velo.inference.history.TrainingHistory`;
 - :mod:`~pyro_velo.inference.callbacks`: divergence check, early stopping, checkpoint
   hook, progress output and timing, and the :class:`Callback` base for your own;
 - :mod:`~pyro_velo.inference.checkpoint`: checkpoints that wrap the stages of a run;

@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -21,9 +21,34 @@ from tqdm.auto import tqdm
 
 from .._checks import check_int
 from .._settings import settings
+from .history import TrainingHistory
 
-if TYPE_CHECKING:
-    from .loop import SVILoop, TrainingHistory
+
+class SVILoop(Protocol):
+    """What callbacks read of the running loop
+    (:class:`pyro_velo.inference.loop.SVILoop` implements it)."""
+
+    model: torch.nn.Module
+    guide: torch.nn.Module
+    history: TrainingHistory
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    group: Any
+    is_main: bool
+    named: list[tuple[str, Tensor]]
+    lr: float
+    lr_ode: float
+    epoch: int
+    first_epoch: int
+    max_epochs: int
+    monitored: float
+    has_validation: bool
+    description: str
+    stop: bool
+
+    def request_stop(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
 
 
 class DivergenceError(FloatingPointError):

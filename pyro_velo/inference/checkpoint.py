@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyro.util
@@ -20,9 +20,7 @@ import torch
 
 from .. import distributed as dist_
 from .._checks import InputError, MissingFileError, check_int
-
-if TYPE_CHECKING:
-    from .loop import TrainingHistory
+from .history import TrainingHistory
 
 
 def get_rng_state() -> dict[str, Any]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pyro
@@ -34,24 +33,11 @@ from .callbacks import (
     StopWhen,
 )
 from .checkpoint import get_rng_state, set_rng_state
+from .history import TrainingHistory
 
 if TYPE_CHECKING:
     from ..data import VelocityData
     from ..disk import DiskVelocityData
-
-
-@dataclass
-class TrainingHistory:
-    """Per-epoch mean negative ELBO per cell on the train and validation cells.
-
-    ``stages`` lists ``(name, first epoch)`` of each training stage.
-    """
-
-    train: list[float] = field(default_factory=list)
-    validation: list[float] = field(default_factory=list)
-    stages: list[tuple[str, int]] = field(default_factory=list)
-    best_epoch: int | None = None
-    stopped_early: bool = False
 
 
 def loss_module(model: torch.nn.Module, guide: torch.nn.Module) -> torch.nn.Module:

@@ -113,16 +113,18 @@ class BasicStage(Stage):
 class FullStage(Stage):
     """The mixture of ODEs, initialised from the fitted basic model (same ODE, rho near 1).
 
-    With ``rate_history='ancestors'`` it trains the paper's one rate per cell.
+    ``without_ancestors``: an :class:`~pyro_velo.model.AncestralModel` trains the
+    paper's one rate per cell here (its ancestors' rates come in a later stage).
     """
 
     name, description = "full", "Mixture of ODEs"
     completes_model = True
 
     def __init__(self, model, guide, data, epochs: int, basic_model: torch.nn.Module,
-                 basic_guide: torch.nn.Module) -> None:
+                 basic_guide: torch.nn.Module, without_ancestors: bool = False) -> None:
         super().__init__(model, guide, data, epochs)
         self.basic_model, self.basic_guide = basic_model, basic_guide
+        self.without_ancestors = without_ancestors
 
     def begin(self, run: Run) -> None:
         model, guide = self.model, self.guide
@@ -138,8 +140,8 @@ class FullStage(Stage):
         super().begin(run)
 
     def train(self, run: Run, **checkpoint_options: Any) -> None:
-        without = getattr(self.model, "without_ancestors", None)
-        with without() if without is not None else contextlib.nullcontext():
+        with (self.model.without_ancestors() if self.without_ancestors
+              else contextlib.nullcontext()):
             super().train(run, **checkpoint_options)
 
 
