@@ -4,7 +4,8 @@ Each policy is a small frozen dataclass; the module-level instances (:data:`STAR
 :data:`REFINE`, :data:`EPOCHS`, :data:`COMPILE`, :data:`TIME_PRIOR`) are the defaults the
 package reads at the moment it needs them, so replacing one (e.g.
 ``pv.policies.COMPILE = pv.policies.CompilePolicy(min_work=10**9)``) changes what
-follows. Every threshold states what it guards against and what it was measured on.
+follows. Every threshold states what it guards against and what it was measured on
+(or that it is a heuristic without a measurement).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ class StartPolicy:
     """
 
     #: below this ``|Spearman|`` with the diffusion pseudotime the order is doubtful:
-    #: guards against a warm-up that folded or reversed part of the trajectory (seen on
-    #: the bifurcation simulations of the test suite)
+    #: guards against a warm-up that folded or reversed part of the trajectory (the
+    #: symptom seen on simulations where that happened)
     min_pseudotime_agreement: float = 0.5
     #: below this ``|direction_score|`` the order hardly follows the splicing kinetics in
     #: either direction: guards against an order unrelated to time (consistent orders
@@ -48,14 +49,14 @@ class RefinePolicy:
     """
 
     #: epochs between checks of the validation log-likelihood: guards against paying a
-    #: reconstruction pass every epoch (one pass costs about an epoch of training)
+    #: reconstruction pass over the validation cells after every epoch
     check_every: int = 5
     #: epochs before the first check: guards against judging the fine-tuning before it
     #: moved (the accepted refinement on the simulations crossed zero by epoch 9)
     min_epochs: int = 10
-    #: start of each cell's window, as a fraction of the span of inferred times: a
-    #: window of 10% / 2% gave a worse start than the first-stage fit on the 2-branch
-    #: simulation (the window mean drifts from the cell); 3% / 0.5% did not
+    #: start of each cell's window, as a fraction of the span of inferred times: guards
+    #: against a window mean that drifts from the cell (on simulations a window of
+    #: 10% / 2% gave a worse start than the first-stage fit)
     window_start: float = 0.03
     #: end of the window, as a fraction of that span (see :attr:`window_start`)
     window_end: float = 0.005
@@ -66,7 +67,7 @@ class EpochPolicy:
     """Default epochs of the training stages, from the data size."""
 
     #: fewest warm-up epochs: guards against a warm-up too short to order the cells
-    #: (small data sets reach a stable order in about 20 epochs on the simulations)
+    #: when ``max_epochs`` is small (a heuristic floor, not a measured optimum)
     min_warmup_epochs: int = 20
     #: otherwise the warm-up lasts ``max_epochs // warmup_divisor`` epochs
     warmup_divisor: int = 10
@@ -129,7 +130,7 @@ class TimePriorDefaults:
     """The default Normal time prior, relative to the length ``t_max`` of the time axis.
 
     Centred in the middle of the axis with a quarter of it as standard deviation: the
-    prior keeps times around ``[0, t_max]`` without pinning them (paper, section 3.3).
+    prior keeps times around ``[0, t_max]`` without pinning them.
     """
 
     loc_fraction: float = 0.5

@@ -1,4 +1,10 @@
-"""The user-facing model class: fit VeloVAE to an AnnData and export the results."""
+"""The user-facing model class :class:`VeloVAE`: set up, train, query, export, save, load.
+
+It holds the data, the configuration and the fitted (model, guide) pair, and delegates:
+the pieces are checked and built by :mod:`pyro_velo.components`, trained by the stages
+of :mod:`pyro_velo.inference`, read by a :class:`~pyro_velo.predict.Predictor`, written
+by :mod:`pyro_velo.export` and saved by :mod:`pyro_velo.persist`.
+"""
 
 from __future__ import annotations
 

@@ -78,3 +78,42 @@ def test_a_model_instance_is_copied_and_used_as_built(adata):
 def test_other_models_are_refused(adata, model):
     with pytest.raises(InputError, match="model"):
         pv.VeloVAE(adata, model=model, **SMALL)
+
+
+class Probe(pv.inference.Stage):
+    """A stage without epochs that reads the encoded times of the training cells."""
+
+    name = "probe"
+
+    def __init__(self, model, guide, data, seen):
+        super().__init__(model, guide, data, epochs=0)
+        self.seen = seen
+
+    def train(self, run, **_):
+        self.seen.append(self.predictor().encode(self.data.indices("train"))["t"])
+
+
+class Probed(pv.VeloVAE):
+    """VeloVAE with a :class:`Probe` inserted after the warm-up."""
+
+    seen: list = []
+
+    def schedule(self, basic_model, basic_guide, *epochs):
+        stages = super().schedule(basic_model, basic_guide, *epochs)
+        assert stages[0].name == "warm-up"
+        stages.insert(1, Probe(basic_model, basic_guide, self.data, self.seen))
+        return stages
+
+
+def test_a_stage_inserted_after_the_warm_up_runs_and_is_checkpointed(adata, tmp_path):
+    vae = Probed(adata, model="basic", **SMALL)
+    vae.train(**QUICK, checkpoint_dir=tmp_path / "run")
+    names = [name for name, _ in vae.history.stages]
+    assert names == ["warm-up", "probe", "basic"]
+    assert dict(vae.history.stages)["probe"] == dict(vae.history.stages)["basic"] == 1
+    (times,) = Probed.seen
+    assert times.shape == (len(vae.data.indices("train")),) and torch.isfinite(times).all()
+    again = Probed(adata, model="basic", **SMALL)  # a finished run resumes as it ended
+    again.train(**QUICK, checkpoint_dir=tmp_path / "run", resume=True)
+    assert len(Probed.seen) == 1 and again.history.stages == vae.history.stages
+    np.testing.assert_array_equal(again.get_latent_time(), vae.get_latent_time())

@@ -364,11 +364,10 @@ class Progress(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        elif self.show:
+        elif self.show and self.epochs:  # a resumed, finished stage has nothing to say
             history = loop.history
-            losses = (f"train {history.train[-1]:.3f}, validation "
-                      f"{history.validation[-1]:.3f}" if loop.has_validation and self.epochs
-                      else f"train {history.train[-1]:.3f}" if self.epochs else "no epochs")
+            losses = f"train {history.train[-1]:.3f}" + (
+                f", validation {history.validation[-1]:.3f}" if loop.has_validation else "")
             tqdm.write(f"{self.description}: {self.epochs} epochs, {losses}, "
                        f"{time.perf_counter() - self.start:.1f} s", file=sys.stderr)
 
