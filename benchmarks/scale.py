@@ -14,23 +14,23 @@ fresh Python process so that its peak resident memory is its own:
 (a, b) ``train``: ``pv.VeloVAE(path)`` (the full model, streaming ``Mu``/``Ms`` from the
     file; construction = one pass over the file for the per-gene scales and checks, a
     20k-cell sample loaded for the initialisation), then one full-model training run of
-    ``--epochs`` epochs, each epoch timed: ``pyro_velo.train.fit(vae.model, vae.guide,
-    vae.data, max_epochs=EPOCHS, early_stopping=False)`` on one torch thread, timed by a
-    :class:`pyro_velo.inference.Timer` callback (so that
-    the figures compare across sizes and loads): block-shuffled minibatches of 128 over
+    ``--epochs`` epochs, each epoch timed: ``pyro_velo.inference.fit(vae.model, vae.guide,
+    vae.data, max_epochs=EPOCHS, early_stopping=False)`` on one torch thread (so that
+    the figures compare across sizes and loads), timed by a
+    :class:`pyro_velo.inference.Timer` callback: block-shuffled minibatches of 128 over
     the 70% training cells, then the validation ELBO over the 10% validation cells (held
     in memory after the first epoch reads them; at most 256 MiB of them). Reported:
     seconds per epoch (median), of it the seconds spent reading and scaling rows from
     the file and the validation pass, and the process's peak resident memory
     (``VmHWM``) over the whole run (imports, construction, epochs).
 (c) ``overhead``: one training step (Trace_ELBO loss module + backward + Adam, as
-    ``train.fit``) of the full model on in-memory minibatches of 128 cells x ``--genes``
-    genes, against a plain-torch function computing the same ELBO by hand with the same
-    networks (encoder -> Normal q(t), q(c), rsample, decoder rho, the switching solution
-    of :mod:`pyro_velo.kinetics`, Normal log-likelihoods, log prior - log q, scaled by
-    n / batch). Both losses are first compared on the same random draws. Steps are timed
-    in alternating rounds so that a change of machine load hits both alike; with
-    distribution argument validation on (the default) and off.
+    ``pyro_velo.inference.fit``) of the full model on in-memory minibatches of 128 cells
+    x ``--genes`` genes, against a plain-torch function computing the same ELBO by hand
+    with the same networks (encoder -> Normal q(t), q(c), rsample, decoder rho, the
+    switching solution of :mod:`pyro_velo.kinetics`, Normal log-likelihoods, log prior -
+    log q, scaled by n / batch). Both losses are first compared on the same random
+    draws. Steps are timed in alternating rounds so that a change of machine load hits
+    both alike; with distribution argument validation on (the default) and off.
 (d) ``pancreas``: ``pv.datasets.simulate(3700, 2000)`` + ``pv.pp.preprocess`` in memory,
     then the default ``pv.VeloVAE(adata).train()`` (``--rate-history ancestors``: with
     the ancestors' rates): wall time and epochs per stage, on torch's default threads

@@ -4,7 +4,7 @@ The claim is about bifurcations in general, so it is checked on six simulated
 bifurcations (data seeds 0-5, all of them) rather than on one draw: how many cells sit
 near the branch point varies from 9% to 50% root cells between draws, and one
 draw alone (seed 3, the sparsest branch point) gives the opposite ratio
-(``benchmarks/RESULTS.md``, session 11).
+(``benchmarks/RESULTS.md``).
 """
 
 import numpy as np

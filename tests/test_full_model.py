@@ -108,7 +108,7 @@ def test_ancestral_rates_fit_rate_rises_and_reach_the_velocity_target(neighbourh
     """Transcriptional boosts (rates rising in steps) get the velocity pattern right only
     with the ancestors' rates (seeds 0-5: median per-gene r 0.74-0.81 against -0.02-0.45);
     the mean cosine reaches the issue's 0.8 (seeds 0-5: 0.85-0.87, mean 0.86, against
-    0.72-0.82, mean 0.78; benchmarks/RESULTS.md, session 15)."""
+    0.72-0.82, mean 0.78; benchmarks/rate_history.py)."""
     adata = neighbourhood_fits["adata"]
     constant, ancestral = neighbourhood_fits["constant"], neighbourhood_fits["ancestors"]
     boost = [_median_velocity_correlation(vae, adata, "transcriptional_boost")
@@ -148,7 +148,7 @@ def test_predicted_future_moves_along_true_velocity(fits, request):
 
 def test_neighbourhood_size_factors_predict_future_states(neighbourhood_fits):
     """The paper's model (one rate per cell, refinement) on the 2-branch set with
-    neighbourhood size factors: 0.75-0.84 over model seeds 0-5 (sessions 8 and 14)."""
+    neighbourhood size factors: 0.75-0.84 over model seeds 0-5."""
     corr = _future_correlation(neighbourhood_fits["constant"], neighbourhood_fits["adata"])
     assert corr >= 0.7, corr
 

@@ -338,7 +338,7 @@ def test_capture_time_prior_improves_latent_time():
     0.880 / 0.883, 0.956 / 0.957, 0.335 / 0.864 (order folded without the prior),
     -0.948 / 0.947 (time reversed without it), 0.922 / 0.922. Where the data order the
     cells well the prior changes little (with 40 genes, ten draws differed by at most
-    0.004 either way: ``benchmarks/RESULTS.md``, session 12).
+    0.004 either way).
     """
     plain, informed = [], []
     for seed in range(6):
@@ -379,7 +379,7 @@ def bifurcation_mvn():
 def test_full_covariance_guide_correlates_time_and_state(bifurcation_mvn):
     adata, vae = bifurcation_mvn
     # a sanity bound: on this hard 1000 x 100 set a failed start orders cells at about
-    # 0.80 (session 8); a good fit gives about 0.90 (0.899 on an Intel Xeon, above 0.9 on
+    # 0.80; a good fit gives about 0.90 (0.899 on an Intel Xeon, above 0.9 on
     # an AMD EPYC: the fits' rounding differs between the two)
     assert _spearman(vae, adata) >= 0.85
     corr = vae.get_time_state_correlation()
