@@ -614,10 +614,11 @@ class VeloVAE:
         1. ``warm-up``: encoder and rates from the steady-state initialisation (with
            capture times: rates fitted to them); if the warm-up's order disagrees with a
            diffusion pseudotime, a second warm-up from the pseudotime competes on the
-           validation ELBO (see :meth:`_warm_up`). Then every gene's switch times and
-           rate are re-initialised by a grid search given the warm-up's cell times
-           (:func:`~pyro_velo.initialize.time_informed_init`), in the direction of time
-           the splicing kinetics support (:func:`~pyro_velo.initialize.direction_score`).
+           validation ELBO (see :class:`~pyro_velo.inference.warmup.WarmUp`). Then
+           every gene's switch times and rate are re-initialised by a grid search given
+           the warm-up's cell times (:func:`~pyro_velo.initialize.time_informed_init`),
+           in the direction of time the splicing kinetics support
+           (:func:`~pyro_velo.initialize.direction_score`).
         2. ``basic``: the basic model until the validation ELBO stops improving.
         3. ``full`` (full model only): the mixture of ODEs, initialised from the basic fit
            (same rates and time encoder, ``rho`` near 1), trained jointly with c. With

@@ -386,7 +386,7 @@ def _fit_starts(adata, n_starts, history="constant"):
 
 
 def _validation_loss(vae):
-    """The validation loss as ``_best_of_starts`` scores a start (same guide draws)."""
+    """The validation loss as ``best_of_starts`` scores a start (same guide draws)."""
     train_module.set_seed(QUICK["seed"])
     return train_module.evaluate_loss(vae.model, vae.guide, vae.data,
                                       vae.data.indices("validation"))
