@@ -40,9 +40,7 @@ Results: ``benchmarks/RESULTS.md``, "Rate history".
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
-from unittest import mock
 
 import numpy as np
 import torch
@@ -50,7 +48,6 @@ from full_vs_basic import bifurcation, velocity_metrics
 from torch import Tensor
 
 import pyro_velo as pv
-import pyro_velo.velovae as velovae_module
 from pyro_velo.model import AncestralModel
 from pyro_velo.nn import Decoder
 
@@ -92,22 +89,32 @@ SMALL_SETS = {"small2": dict(topology="bifurcation", n_branches=2, seed=3),
               "linear": dict(topology="linear", seed=6)}
 
 
-def _oracle_start(adata):
-    """A replacement of ``VeloVAE._start_from_basic`` that sets the true beta, gamma."""
-    original = velovae_module.VeloVAE._start_from_basic
+class OracleFullStage(pv.inference.FullStage):
+    """The full stage, started from the basic fit with the true beta and gamma."""
 
-    def start(self, basic_model, basic_guide):
-        original(self, basic_model, basic_guide)
+    adata = None  # the simulation with the true rates
+
+    def begin(self, run) -> None:
+        super().begin(run)
         r = self.model.rates()
         genes = self.data.fitted
-        beta, gamma = (torch.as_tensor(adata.var[f"true_{name}"].to_numpy()[genes],
+        beta, gamma = (torch.as_tensor(self.adata.var[f"true_{name}"].to_numpy()[genes],
                                        dtype=r["beta"].dtype, device=r["beta"].device)
                        for name in ("beta", "gamma"))
         # same steady states: s* = alpha / gamma, observed u* = scale_u alpha / beta
         self.model.load_rates(beta=beta, gamma=gamma, alpha=r["alpha"] * gamma / r["gamma"],
                               scale_u=r["scale_u"] * beta / r["beta"] * r["gamma"] / gamma)
 
-    return start
+
+class OracleVeloVAE(pv.VeloVAE):
+    """VeloVAE whose schedule's full stage is an :class:`OracleFullStage`."""
+
+    def schedule(self, *args, **kwargs):
+        return [OracleFullStage(stage.model, stage.guide, stage.data, stage.epochs,
+                                stage.basic_model, stage.basic_guide,
+                                stage.without_ancestors)
+                if isinstance(stage, pv.inference.FullStage) else stage
+                for stage in super().schedule(*args, **kwargs)]
 
 
 def _boost_correlation(vae: pv.VeloVAE, adata) -> float:
@@ -133,24 +140,17 @@ def run(simulation: str, size_factors: str, seed: int, model: str, knots: int,
     else:
         adata = bifurcation(2000, 200, int(simulation), int(simulation), size_factors)
     RateHistoryModel.knots = knots
-    patches = []
-    if model == "history":
-        patches.append(mock.patch.object(velovae_module, "FullModel", RateHistoryModel))
-    if oracle:
-        patches.append(mock.patch.object(velovae_module.VeloVAE, "_start_from_basic",
-                                         _oracle_start(adata)))
+    OracleFullStage.adata = adata
+    fitter = OracleVeloVAE if oracle else pv.VeloVAE
     start = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        for patch in patches:
-            stack.enter_context(patch)
-        vae = pv.VeloVAE(adata, model="full", seed=seed,
-                         rate_history="ancestors" if model == "ancestors" else "constant")
-        vae.train(progress_bar=False, seed=seed, num_threads=1,
-                  **({"refine_epochs": 0} if model == "history" else {}))
-        wall = time.perf_counter() - start
-        scores = velocity_metrics(vae, adata)
-        boost = _boost_correlation(vae, adata)
-        ll = float(vae.evaluate().loc["test", "log_likelihood"])
+    vae = fitter(adata, model=RateHistoryModel if model == "history" else "full", seed=seed,
+                 rate_history="ancestors" if model == "ancestors" else "constant")
+    vae.train(progress_bar=False, seed=seed, num_threads=1,
+              **({"refine_epochs": 0} if model == "history" else {}))
+    wall = time.perf_counter() - start
+    scores = velocity_metrics(vae, adata)
+    boost = _boost_correlation(vae, adata)
+    ll = float(vae.evaluate().loc["test", "log_likelihood"])
     return (f"| {simulation} | {size_factors} | {seed} | {model} | {'yes' if oracle else 'no'} "
             f"| {scores['spearman']:.3f} | {scores['cosine']:.3f} | {scores['future']:.3f} "
             f"| {boost:.2f} | {ll:.1f} | {wall:.0f} s |")

@@ -14,22 +14,23 @@ fresh Python process so that its peak resident memory is its own:
 (a, b) ``train``: ``pv.VeloVAE(path)`` (the full model, streaming ``Mu``/``Ms`` from the
     file; construction = one pass over the file for the per-gene scales and checks, a
     20k-cell sample loaded for the initialisation), then one full-model training run of
-    ``--epochs`` epochs, each epoch timed: ``pyro_velo.train.fit(vae.model, vae.guide,
+    ``--epochs`` epochs, each epoch timed: ``pyro_velo.inference.fit(vae.model, vae.guide,
     vae.data, max_epochs=EPOCHS, early_stopping=False)`` on one torch thread (so that
-    the figures compare across sizes and loads): block-shuffled minibatches of 128 over
+    the figures compare across sizes and loads), timed by a
+    :class:`pyro_velo.inference.Timer` callback: block-shuffled minibatches of 128 over
     the 70% training cells, then the validation ELBO over the 10% validation cells (held
     in memory after the first epoch reads them; at most 256 MiB of them). Reported:
     seconds per epoch (median), of it the seconds spent reading and scaling rows from
     the file and the validation pass, and the process's peak resident memory
     (``VmHWM``) over the whole run (imports, construction, epochs).
 (c) ``overhead``: one training step (Trace_ELBO loss module + backward + Adam, as
-    ``train.fit``) of the full model on in-memory minibatches of 128 cells x ``--genes``
-    genes, against a plain-torch function computing the same ELBO by hand with the same
-    networks (encoder -> Normal q(t), q(c), rsample, decoder rho, the switching solution
-    of :mod:`pyro_velo.kinetics`, Normal log-likelihoods, log prior - log q, scaled by
-    n / batch). Both losses are first compared on the same random draws. Steps are timed
-    in alternating rounds so that a change of machine load hits both alike; with
-    distribution argument validation on (the default) and off.
+    ``pyro_velo.inference.fit``) of the full model on in-memory minibatches of 128 cells
+    x ``--genes`` genes, against a plain-torch function computing the same ELBO by hand
+    with the same networks (encoder -> Normal q(t), q(c), rsample, decoder rho, the
+    switching solution of :mod:`pyro_velo.kinetics`, Normal log-likelihoods, log prior -
+    log q, scaled by n / batch). Both losses are first compared on the same random
+    draws. Steps are timed in alternating rounds so that a change of machine load hits
+    both alike; with distribution argument validation on (the default) and off.
 (d) ``pancreas``: ``pv.datasets.simulate(3700, 2000)`` + ``pv.pp.preprocess`` in memory,
     then the default ``pv.VeloVAE(adata).train()`` (``--rate-history ancestors``: with
     the ancestors' rates): wall time and epochs per stage, on torch's default threads
@@ -126,7 +127,6 @@ def child_generate(args: argparse.Namespace) -> dict:
 
 def child_train(args: argparse.Namespace) -> dict:
     import pyro_velo as pv
-    import pyro_velo.train as train_module
     from pyro_velo._threads import cpu_threads
 
     rss_imports = rss_mb()
@@ -135,44 +135,12 @@ def child_train(args: argparse.Namespace) -> dict:
     construct = time.perf_counter() - start
     rss_constructed = rss_mb()
     data = vae.data
-    timers = {"read": 0.0, "validation": 0.0}
-    read_sorted = data._read_sorted
-
-    def timed_read(rows):
-        t0 = time.perf_counter()
-        try:
-            return read_sorted(rows)
-        finally:
-            timers["read"] += time.perf_counter() - t0
-
-    def timed_evaluate(*a, **k):
-        t0 = time.perf_counter()
-        try:
-            return evaluate(*a, **k)
-        finally:
-            timers["validation"] += time.perf_counter() - t0
-
-    data._read_sorted = timed_read
-    # the validation pass of fit (train.loss_total where it exists, else evaluate_loss)
-    name = "loss_total" if hasattr(train_module, "loss_total") else "evaluate_loss"
-    evaluate = getattr(train_module, name)
-    setattr(train_module, name, timed_evaluate)
-    epochs = []
-    ended = [0.0]
-
-    def epoch_end(history) -> bool:  # fit calls it once per epoch, after validation
-        now = time.perf_counter()
-        epochs.append({"seconds": now - ended[0], **timers, "loss": history.train[-1]})
-        timers.update(read=0.0, validation=0.0)
-        ended[0] = now
-        return False
-
-    train_module.set_seed(0)
+    timer = pv.inference.Timer()  # seconds per epoch, reading and validation
+    pv.train.set_seed(0)
     with cpu_threads(1):
-        ended[0] = time.perf_counter()
-        train_module.fit(vae.model, vae.guide, data, max_epochs=args.epochs[0],
-                         early_stopping=False, progress_bar=args.progress,
-                         stop_when=epoch_end)
+        pv.inference.fit(vae.model, vae.guide, data, max_epochs=args.epochs[0],
+                         early_stopping=False, progress_bar=args.progress, callbacks=[timer])
+    epochs = timer.epochs
     n_train = len(data.indices("train"))
     return {"n_cells": data.n_cells, "n_genes": data.n_genes, "n_train": n_train,
             "steps": -(-n_train // 128), "construct_s": construct, "epochs": epochs,
@@ -181,15 +149,13 @@ def child_train(args: argparse.Namespace) -> dict:
 
 
 def _adam(module):
-    """Adam with the two parameter groups of ``train.fit`` (and its implementation)."""
-    from pyro_velo.train import _adam as fit_adam
-    from pyro_velo.train import _is_ode_param
+    """Adam with the two parameter groups of the training loop (and its implementation)."""
+    from pyro_velo.inference.loop import adam, ode_parameter_ids
 
-    named = list(module.named_parameters())
-    ode = [p for n, p in named if _is_ode_param(n)]
-    ids = {id(p) for p in ode}
-    net = [p for _, p in named if id(p) not in ids]
-    return fit_adam([{"params": net, "lr": 2e-4}, {"params": ode, "lr": 1e-2}])
+    ids = ode_parameter_ids(module)
+    ode = [p for p in module.parameters() if id(p) in ids]
+    net = [p for p in module.parameters() if id(p) not in ids]
+    return adam([{"params": net, "lr": 2e-4}, {"params": ode, "lr": 1e-2}])
 
 
 def child_overhead(args: argparse.Namespace) -> dict:
@@ -309,7 +275,6 @@ def child_overhead(args: argparse.Namespace) -> dict:
 
 def child_pancreas(args: argparse.Namespace) -> dict:
     import pyro_velo as pv
-    import pyro_velo.schedule as schedule
 
     start = time.perf_counter()
     adata = pv.datasets.simulate(n_cells=args.n_cells, n_genes=args.genes, seed=0)
@@ -317,17 +282,7 @@ def child_pancreas(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     pv.pp.preprocess(adata)
     preprocess_s = time.perf_counter() - start
-    stage_times: list[tuple[str, float]] = []
-    fit_stage = schedule._fit_stage
-
-    def timed_fit_stage(*a, **k):
-        t0 = time.perf_counter()
-        try:
-            return fit_stage(*a, **k)
-        finally:
-            stage_times.append((k.get("description", "refine"), time.perf_counter() - t0))
-
-    schedule._fit_stage = timed_fit_stage
+    timer = pv.inference.Timer()  # wall time of every stage's loop
     profiler = None
     if args.profile:
         from pyinstrument import Profiler
@@ -342,7 +297,8 @@ def child_pancreas(args: argparse.Namespace) -> dict:
 
     threads = args.threads or torch.get_num_threads()
     start = time.perf_counter()
-    history = vae.train(progress_bar=args.progress, num_threads=args.threads)
+    history = vae.train(progress_bar=args.progress, num_threads=args.threads,
+                        callbacks=[timer])
     train_s = time.perf_counter() - start
     profile = None
     if profiler is not None:
@@ -354,7 +310,8 @@ def child_pancreas(args: argparse.Namespace) -> dict:
     return {"n_cells": adata.n_obs, "n_genes": int(vae.data.n_genes),
             "simulate_s": simulate_s, "preprocess_s": preprocess_s,
             "construct_s": construct_s, "train_s": train_s, "stages": stages,
-            "stage_seconds": stage_times, "warm_start": vae.config.get("warm_start"),
+            "stage_seconds": [(name, seconds) for name, seconds, _ in timer.stages],
+            "warm_start": vae.config.get("warm_start"),
             "refined": vae.config.get("refined"), "stopped_early": history.stopped_early,
             "train_cells": int((vae.data.split == 0).sum()), "peak_rss_mb": peak_rss_mb(),
             "threads": threads, "rate_history": args.rate_history}

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import distributed
+
 __all__ = ["AncestorTable"]
 
 
@@ -81,6 +83,16 @@ class AncestorTable(nn.Module):
         """Forget every prototype."""
         for buffer in (self.centre, self.rho, self.count, self.last, self.seen):
             buffer.zero_()
+
+    @torch.no_grad()
+    def absorb(self, t: Tensor, c: Tensor, rho: Tensor) -> None:
+        """:meth:`update` with a training step's cells; in data-parallel training with
+        the cells of every rank, in rank order, so that every rank's table stays the
+        same."""
+        group = distributed.active_training_group()
+        if group is not None:
+            t, c, rho = distributed.all_gather_rows(group, t, c, rho)
+        self.update(t, c, rho)
 
     @torch.no_grad()
     def update(self, t: Tensor, c: Tensor, rho: Tensor) -> None:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ._checks import InputError, MissingFileError, check_unique_cell_names, check_unique_names
+from ._settings import settings
 from .data import VelocityData, random_split, split_indices
 
 #: cells per contiguous block read from the file
@@ -364,7 +365,7 @@ class DiskVelocityData:
             stats = [_RunningMoments(n_vars), _RunningMoments(n_vars)]
             step = block_cells * buffer_blocks
             for start in tqdm(range(0, n_cells, step), desc="Reading layers",
-                              disable=not progress_bar):
+                              disable=not progress_bar or settings.verbosity == 0):
                 stop = min(start + step, n_cells)
                 for reader, acc in zip(readers, stats, strict=True):
                     values = reader.read(start, stop)

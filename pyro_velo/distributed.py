@@ -1,12 +1,12 @@
 """Data-parallel training on several processes (GPUs or nodes) with PyTorch DDP.
 
 Training is data-parallel through :class:`torch.nn.parallel.DistributedDataParallel`
-whenever a default process group is initialised: :func:`pyro_velo.train.fit`, and with
+whenever a default process group is initialised: :func:`pyro_velo.inference.fit`, and with
 it every stage of :meth:`pyro_velo.VeloVAE.train` (warm-up, basic, full, refine), then
 runs on every process ("rank") of the group. There is no other code path: the user's
 script is the single-process script plus a few lines. Every rank must make the same
 training calls with the same data and arguments; to train in one process of an
-initialised group, call :func:`pyro_velo.train.fit` with ``distributed=False``.
+initialised group, call :func:`pyro_velo.inference.fit` with ``distributed=False``.
 
 Launch a script on 2 GPUs of one machine (or ``--nnodes``/``--rdzv-endpoint`` for
 several machines) with ``torchrun``::
@@ -61,11 +61,11 @@ What happens on the ranks:
 - Checkpoints are written by rank 0 only (``checkpoint_dir`` must be on a file system
   every rank can read to resume); progress bars show on rank 0 only.
 - Divergence on CPU: a non-finite loss or gradient raises
-  :class:`~pyro_velo.train.DivergenceError` at its step; gradients are averaged across
+  :class:`~pyro_velo.inference.DivergenceError` at its step; gradients are averaged across
   ranks, so all ranks raise together. Should only one rank's loss be non-finite while
   the averaged gradients are finite, that rank raises alone and the launcher
   (``torchrun``, ``torch.multiprocessing.spawn``) ends the others.
-- Divergence off the CPU: :func:`pyro_velo.train.fit` records the finiteness of every
+- Divergence off the CPU: :func:`pyro_velo.inference.fit` records the finiteness of every
   step on the device and reads it every ``DEFERRED_CHECK_EVERY`` steps and at the end of
   every epoch (a maximum over the ranks, so all raise together); no optimiser step is
   taken from the first non-finite one on (see ``divergence_check_every``).
@@ -202,14 +202,14 @@ def average_norm_statistics(module: torch.nn.Module, group: Group) -> None:
         offset += s.numel()
 
 
-#: the group of the :func:`pyro_velo.train.fit` steps running now (see training_group)
+#: the group of the :func:`pyro_velo.inference.fit` steps running now (see training_group)
 _TRAINING_GROUP: Group | None = None
 
 
 @contextmanager
 def training_group(group: Group | None) -> Iterator[None]:
     """Within the block :func:`active_training_group` returns ``group``: set by
-    :func:`pyro_velo.train.fit` around its training steps, for model code that must
+    :func:`pyro_velo.inference.fit` around its training steps, for model code that must
     combine something across the ranks (the ancestors' table)."""
     global _TRAINING_GROUP
     previous, _TRAINING_GROUP = _TRAINING_GROUP, group

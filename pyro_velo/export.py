@@ -10,22 +10,39 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
+import pandas as pd
 import torch
 
 from . import velocity_genes
 from ._checks import InputError
-
-if TYPE_CHECKING:
-    from .velovae import VeloVAE
+from ._settings import settings
+from .predict import Predictor
 
 PREFIX = "pyro_velo_"
-#: layer name -> quantity of the model's expectation (:meth:`VeloVAE._expected`)
+#: layer name -> quantity of the model's expectation (:meth:`Predictor.expected`)
 LAYERS = {"velocity": "ds", "velocity_u": "du", PREFIX + "u": "u", PREFIX + "s": "s"}
 #: rho is exported as a dense layer only below this many bytes (float32), unless asked
 MAX_DENSE_RHO_BYTES = 2 * 1024**3
+
+
+class Fitted(Protocol):
+    """What the export reads of a fitted model (:class:`~pyro_velo.VeloVAE` has it all)."""
+
+    config: dict[str, Any]
+    obs_names: np.ndarray
+    var_names: np.ndarray
+    #: per-cell posterior uncertainty, once computed (else None)
+    uncertainty: pd.DataFrame | None
+
+    @property
+    def predictor(self) -> Predictor: ...
+
+    def get_split(self) -> pd.Series: ...
+
+    def get_rates(self) -> pd.DataFrame: ...
 
 
 @dataclass
@@ -38,10 +55,10 @@ class Annotations:
     uns: dict[str, dict] = field(default_factory=dict)
 
 
-def annotations(vae: VeloVAE, latent: dict[str, torch.Tensor]) -> Annotations:
+def annotations(vae: Fitted, latent: dict[str, torch.Tensor]) -> Annotations:
     """The ``obs``, ``obsm``, ``var`` and ``uns`` entries of a fitted model.
 
-    ``latent``: :meth:`VeloVAE._encode` of all fitted cells.
+    ``latent``: :meth:`Predictor.encode` of all fitted cells.
     """
     from . import __version__
 
@@ -58,7 +75,8 @@ def annotations(vae: VeloVAE, latent: dict[str, torch.Tensor]) -> Annotations:
     if vae.config["model"] == "full":
         out.obsm[PREFIX + "cell_state"] = latent["c"].cpu().numpy()
     rates = vae.get_rates()
-    out.var["velocity_genes"] = vae.data.fitted.copy()
+    # the genes with a velocity: every gene the model fitted
+    out.var["velocity_genes"] = rates["fitted"].to_numpy().copy()
     for name in rates.columns.drop("fitted"):
         out.var[PREFIX + name] = rates[name].to_numpy()
     out.uns["velocity_params"] = {
@@ -73,7 +91,7 @@ def annotations(vae: VeloVAE, latent: dict[str, torch.Tensor]) -> Annotations:
     return out
 
 
-def export_rho(vae: VeloVAE, rho: bool | None) -> bool:
+def export_rho(vae: Fitted, rho: bool | None) -> bool:
     """Whether rho is exported: full model only; ``None``: when under 2 GiB dense."""
     if vae.config["model"] != "full":
         if rho:
@@ -84,7 +102,7 @@ def export_rho(vae: VeloVAE, rho: bool | None) -> bool:
     return bool(rho)
 
 
-def check_same_cells(vae: VeloVAE, obs_names, var_names, what: str) -> None:
+def check_same_cells(vae: Fitted, obs_names, var_names, what: str) -> None:
     """Raise InputError unless ``what`` has the model's cells and genes, in order."""
     if len(obs_names) != len(vae.obs_names) or not np.array_equal(
             np.asarray(obs_names).astype(str), vae.obs_names.astype(str)):
@@ -93,7 +111,7 @@ def check_same_cells(vae: VeloVAE, obs_names, var_names, what: str) -> None:
         raise InputError(f"{what}'s genes (var_names) differ from the data the model was fit on")
 
 
-def write_h5ad(vae: VeloVAE, path: str | Path, rho: bool | None = None,
+def write_h5ad(vae: Fitted, path: str | Path, rho: bool | None = None,
                batch_size: int = 4096, progress_bar: bool = True) -> None:
     """Write the export of ``vae`` into the existing ``.h5ad`` file ``path``, in chunks.
 
@@ -111,12 +129,13 @@ def write_h5ad(vae: VeloVAE, path: str | Path, rho: bool | None = None,
     with open_h5ad(path) as file:
         obs, var = read_elem(file["obs"]), read_elem(file["var"])
     check_same_cells(vae, obs.index, var.index, str(path))
-    latent = vae._encode()
+    predictor = vae.predictor
+    latent = predictor.encode()
     notes = annotations(vae, latent)
     layers = dict(LAYERS)
     if export_rho(vae, rho):
         layers[PREFIX + "rho"] = "rho"
-    close = getattr(vae.data, "close", None)
+    close = getattr(predictor.data, "close", None)
     if close is not None:  # the model may stream from this very file: reopen it to write
         close()
     n_cells, n_vars = len(vae.obs_names), len(vae.var_names)
@@ -129,14 +148,15 @@ def write_h5ad(vae: VeloVAE, path: str | Path, rho: bool | None = None,
                     del group[tmp]
                 group.create_dataset(tmp, shape=(n_cells, n_vars), dtype="float32",
                                      chunks=(min(n_cells, 256), n_vars))
-            blocks = vae._expected_blocks(chunk=batch_size, encoded=latent)
+            blocks = predictor.expected_blocks(chunk=batch_size, encoded=latent)
             for rows, expected, encoded in tqdm(blocks, desc="Writing layers",
                                                 total=-(-n_cells // batch_size),
-                                                disable=not progress_bar):
+                                                disable=not progress_bar
+                                                or settings.verbosity == 0):
                 if "rho" in layers.values():
-                    expected["rho"] = vae.model.transcription_rate(encoded["c"])
+                    expected["rho"] = predictor.model.transcription_rate(encoded["c"])
                 for name, key in layers.items():
-                    group[temporary[name]][rows] = vae._full_width(
+                    group[temporary[name]][rows] = predictor.full_width(
                         expected[key].detach().cpu().numpy())
             # velocity genes, as in write_anndata, from the file's layers block by block
             notes.var.update(velocity_genes.h5ad_gene_columns(
@@ -173,15 +193,16 @@ def _encode_group(group, encoding: str) -> None:
         group.attrs.update({"encoding-type": encoding, "encoding-version": "0.1.0"})
 
 
-def write_anndata(vae: VeloVAE, adata, rho: bool | None = None) -> None:
+def write_anndata(vae: Fitted, adata, rho: bool | None = None) -> None:
     """Write the export of ``vae`` into the in-memory ``adata`` (nothing on error)."""
     check_same_cells(vae, adata.obs_names, adata.var_names, "adata")
-    latent = vae._encode()
+    predictor = vae.predictor
+    latent = predictor.encode()
     notes = annotations(vae, latent)
-    layers = dict(zip(LAYERS, vae._expected_arrays(tuple(LAYERS.values()), encoded=latent),
-                      strict=True))
+    layers = dict(zip(LAYERS, predictor.expected_arrays(tuple(LAYERS.values()),
+                                                        encoded=latent), strict=True))
     if export_rho(vae, rho):
-        layers[PREFIX + "rho"] = vae._transcription_rate(latent["c"])
+        layers[PREFIX + "rho"] = predictor.transcription_rate(latent["c"])
     # velocity genes: the fitted genes whose dynamics predict held-out cells
     notes.var.update(velocity_genes.gene_columns(
         adata.layers[vae.config["unspliced_layer"]], layers[PREFIX + "u"],

@@ -157,6 +157,10 @@ class RateGuide(PyroModule):
             setattr(self, f"log_{name}_scale",
                     nn.Parameter(torch.full_like(loc, float(torch.tensor(init_scale).log()))))
 
+    def ode_parameters(self) -> list[nn.Parameter]:
+        """Every parameter: per-gene locations and scales (the ODE parameters' rate)."""
+        return list(self.parameters())
+
     def dists(self) -> dict[str, dist.Distribution]:
         """The posterior of each random rate (event shape ``(G,)``)."""
         return {name: dist.LogNormal(getattr(self, f"log_{name}_loc"),

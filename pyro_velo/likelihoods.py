@@ -26,6 +26,7 @@ Writing another likelihood takes a few lines, e.g. a Student-t on the moments::
 
 from __future__ import annotations
 
+import numpy as np
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
@@ -40,8 +41,10 @@ class Likelihood(PyroModule):
     """Base class.
 
     Subclasses set ``observations`` and implement :meth:`forward`; :meth:`setup` is
-    called once before fitting, to create and initialise per-gene parameters (names
-    starting with ``log_`` are trained with the ODE parameters' learning rate).
+    called once before fitting, to create and initialise per-gene parameters. Those
+    :meth:`ode_parameters` declares (by default all of the likelihood's own) are trained
+    with the ODE parameters' learning rate; :meth:`gene_parameters` says what is
+    exported per gene.
     """
 
     observations = "moments"
@@ -61,6 +64,26 @@ class Likelihood(PyroModule):
             ``(G,)`` factors from the model's scale to the observations' (counts only).
         """
         self.ready = True
+
+    def ode_parameters(self) -> list[nn.Parameter]:
+        """The per-gene parameters, trained at the ODE parameters' learning rate."""
+        return list(self.parameters(recurse=False))
+
+    def gene_parameters(self, gene_scale_u: np.ndarray, gene_scale_s: np.ndarray
+                        ) -> dict[str, np.ndarray]:
+        """Per-gene values exported by :meth:`pyro_velo.VeloVAE.get_rates` (float64).
+
+        By default the noise standard deviations ``sigma_u``, ``sigma_s`` (from
+        ``log_sigma_u``, ``log_sigma_s``, on the data scale) and the inverse dispersions
+        ``phi_u``, ``phi_s`` (from ``log_phi_u``, ``log_phi_s``) the likelihood has.
+        """
+        values = {}
+        for name, factor in (("sigma_u", gene_scale_u), ("sigma_s", gene_scale_s),
+                             ("phi_u", 1.0), ("phi_s", 1.0)):
+            param = getattr(self, f"log_{name}", None)
+            if isinstance(param, Tensor) and param.shape == gene_scale_u.shape:
+                values[name] = param.detach().cpu().double().exp().numpy() * factor
+        return values
 
     def forward(self, expected: Tensor, kind: str, size_factor: Tensor | None = None
                 ) -> dist.Distribution:

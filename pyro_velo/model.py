@@ -16,13 +16,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
-from . import distributed, kinetics
+from . import kinetics, policies
 from ._compile import compiled
 from .ancestry import AncestorTable
 from .initialize import RateInit, WindowTable
@@ -64,7 +65,8 @@ class BasicModel(PyroModule):
     t_max
         Length of the time axis.
     time_prior_loc, time_prior_scale
-        ``t0`` and ``sigma0`` of the time prior; default ``t_max / 2`` and ``t_max / 4``.
+        ``t0`` and ``sigma0`` of the time prior; default ``t_max / 2`` and ``t_max / 4``
+        (:data:`pyro_velo.policies.TIME_PRIOR`).
     likelihood
         Observation model (:mod:`pyro_velo.likelihoods`; default :class:`Normal`). It is
         set up from ``init`` unless already set up.
@@ -93,10 +95,8 @@ class BasicModel(PyroModule):
         super().__init__()
         self.n_genes = int(init.alpha.shape[0])
         self.t_max = float(t_max)
-        self.time_prior_loc = 0.5 * self.t_max if time_prior_loc is None else float(time_prior_loc)
-        self.time_prior_scale = (
-            0.25 * self.t_max if time_prior_scale is None else float(time_prior_scale)
-        )
+        self.time_prior_loc = policies.TIME_PRIOR.loc(self.t_max, time_prior_loc)
+        self.time_prior_scale = policies.TIME_PRIOR.scale(self.t_max, time_prior_scale)
         if self.time_prior_scale <= 0:
             raise ValueError(f"time_prior_scale must be positive, got {self.time_prior_scale}")
         self.log_alpha = nn.Parameter(init.alpha.log().clone())
@@ -116,7 +116,9 @@ class BasicModel(PyroModule):
                                    "gamma": init.gamma})
 
     #: evaluate the switching solution through ``torch.compile`` while gradients are
-    #: recorded (set by :meth:`pyro_velo.VeloVAE.train`; same values up to rounding)
+    #: recorded (same values up to rounding). A per-instance switch: training sets it
+    #: on the models it trains while it runs (see
+    #: :func:`pyro_velo.inference.stages.speed_settings`); the class default stays off
     compile_kinetics: bool = False
 
     def switching_solve(self, t: Tensor, alpha: Tensor,
@@ -138,6 +140,38 @@ class BasicModel(PyroModule):
         return compiled(fn) if self.compile_kinetics else fn
 
     # ---- parameters on their natural scale -------------------------------------------
+    def ode_parameters(self) -> list[nn.Parameter]:
+        """The model's own per-gene ODE parameters (rates, switch times, scaling).
+
+        The training loop gives them the ODE learning rate (``lr_ode``); so does every
+        submodule's ``ode_parameters()`` (the likelihood's noise). A subclass adding
+        per-gene parameters extends the list.
+        """
+        return [self.log_alpha, self.log_beta, self.log_gamma, self.t_on, self.log_duration,
+                self.log_scale_u]
+
+    def gene_parameters(self, gene_scale_u: np.ndarray, gene_scale_s: np.ndarray
+                        ) -> dict[str, np.ndarray]:
+        """Per-gene values on the data scale, float64 (what ``VeloVAE.get_rates`` exports).
+
+        ``alpha`` (in units of the spliced data per unit time), ``beta``, ``gamma``,
+        ``t_on``, ``t_off``, ``scaling`` (unspliced data units per model unit), then the
+        likelihood's :meth:`~pyro_velo.likelihoods.Likelihood.gene_parameters`.
+        ``gene_scale_u``, ``gene_scale_s``: the factors from the model's scale to the
+        data's.
+        """
+        r = {k: v.detach().cpu().numpy().astype(np.float64) for k, v in self.rates().items()}
+        values = {
+            "alpha": r["alpha"] * gene_scale_s,
+            "beta": r["beta"],
+            "gamma": r["gamma"],
+            "t_on": r["t_on"],
+            "t_off": r["t_off"],
+            "scaling": r["scale_u"] * gene_scale_u / gene_scale_s,
+        }
+        values.update(self.likelihood.gene_parameters(gene_scale_u, gene_scale_s))
+        return values
+
     def rates(self) -> dict[str, Tensor]:
         """Per-gene parameters on their natural scale, each of shape ``(G,)``."""
         return {
@@ -240,21 +274,6 @@ class BasicModel(PyroModule):
             pyro.sample("u", self.u_dist(expected["u"], size_u), obs=obs_u)
             pyro.sample("s", self.s_dist(expected["s"], size_s), obs=obs_s)
         return latent
-
-
-@contextmanager
-def compiled_kinetics(enabled: bool = True) -> Iterator[None]:
-    """Within the block, every model evaluates its training steps' ODE solution compiled.
-
-    Sets :attr:`BasicModel.compile_kinetics` for all models (instances that did not set
-    their own) and restores the previous value on exit; see :mod:`pyro_velo._compile`.
-    """
-    previous = BasicModel.compile_kinetics
-    BasicModel.compile_kinetics = bool(enabled)
-    try:
-        yield
-    finally:
-        BasicModel.compile_kinetics = previous
 
 
 class FullModel(BasicModel):
@@ -398,7 +417,7 @@ class AncestralModel(FullModel):
     onwards. Its fitted state then lies on ``rho_i`` times one switch-on curve, so a cell
     shortly after a rise of the rate (a transcriptional boost, a branch switching a gene
     on) is fitted as a cell at the steady state of its own rate, with the wrong velocity
-    (``benchmarks/RESULTS.md``, session 14). Here time ``[0, t_max]`` is cut into
+    (``benchmarks/rate_history.py``). Here time ``[0, t_max]`` is cut into
     ``n_bins`` bins; over each bin before its own, a cell transcribes at the mean
     ``rho`` of its *ancestors*, the cells of that bin nearest to it in cell state
     (:class:`~pyro_velo.ancestry.AncestorTable`, updated from every training step's
@@ -446,8 +465,7 @@ class AncestralModel(FullModel):
         :meth:`pyro_velo.VeloVAE.train` fits that model first and continues with the
         ancestors' rates from its converged fit: trained with the ancestors' rates from
         the start, a fit whose time the basic stage had ordered badly across branches kept
-        that order, which the paper's model repairs (``benchmarks/RESULTS.md``, session
-        15).
+        that order, which the paper's model repairs (``benchmarks/rate_history.py``).
         """
         previous, self.use_ancestors = self.use_ancestors, False
         try:
@@ -471,11 +489,7 @@ class AncestralModel(FullModel):
         own = self.transcription_rate(c)
         flat_t, flat_c = t.reshape(-1).detach(), c.reshape(-1, c.shape[-1]).detach()
         if self.training and torch.is_grad_enabled():
-            cells = (flat_t, flat_c, own.reshape(-1, own.shape[-1]).detach())
-            group = distributed.active_training_group()
-            if group is not None:  # every rank absorbs the whole minibatch, in order
-                cells = distributed.all_gather_rows(group, *cells)
-            self.ancestors.update(*cells)
+            self.ancestors.absorb(flat_t, flat_c, own.reshape(-1, own.shape[-1]).detach())
         past, seeded = self.ancestors.lookup(flat_c)
         past = past.reshape(*own.shape[:-1], *past.shape[1:])
         bins = torch.arange(self.ancestors.n_bins, device=t.device)
@@ -491,7 +505,7 @@ class AncestralModel(FullModel):
         # compiled: the per-cell part only. Compiled whole, with the per-gene segment
         # coefficients in the graph, a step took 82 ms against 51 (128 x 1900, one
         # thread), and its gradients were wrong (torch 2.13) when the backward saved the
-        # forward's intermediates (benchmarks/RESULTS.md, session 16)
+        # forward's intermediates (benchmarks/kinetics_step.py)
         carry = self._kinetics_function(kinetics.carry_solve)
         u, s, alpha_t = history_solve(
             t.unsqueeze(-1), self.rate_history(t, c), r["alpha"], r["beta"], r["gamma"],

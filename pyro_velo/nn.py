@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -17,14 +16,15 @@ class WideLinear(nn.Linear):
 
     Used for the layers that touch every gene (the encoder's ``2G -> 500`` input layer,
     the decoder's ``500 -> G`` output layer), which hold almost all of the networks'
-    arithmetic. While :attr:`bf16` is set (see :func:`bf16_matmuls`) and gradients are
+    arithmetic. While the layer's :attr:`bf16` is set and gradients are
     recorded, the product runs under ``torch.autocast`` in bfloat16 with float32
     accumulation and the output is returned in the input's dtype; parameters and
     optimiser state keep theirs. Evaluation passes (no gradients: validation, export)
     always run at full precision, so reported results are those of the float32 network.
     """
 
-    #: set by :func:`bf16_matmuls`
+    #: a per-instance switch: training sets it on the layers it trains while it runs
+    #: (see :func:`pyro_velo.inference.stages.speed_settings`)
     bf16: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
@@ -41,17 +41,6 @@ def bf16_supported() -> bool:
                     and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # torch builds without the query
         return False
-
-
-@contextmanager
-def bf16_matmuls(enabled: bool = True) -> Iterator[None]:
-    """Within the block, every :class:`WideLinear` trains in bfloat16 (see there)."""
-    previous = WideLinear.bf16
-    WideLinear.bf16 = bool(enabled)
-    try:
-        yield
-    finally:
-        WideLinear.bf16 = previous
 
 
 def mlp(

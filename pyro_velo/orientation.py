@@ -9,17 +9,22 @@ Along every kNN edge ``i -> j`` the cosine between ``v_i`` and the displacement
 differences best match these antisymmetrised edge flows (a Hodge decomposition of the
 flow on the graph, as in Dynamo's ``ddhodge``) then orders the cells without choosing a
 root. Its agreement with a fitted time, and how consistently the flow supports the
-potential at all, decide whether the direction is identified.
+potential at all, decide whether the direction is identified
+(:class:`pyro_velo.policies.OrientationPolicy`).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import cg
 from scipy.stats import spearmanr
+
+from ._checks import InputError
 
 
 def steady_state_velocity(u: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -152,97 +157,39 @@ def flow_evidence(u: np.ndarray, s: np.ndarray, graph: sp.spmatrix, n_splits: in
                         reproducibility=float(np.mean(agreements)) if agreements else 0.0)
 
 
-@dataclass
-class StartCandidate:
-    """One warm-up start competing for the fit: its validation loss (negative ELBO), the
-    agreement of its cell order with the flow potential, and what restoring it needs."""
+def root_mask(obs, root_key: str | None, root, direction_given: bool) -> np.ndarray | None:
+    """``(n_cells,)`` mask of the cells whose ``obs[root_key]`` is ``root`` (a label or a
+    list of labels); None without a root. Errors name what is wrong: a half-given
+    root, a missing column, no matching cell, or a root beside capture times
+    (``direction_given``), which set the direction already."""
+    if root_key is None and root is None:
+        return None
+    if root_key is None or root is None:
+        raise InputError("give both root_key (an obs column) and root (its label or labels "
+                         "of the first cells), or neither")
+    if direction_given:
+        raise InputError("capture times already set the direction of time: give either "
+                         "capture_time_key or a root, not both")
+    if root_key not in obs:
+        raise InputError(f"root_key {root_key!r} is not a column of obs; columns: "
+                         f"{list(obs.columns)}")
+    labels = [root] if isinstance(root, str) or not isinstance(root, Sequence) else list(root)
+    values = obs[root_key].astype(str).to_numpy()
+    mask = np.isin(values, [str(label) for label in labels])
+    if not mask.any():
+        raise InputError(f"no cell has obs[{root_key!r}] in {labels}; values include "
+                         f"{sorted(set(values))[:10]}")
+    return mask
 
-    name: str
-    loss: float
-    agreement: float
-    payload: object = None
 
-
-@dataclass(frozen=True)
-class OrientationPolicy:
-    """How the data's own flow decides the direction of time (thresholds in one place).
-
-    The ELBO cannot tell a fit from its time-reversed twin on data outside the model's
-    ODE family (on regulatory-network simulations both fit about equally well), so the
-    order of cells that the warm-up hands on is checked against the potential of
-    :func:`flow_evidence`, which does not come from the model.
-
-    Attributes
-    ----------
-    keep_agreement
-        A warm-up whose order agrees with the potential at least this well (Spearman)
-        stands as the ELBO chose it; below it, a warm-up started from the potential
-        competes and the order that agrees best is kept. On the model's own ODE family
-        the ELBO's choice agrees at 0.9 or more, so it is left as it was there.
-    min_reproducibility
-        Below this agreement between the potentials of two halves of the genes, the
-        flow is too noisy to vote (measured: 0.7-0.99 on simulated trajectories).
-    identified_agreement
-        The fitted time's ``|agreement|`` with a reproducible potential from which on
-        the direction counts as identified by the data.
-    drift_tolerance
-        How far the mixture of ODEs may lower the basic fit's agreement before it is
-        refitted with the basic fit's time held fixed: with a rate per cell state, the
-        cell states can explain steady-state clusters on their own and the time then
-        loses its order (measured on regulatory-network simulations: a fork 0.59 ->
-        -0.07, a tree 0.85 -> 0.66 while its Spearman with the type depth fell from
-        0.85 to 0.47).
-    """
-
-    keep_agreement: float = 0.3
-    min_reproducibility: float = 0.3
-    identified_agreement: float = 0.2
-    drift_tolerance: float = 0.1
-
-    def lost_order(self, before: float | None, after: float | None,
-                   evidence: FlowEvidence | None) -> bool:
-        """Whether a stage lost the order of cells it was handed: the agreement with a
-        trusted flow fell from at least ``keep_agreement`` by more than
-        ``drift_tolerance``."""
-        if before is None or after is None or not self.trusts(evidence):
-            return False
-        return before >= self.keep_agreement and after < before - self.drift_tolerance
-
-    def trusts(self, evidence: FlowEvidence | None) -> bool:
-        """Whether the flow is reproducible enough to vote on the direction."""
-        return evidence is not None and evidence.reproducibility >= self.min_reproducibility
-
-    def wants_flow_start(self, candidates: list[StartCandidate],
-                         evidence: FlowEvidence | None) -> bool:
-        """Whether a warm-up from the flow potential should compete with ``candidates``."""
-        if not self.trusts(evidence) or not candidates:
-            return False
-        return min(candidates, key=lambda c: c.loss).agreement < self.keep_agreement
-
-    def choose(self, candidates: list[StartCandidate],
-               evidence: FlowEvidence | None) -> StartCandidate:
-        """The ELBO's best start, unless its order contradicts a trusted flow."""
-        by_loss = min(candidates, key=lambda c: c.loss)
-        if not self.trusts(evidence) or by_loss.agreement >= self.keep_agreement:
-            return by_loss
-        return max(candidates, key=lambda c: c.agreement)
-
-    def report(self, evidence: FlowEvidence | None, t: np.ndarray,
-               given: str | None = None) -> dict:
-        """The diagnostic stored with a fit: how its time agrees with the flow.
-
-        ``status`` is ``'given'`` (``given`` names the root or capture times that set
-        the direction), ``'forward'``, ``'reversed'`` (the time runs against a
-        reproducible flow) or ``'not identified'``.
-        """
-        agreement = evidence.agreement(t) if evidence is not None else float("nan")
-        reproducibility = evidence.reproducibility if evidence is not None else float("nan")
-        if given is not None:
-            status = "given"
-        elif not self.trusts(evidence) or abs(agreement) < self.identified_agreement:
-            status = "not identified"
-        else:
-            status = "forward" if agreement > 0 else "reversed"
-        return {"status": status, "given_by": given or "",
-                "flow_agreement": float(agreement),
-                "flow_reproducibility": float(reproducibility)}
+def warn_if_unidentified(report: dict) -> None:
+    """Warn, saying what to do, when a fit's direction report (see
+    :meth:`pyro_velo.policies.OrientationPolicy.report`) is not ``forward`` or ``given``."""
+    if report["status"] in ("reversed", "not identified"):
+        warnings.warn(
+            f"The direction of latent time is {report['status']} by the data's own velocity "
+            f"field (agreement {report['flow_agreement']:.2f}, reproducibility "
+            f"{report['flow_reproducibility']:.2f}): the time may run backwards. Give the "
+            "first cells, train(root_key='<obs column>', root='<progenitor label>'), or "
+            "capture times, VeloVAE(adata, capture_time_key='<obs column>').",
+            UserWarning, stacklevel=3)

@@ -6,7 +6,6 @@ import torch
 from scipy.integrate import solve_ivp
 
 import pyro_velo as pv
-import pyro_velo.schedule as schedule
 from pyro_velo._checks import InputError
 from pyro_velo.ancestry import AncestorTable
 from pyro_velo.initialize import steady_state_init
@@ -140,15 +139,13 @@ def ancestral_fit():
     adata = pv.datasets.simulate(n_cells=300, n_genes=30, topology="bifurcation", seed=4)
     pv.pp.preprocess(adata, random_state=0)
     vae = pv.VeloVAE(adata, rate_history="ancestors", seed=0)
-    stages, fit_stage = [], schedule._fit_stage
+    stages = []
 
-    def recording(model, *args, **kwargs):
-        stages.append((kwargs["description"], getattr(model, "use_ancestors", None)))
-        return fit_stage(model, *args, **kwargs)
+    class Recording(pv.inference.Callback):
+        def on_fit_start(self, loop):
+            stages.append((loop.description, getattr(loop.model, "use_ancestors", None)))
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(schedule, "_fit_stage", recording)
-        vae.train(max_epochs=40, progress_bar=False, num_threads=1)
+    vae.train(max_epochs=40, progress_bar=False, num_threads=1, callbacks=[Recording()])
     return vae, adata, stages
 
 

@@ -19,8 +19,9 @@ from scipy.stats import spearmanr
 import pyro_velo as pv
 from pyro_velo import _compile, kinetics
 from pyro_velo._checks import InputError
-from pyro_velo.model import BasicModel, compiled_kinetics, history_solve
-from pyro_velo.nn import WideLinear, bf16_matmuls
+from pyro_velo.inference.stages import speed_settings
+from pyro_velo.model import BasicModel, history_solve
+from pyro_velo.nn import WideLinear
 
 
 def _inputs(per_cell_rate: bool, n_cells: int = 37, n_genes: int = 23):
@@ -155,14 +156,23 @@ def test_compiled_calls_recompute_in_the_backward_and_skip_the_isa_probes(monkey
             inductor_config.cpp.vec_isa_ok) == before
 
 
-def test_compiled_kinetics_context_sets_and_restores_the_switch():
-    assert BasicModel.compile_kinetics is False
+def test_speed_settings_switch_the_given_instances_only_and_restore_them(small_adata):
+    """compile and bf16 are switches of the model and layer instances, not classes."""
+    trained, other = (pv.VeloVAE(small_adata, seed=0) for _ in range(2))
+    modules = [trained.model, trained.guide]
+    wide = [m for module in modules for m in module.modules() if isinstance(m, WideLinear)]
+    assert len(wide) == 2  # the encoder's input layer and the decoder's output layer
     with pytest.raises(ValueError, match="inside"):
-        with compiled_kinetics(True):
-            assert BasicModel.compile_kinetics is True
-            assert pv.model.FullModel.compile_kinetics is True
+        with speed_settings(modules, compile=True, bf16=True):
+            assert trained.model.compile_kinetics is True
+            assert all(layer.bf16 for layer in wide)
+            assert other.model.compile_kinetics is False
+            assert not any(m.bf16 for m in other.guide.modules()
+                           if isinstance(m, WideLinear))
             raise ValueError("inside")
-    assert BasicModel.compile_kinetics is False
+    assert trained.model.compile_kinetics is False and not any(layer.bf16 for layer in wide)
+    assert "compile_kinetics" not in vars(trained.model)  # the class default again
+    assert BasicModel.compile_kinetics is False and WideLinear.bf16 is False
 
 
 @pytest.fixture(scope="module")
@@ -172,25 +182,25 @@ def small_adata():
     return adata
 
 
-def _record_at_each_stage(monkeypatch, read=lambda: BasicModel.compile_kinetics) -> list:
-    """Record ``read()`` (default: ``BasicModel.compile_kinetics``) at every training stage."""
-    seen = []
-    fit_stage = pv.schedule._fit_stage
+class _Recording(pv.inference.Callback):
+    """Records ``read(loop)`` (default: whether the trained model compiles its kinetics)
+    at every training stage, in ``seen``."""
 
-    def recording(*args, **kwargs):
-        seen.append(read())
-        return fit_stage(*args, **kwargs)
+    def __init__(self, read=lambda loop: loop.model.compile_kinetics):
+        self.read, self.seen = read, []
 
-    monkeypatch.setattr(pv.schedule, "_fit_stage", recording)
-    return seen
+    def on_fit_start(self, loop):
+        self.seen.append(self.read(loop))
 
 
-def test_train_with_compile_fits_like_eager(small_adata, monkeypatch):
-    seen = _record_at_each_stage(monkeypatch)
+def test_train_with_compile_fits_like_eager(small_adata):
+    recording = _Recording()
+    seen = recording.seen
     times = {}
     for compile_ in (False, True):
         vae = pv.VeloVAE(small_adata, model="basic", seed=0)
-        vae.train(max_epochs=40, progress_bar=False, compile=compile_, num_threads=1)
+        vae.train(max_epochs=40, progress_bar=False, compile=compile_, num_threads=1,
+                  callbacks=[recording])
         times[compile_] = vae.get_latent_time()
         assert set(seen) == {compile_}
         seen.clear()
@@ -204,15 +214,18 @@ def test_train_with_compile_fits_like_eager(small_adata, monkeypatch):
 
 
 def test_train_compiles_by_default_only_for_large_work(small_adata, monkeypatch):
-    seen = _record_at_each_stage(monkeypatch)
+    recording = _Recording()
+    seen = recording.seen
     vae = pv.VeloVAE(small_adata, model="basic", seed=0)
-    vae.train(max_epochs=2, warmup_epochs=1, progress_bar=False, num_threads=1)
+    vae.train(max_epochs=2, warmup_epochs=1, progress_bar=False, num_threads=1,
+              callbacks=[recording])
     assert set(seen) == {False}  # 300 cells x 30 genes: far below the threshold
     seen.clear()
     train_cells = len(vae.data.indices("train"))
     work = train_cells * vae.data.n_genes * 2
-    monkeypatch.setattr(pv.schedule, "COMPILE_MIN_WORK", work)
-    vae.train(max_epochs=2, warmup_epochs=1, progress_bar=False, num_threads=1)
+    monkeypatch.setattr(pv.policies, "COMPILE", pv.policies.CompilePolicy(min_work=work))
+    vae.train(max_epochs=2, warmup_epochs=1, progress_bar=False, num_threads=1,
+              callbacks=[recording])
     assert set(seen) == {True}
     assert BasicModel.compile_kinetics is False
     with pytest.raises(InputError, match="compile must be None, True or False"):
@@ -247,7 +260,7 @@ def test_basic_and_full_model_share_one_compiled_graph(small_adata, monkeypatch)
     basic = pv.VeloVAE(small_adata, model="basic", seed=0).model
     full = pv.VeloVAE(small_adata, seed=0).model
     per_cell = args[1].detach().expand(n_cells, n_genes).clone()
-    with compiled_kinetics(True):
+    with speed_settings([basic, full], compile=True):
         got = basic.switching_solve(*args)
         full.switching_solve(args[0], per_cell, *args[2:])
     assert shapes == [(n_cells, n_genes), (n_cells, n_genes)]
@@ -266,12 +279,12 @@ def test_wide_linear_runs_bf16_only_in_training_steps():
     exact.sum().backward()
     exact_grad = layer.weight.grad.clone()
     layer.weight.grad = None
-    with bf16_matmuls(True):
+    with speed_settings([layer], bf16=True):
         approx = layer(x)
         approx.sum().backward()
         with torch.no_grad():
             evaluated = layer(x)
-    assert WideLinear.bf16 is False  # restored
+    assert layer.bf16 is False and WideLinear.bf16 is False  # restored
     assert approx.dtype == torch.float32 and layer.weight.dtype == torch.float32
     error = float((approx - exact).detach().norm() / exact.detach().norm())
     assert 0 < error < 1e-2, error  # rounded to bfloat16, and only that
@@ -282,19 +295,21 @@ def test_wide_linear_runs_bf16_only_in_training_steps():
 
 def test_train_uses_bf16_by_default_only_for_large_work_on_capable_cpus(small_adata,
                                                                         monkeypatch):
-    seen = _record_at_each_stage(monkeypatch, lambda: WideLinear.bf16)
+    recording = _Recording(lambda loop: any(
+        m.bf16 for m in loop.guide.modules() if isinstance(m, WideLinear)))
+    seen = recording.seen
     vae = pv.VeloVAE(small_adata, model="basic", seed=0)
     short = dict(max_epochs=2, warmup_epochs=1, progress_bar=False, num_threads=1,
-                 compile=False)
-    monkeypatch.setattr(pv.schedule, "bf16_supported", lambda: True)
+                 compile=False, callbacks=[recording])
+    monkeypatch.setattr(pv.nn, "bf16_supported", lambda: True)
     vae.train(**short)
     assert set(seen) == {False}  # small work
     seen.clear()
-    monkeypatch.setattr(pv.schedule, "COMPILE_MIN_WORK", 1)
+    monkeypatch.setattr(pv.policies, "COMPILE", pv.policies.CompilePolicy(min_work=1))
     vae.train(**short)
     assert set(seen) == {True}
     seen.clear()
-    monkeypatch.setattr(pv.schedule, "bf16_supported", lambda: False)
+    monkeypatch.setattr(pv.nn, "bf16_supported", lambda: False)
     vae.train(**short)
     assert set(seen) == {False}  # no native bfloat16 on this CPU
     seen.clear()

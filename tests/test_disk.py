@@ -196,7 +196,7 @@ def test_training_from_a_file_reads_the_validation_cells_once(h5ad, monkeypatch)
 def test_data_without_held_validation_cells_is_validated_in_place(adata):
     """fit takes any data object with the minibatch protocol; one without
     ``validation_cells`` has its validation cells scored where they are."""
-    from pyro_velo import train as train_module
+    from pyro_velo.inference import loop as train_module
 
     class Plain:  # the VelocityData protocol minus validation_cells
         def __init__(self, inner):
@@ -273,7 +273,7 @@ def test_failed_export_leaves_the_file_as_it_was(streamed, h5ad, tmp_path, monke
     path.write_bytes(h5ad.read_bytes())
     before = path.read_bytes()
     calls = []
-    original = type(streamed)._expected
+    original = pv.predict.Predictor.expected
 
     def failing(self, *args, **kwargs):
         calls.append(1)
@@ -281,7 +281,7 @@ def test_failed_export_leaves_the_file_as_it_was(streamed, h5ad, tmp_path, monke
             raise RuntimeError("disk full")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(type(streamed), "_expected", failing)
+    monkeypatch.setattr(pv.predict.Predictor, "expected", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         streamed.export_to_h5ad(path, batch_size=100, progress_bar=False)
     with h5py.File(path) as file:

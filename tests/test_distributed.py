@@ -262,9 +262,9 @@ def test_resume_switches_between_check_modes_and_adam_implementations(adata, mon
     """A checkpoint written by the per-tensor Adam (where torch has no fused one for the
     device, or by an earlier version) resumes with the fused one, and back; likewise
     between the per-step and the deferred check."""
-    import pyro_velo.train as train_module
+    import pyro_velo.inference.loop as train_module
 
-    fused_adam = train_module._adam
+    fused_adam = train_module.adam
 
     def plain_adam(groups):
         return torch.optim.Adam(groups)
@@ -272,10 +272,10 @@ def test_resume_switches_between_check_modes_and_adam_implementations(adata, mon
     for first, then in ((None, 4), (4, None)):
         for write_with, resume_with in ((plain_adam, fused_adam), (fused_adam, plain_adam)):
             vae, states = _vae(adata), []
-            monkeypatch.setattr(train_module, "_adam", write_with)
+            monkeypatch.setattr(train_module, "adam", write_with)
             fit(vae.model, vae.guide, vae.data, 1, progress_bar=False,
                 checkpoint=states.append, checkpoint_every=1, divergence_check_every=first)
-            monkeypatch.setattr(train_module, "_adam", resume_with)
+            monkeypatch.setattr(train_module, "adam", resume_with)
             history = fit(vae.model, vae.guide, vae.data, 2, progress_bar=False,
                           resume_state=states[-1], divergence_check_every=then)
             assert len(history.train) == 1 and math.isfinite(history.validation[0])
@@ -288,10 +288,10 @@ def test_divergence_check_every_is_validated(adata):
 
 
 def test_adam_is_fused_where_torch_has_it_and_falls_back(monkeypatch):
-    import pyro_velo.train as train_module
+    import pyro_velo.inference.loop as train_module
 
     groups = [{"params": [torch.nn.Parameter(torch.zeros(3))], "lr": 0.1}]
-    assert train_module._adam(groups).defaults["fused"]  # torch 2.x has a CPU kernel
+    assert train_module.adam(groups).defaults["fused"]  # torch 2.x has a CPU kernel
     real_adam = torch.optim.Adam
 
     def no_fused(params, **kwargs):
@@ -301,4 +301,4 @@ def test_adam_is_fused_where_torch_has_it_and_falls_back(monkeypatch):
 
     monkeypatch.setattr(torch.optim, "Adam", no_fused)
     groups = [{"params": [torch.nn.Parameter(torch.zeros(3))], "lr": 0.1}]
-    assert not train_module._adam(groups).defaults["fused"]
+    assert not train_module.adam(groups).defaults["fused"]

@@ -7,13 +7,12 @@ import scipy.sparse as sp
 import pyro_velo as pv
 from pyro_velo.orientation import (
     FlowEvidence,
-    OrientationPolicy,
-    StartCandidate,
     edge_flow,
     flow_evidence,
     hodge_potential,
     steady_state_velocity,
 )
+from pyro_velo.policies import OrientationPolicy, StartCandidate
 
 
 def _chain_graph(n: int) -> sp.csr_matrix:

@@ -15,6 +15,7 @@ import torch
 from anndata import AnnData
 
 import pyro_velo as pv
+import pyro_velo.inference.checkpoint as checkpoint_module
 import pyro_velo.train as train_module
 from pyro_velo._checks import InputError, MissingFileError
 from pyro_velo.train import DivergenceError
@@ -197,11 +198,11 @@ def test_dense_outputs_do_not_depend_on_the_chunk_size(full):
     """get_velocity & co. fill their outputs in chunks of cells (memory): same values as
     one pass over all cells (exactly with chunks of 4096, the size of that pass's own
     kinetic calls; up to float32 rounding of other BLAS paths with 7 cells)."""
-    whole = full._expected(delta_t=0.3)
+    whole = full.predictor.expected(delta_t=0.3)
     genes = full.data.fitted
     keys = ("u", "s", "ds", "du")
     for chunk, rtol in ((4096, 0), (7, 1e-5)):
-        arrays = full._expected_arrays(keys, 0.3, chunk=chunk)
+        arrays = full.predictor.expected_arrays(keys, 0.3, chunk=chunk)
         for key, array in zip(keys, arrays, strict=True):
             assert array.shape == (full.data.n_cells, len(full.var_names))
             assert np.isnan(array[:, ~genes]).all()
@@ -209,7 +210,7 @@ def test_dense_outputs_do_not_depend_on_the_chunk_size(full):
             # velocities are differences (beta u - gamma s): rounding relative to the scale
             np.testing.assert_allclose(array[:, genes], reference, rtol=rtol,
                                        atol=rtol * np.abs(reference).max())
-    assert _equal(full.predict_future(0.3)[1], full._expected_arrays(("s",), 0.3)[0])
+    assert _equal(full.predict_future(0.3)[1], full.predictor.expected_arrays(("s",), 0.3)[0])
 
 
 def test_new_cells_errors_leave_adata_unchanged(basic, adata):
@@ -234,7 +235,7 @@ def test_new_cells_errors_leave_adata_unchanged(basic, adata):
 # ---- resumable training --------------------------------------------------------------
 def _interrupt_after(monkeypatch, n_writes):
     """Make training stop (KeyboardInterrupt) right after its n-th checkpoint write."""
-    real = train_module.write_checkpoint
+    real = checkpoint_module.write_checkpoint
     count = {"n": 0}
 
     def write_then_maybe_stop(path, payload):
@@ -243,7 +244,7 @@ def _interrupt_after(monkeypatch, n_writes):
         if count["n"] == n_writes:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "write_checkpoint", write_then_maybe_stop)
+    monkeypatch.setattr(checkpoint_module, "write_checkpoint", write_then_maybe_stop)
 
 
 def _model(adata, kind):
@@ -385,7 +386,7 @@ def _fit_starts(adata, n_starts, history="constant"):
 
 
 def _validation_loss(vae):
-    """The validation loss as ``_best_of_starts`` scores a start (same guide draws)."""
+    """The validation loss as ``best_of_starts`` scores a start (same guide draws)."""
     train_module.set_seed(QUICK["seed"])
     return train_module.evaluate_loss(vae.model, vae.guide, vae.data,
                                       vae.data.indices("validation"))
@@ -414,7 +415,7 @@ def test_restarts_keep_the_start_with_the_best_validation_elbo(adata, tmp_path, 
 def test_a_failed_start_keeps_the_best_finished_one(adata, monkeypatch):
     vae = pv.VeloVAE(adata, model="full", **SMALL)
     calls = {"n": 0}
-    original = pv.VeloVAE._start_from_basic
+    original = pv.inference.FullStage.begin
 
     def second_start_fails(self, *args):
         calls["n"] += 1
@@ -422,7 +423,7 @@ def test_a_failed_start_keeps_the_best_finished_one(adata, monkeypatch):
             raise DivergenceError("a diverged start")
         return original(self, *args)
 
-    monkeypatch.setattr(pv.VeloVAE, "_start_from_basic", second_start_fails)
+    monkeypatch.setattr(pv.inference.FullStage, "begin", second_start_fails)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(DivergenceError, match="diverged start"):

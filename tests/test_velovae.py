@@ -112,24 +112,24 @@ def test_same_seed_same_fit_and_models_do_not_share_parameters(linear_adata):
     assert not np.array_equal(a.get_latent_time(), c.get_latent_time())
 
 
-def test_training_uses_torchs_thread_setting_unless_told(linear_adata, monkeypatch):
+def test_training_uses_torchs_thread_setting_unless_told(linear_adata):
     torch = __import__("torch")
     seen = []
-    fit_stage = pv.schedule._fit_stage
 
-    def recording(*args, **kwargs):
-        seen.append(torch.get_num_threads())
-        return fit_stage(*args, **kwargs)
+    class Recording(pv.inference.Callback):
+        def on_fit_start(self, loop):
+            seen.append(torch.get_num_threads())
 
-    monkeypatch.setattr(pv.schedule, "_fit_stage", recording)
     vae = pv.VeloVAE(linear_adata, model="basic", hidden=(8,))
+    recording = [Recording()]
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)  # the user's choice
-        vae.train(max_epochs=1, warmup_epochs=1, progress_bar=False)
+        vae.train(max_epochs=1, warmup_epochs=1, progress_bar=False, callbacks=recording)
         assert set(seen) == {2}
         seen.clear()
-        vae.train(max_epochs=1, warmup_epochs=1, progress_bar=False, num_threads=1)
+        vae.train(max_epochs=1, warmup_epochs=1, progress_bar=False, num_threads=1,
+                  callbacks=recording)
         assert set(seen) == {1}
         assert torch.get_num_threads() == 2  # restored
         with pytest.raises(InputError, match="num_threads must be at least 1"):

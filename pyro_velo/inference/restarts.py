@@ -1,0 +1,81 @@
+"""Restarts: the whole schedule from several random starts, keeping the best fit.
+
+The ELBO of the mixture of ODEs has local optima (on bifurcations, e.g., branches
+fitted on different clocks); on simulations the fits in such an optimum had the lower
+validation ELBO, so the start with the highest validation ELBO is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from .._params import set_seed
+from .._settings import settings
+from .loop import TrainingHistory, evaluate_loss
+from .stages import selection_split
+
+
+class Restartable(Protocol):
+    """What restarts need of the model being fitted (:class:`~pyro_velo.VeloVAE`)."""
+
+    model: torch.nn.Module
+    guide: torch.nn.Module
+    config: dict[str, Any]
+    history: TrainingHistory
+    is_trained: bool
+    device: torch.device
+    data: Any
+
+    def make_pair(self, kind: str) -> tuple[torch.nn.Module, torch.nn.Module]: ...
+
+    def train(self, **options: Any) -> TrainingHistory: ...
+
+
+def best_of_starts(vae: Restartable, n_starts: int, seed: int, options: dict[str, Any]
+                   ) -> TrainingHistory:
+    """Train ``vae`` ``n_starts`` times from different random starts; keep the best.
+
+    The split, the data and the steady-state initialisation are shared; start ``k``
+    builds fresh networks after seeding with ``vae.config['seed'] + k`` (start 0 keeps
+    the pair built by the constructor) and trains with ``seed + k`` (``options``: the
+    other arguments of :meth:`~pyro_velo.VeloVAE.train`). Each fit's validation loss
+    (negative ELBO per cell; training cells without a validation split) is evaluated
+    with the same seed, so that the starts are compared on the same guide draws. The
+    kept start's number and every start's loss are recorded in ``config['start']`` and
+    ``config['start_losses']``. If a start fails or is interrupted, the best finished
+    start is kept before the error propagates.
+    """
+    check = vae.data.indices(selection_split(vae.data))
+    config = copy.deepcopy(vae.config)
+    losses: list[float] = []
+    best = None
+    for k in range(n_starts):
+        if options["progress_bar"] and settings.verbosity > 0:
+            tqdm.write(f"Start {k + 1} of {n_starts}")
+        if k:
+            set_seed(config["seed"] + k)
+            vae.model, vae.guide = vae.make_pair(config["model"])
+        vae.config, vae.history = copy.deepcopy(config), TrainingHistory()
+        try:
+            vae.train(seed=seed + k, **options)
+        except BaseException:  # e.g. a diverged start or Ctrl-C: keep the best so far
+            if best is not None:
+                _keep(vae, best, n_starts, losses)
+            raise
+        set_seed(seed)
+        losses.append(evaluate_loss(vae.model, vae.guide, vae.data, check.to(vae.device)))
+        if best is None or losses[-1] < losses[best[0]]:
+            best = (k, vae.model, vae.guide, vae.config, vae.history)
+    _keep(vae, best, n_starts, losses)
+    return vae.history
+
+
+def _keep(vae: Restartable, best: tuple, n_starts: int, losses: list[float]) -> None:
+    """Install a finished start and record the choice."""
+    k, vae.model, vae.guide, vae.config, vae.history = best
+    vae.is_trained = True
+    vae.config.update(n_starts=n_starts, start=k, start_losses=list(losses))

@@ -1,0 +1,252 @@
+"""The heuristics of training, named and documented, with their defaults in one place.
+
+Each policy is a small frozen dataclass; the module-level instances (:data:`START`,
+:data:`REFINE`, :data:`EPOCHS`, :data:`COMPILE`, :data:`TIME_PRIOR`,
+:data:`ORIENTATION`) are the defaults the
+package reads at the moment it needs them, so replacing one (e.g.
+``pv.policies.COMPILE = pv.policies.CompilePolicy(min_work=10**9)``) changes what
+follows. Every threshold states what it guards against and what it was measured on
+(or that it is a heuristic without a measurement).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .orientation import FlowEvidence
+
+
+@dataclass(frozen=True)
+class StartPolicy:
+    """When the warm-up's cell order looks like a failed start (then a second warm-up,
+    from a diffusion pseudotime, competes on the validation ELBO).
+
+    The thresholds are heuristics; the competing starts are judged by the ELBO.
+    """
+
+    #: below this ``|Spearman|`` with the diffusion pseudotime the order is doubtful:
+    #: guards against a warm-up that folded or reversed part of the trajectory (the
+    #: symptom seen on simulations where that happened)
+    min_pseudotime_agreement: float = 0.5
+    #: below this ``|direction_score|`` the order hardly follows the splicing kinetics in
+    #: either direction: guards against an order unrelated to time (consistent orders
+    #: scored 0.2-0.5 on the simulations)
+    min_direction_score: float = 0.1
+
+    def doubtful(self, agreement: float, score: float) -> bool:
+        """Whether an order with this pseudotime ``agreement`` and direction ``score``
+        looks like a failed start (a NaN agreement counts as doubtful)."""
+        return not abs(agreement) >= self.min_pseudotime_agreement or (
+            abs(score) < self.min_direction_score)
+
+
+@dataclass(frozen=True)
+class RefinePolicy:
+    """The initial-condition refinement's window and its early end.
+
+    The refinement is checked every :attr:`check_every` epochs from :attr:`min_epochs`
+    on and ended once the validation log-likelihood cannot catch up with the first
+    stage's (:class:`~pyro_velo.inference.refine.RefinementCutoff`).
+    """
+
+    #: epochs between checks of the validation log-likelihood: guards against paying a
+    #: reconstruction pass over the validation cells after every epoch
+    check_every: int = 5
+    #: epochs before the first check: guards against judging the fine-tuning before it
+    #: moved (the accepted refinement on the simulations crossed zero by epoch 9)
+    min_epochs: int = 10
+    #: start of each cell's window, as a fraction of the span of inferred times: guards
+    #: against a window mean that drifts from the cell (on simulations a window of
+    #: 10% / 2% gave a worse start than the first-stage fit)
+    window_start: float = 0.03
+    #: end of the window, as a fraction of that span (see :attr:`window_start`)
+    window_end: float = 0.005
+
+
+@dataclass(frozen=True)
+class EpochPolicy:
+    """Default epochs of the training stages, from the data size."""
+
+    #: fewest warm-up epochs: guards against a warm-up too short to order the cells
+    #: when ``max_epochs`` is small (a heuristic floor, not a measured optimum)
+    min_warmup_epochs: int = 20
+    #: otherwise the warm-up lasts ``max_epochs // warmup_divisor`` epochs
+    warmup_divisor: int = 10
+    #: the refinement lasts ``max_epochs // refine_divisor`` epochs: a fine-tuning, much
+    #: shorter than the stages it refines
+    refine_divisor: int = 4
+
+    def warmup_epochs(self, max_epochs: int) -> int:
+        """``max(20, max_epochs // 10)`` with the defaults."""
+        return max(self.min_warmup_epochs, max_epochs // self.warmup_divisor)
+
+    def refine_epochs(self, max_epochs: int) -> int:
+        """``max_epochs // 4`` with the defaults."""
+        return max_epochs // self.refine_divisor
+
+    @staticmethod
+    def max_epochs(n_cells: int) -> int:
+        """Default epochs per stage: ``clip(4e5 / n, 100, 1000)`` to 100k cells, then
+        ``max(10, 1e7 / n)``.
+
+        Small data sets need many epochs for enough gradient steps; from 100k cells on,
+        an epoch holds so many steps that fewer passes suffice (at least 10).
+        """
+        if n_cells <= 100_000:
+            return int(np.clip(400_000 / n_cells, 100, 1000))
+        return max(10, int(10_000_000 / n_cells))
+
+
+@dataclass(frozen=True)
+class CompilePolicy:
+    """When ``train(compile=None, bf16=None)`` compiles the kinetics (and uses bfloat16).
+
+    Break-even estimate from the pancreas-size run (3,700 x 2,000) on two cores:
+    compiling costs 7-10 s on an empty cache, and a run does about 2.3 stages' worth of
+    passes, each cell-gene pass about 2.4e-8 s cheaper compiled, so compiling pays from
+    about 1.3e8; the round number above it keeps small runs (and the test suite) free
+    of compile time.
+    """
+
+    #: training cells x genes x max_epochs of one stage from which compiling pays:
+    #: guards against a compile (7-10 s) that costs more than it saves
+    min_work: int = 200_000_000
+
+    def worth_it(self, train_cells: int, genes: int, max_epochs: int, device_type: str
+                 ) -> bool:
+        """Whether a run of this size on this device type compiles by default."""
+        return device_type == "cpu" and train_cells * genes * max_epochs >= self.min_work
+
+    @staticmethod
+    def bf16(worth_it: bool) -> bool:
+        """Whether bfloat16 products are used by default: where compiling is worth it
+        and the CPU multiplies bfloat16 natively (:func:`pyro_velo.nn.bf16_supported`)."""
+        from . import nn
+
+        return worth_it and nn.bf16_supported()
+
+
+@dataclass(frozen=True)
+class TimePriorDefaults:
+    """The default Normal time prior, relative to the length ``t_max`` of the time axis.
+
+    Centred in the middle of the axis with a quarter of it as standard deviation: the
+    prior keeps times around ``[0, t_max]`` without pinning them.
+    """
+
+    loc_fraction: float = 0.5
+    scale_fraction: float = 0.25
+
+    def loc(self, t_max: float, given: float | None = None) -> float:
+        """The prior mean: ``given``, else ``loc_fraction * t_max``."""
+        return self.loc_fraction * t_max if given is None else float(given)
+
+    def scale(self, t_max: float, given: float | None = None) -> float:
+        """The prior standard deviation: ``given``, else ``scale_fraction * t_max``."""
+        return self.scale_fraction * t_max if given is None else float(given)
+
+
+@dataclass
+class StartCandidate:
+    """One warm-up start competing for the fit: its validation loss (negative ELBO), the
+    agreement of its cell order with the flow potential, and what restoring it needs."""
+
+    name: str
+    loss: float
+    agreement: float
+    payload: object = None
+
+
+@dataclass(frozen=True)
+class OrientationPolicy:
+    """How the data's own flow decides the direction of time (thresholds in one place).
+
+    The ELBO cannot tell a fit from its time-reversed twin on data outside the model's
+    ODE family (on regulatory-network simulations both fit about equally well), so the
+    order of cells that the warm-up hands on is checked against the potential of
+    :func:`flow_evidence`, which does not come from the model.
+
+    Attributes
+    ----------
+    keep_agreement
+        A warm-up whose order agrees with the potential at least this well (Spearman)
+        stands as the ELBO chose it; below it, a warm-up started from the potential
+        competes and the order that agrees best is kept. On the model's own ODE family
+        the ELBO's choice agrees at 0.9 or more, so it is left as it was there.
+    min_reproducibility
+        Below this agreement between the potentials of two halves of the genes, the
+        flow is too noisy to vote (measured: 0.7-0.99 on simulated trajectories).
+    identified_agreement
+        The fitted time's ``|agreement|`` with a reproducible potential from which on
+        the direction counts as identified by the data.
+    drift_tolerance
+        How far the mixture of ODEs may lower the basic fit's agreement before it is
+        refitted with the basic fit's time held fixed: with a rate per cell state, the
+        cell states can explain steady-state clusters on their own and the time then
+        loses its order (measured on regulatory-network simulations: a fork 0.59 ->
+        -0.07, a tree 0.85 -> 0.66 while its Spearman with the type depth fell from
+        0.85 to 0.47).
+    """
+
+    keep_agreement: float = 0.3
+    min_reproducibility: float = 0.3
+    identified_agreement: float = 0.2
+    drift_tolerance: float = 0.1
+
+    def lost_order(self, before: float | None, after: float | None,
+                   evidence: FlowEvidence | None) -> bool:
+        """Whether a stage lost the order of cells it was handed: the agreement with a
+        trusted flow fell from at least ``keep_agreement`` by more than
+        ``drift_tolerance``."""
+        if before is None or after is None or not self.trusts(evidence):
+            return False
+        return before >= self.keep_agreement and after < before - self.drift_tolerance
+
+    def trusts(self, evidence: FlowEvidence | None) -> bool:
+        """Whether the flow is reproducible enough to vote on the direction."""
+        return evidence is not None and evidence.reproducibility >= self.min_reproducibility
+
+    def wants_flow_start(self, candidates: list[StartCandidate],
+                         evidence: FlowEvidence | None) -> bool:
+        """Whether a warm-up from the flow potential should compete with ``candidates``."""
+        if not self.trusts(evidence) or not candidates:
+            return False
+        return min(candidates, key=lambda c: c.loss).agreement < self.keep_agreement
+
+    def choose(self, candidates: list[StartCandidate],
+               evidence: FlowEvidence | None) -> StartCandidate:
+        """The ELBO's best start, unless its order contradicts a trusted flow."""
+        by_loss = min(candidates, key=lambda c: c.loss)
+        if not self.trusts(evidence) or by_loss.agreement >= self.keep_agreement:
+            return by_loss
+        return max(candidates, key=lambda c: c.agreement)
+
+    def report(self, evidence: FlowEvidence | None, t: np.ndarray,
+               given: str | None = None) -> dict:
+        """The diagnostic stored with a fit: how its time agrees with the flow.
+
+        ``status`` is ``'given'`` (``given`` names the root or capture times that set
+        the direction), ``'forward'``, ``'reversed'`` (the time runs against a
+        reproducible flow) or ``'not identified'``.
+        """
+        agreement = evidence.agreement(t) if evidence is not None else float("nan")
+        reproducibility = evidence.reproducibility if evidence is not None else float("nan")
+        if given is not None:
+            status = "given"
+        elif not self.trusts(evidence) or abs(agreement) < self.identified_agreement:
+            status = "not identified"
+        else:
+            status = "forward" if agreement > 0 else "reversed"
+        return {"status": status, "given_by": given or "",
+                "flow_agreement": float(agreement),
+                "flow_reproducibility": float(reproducibility)}
+
+
+START = StartPolicy()
+REFINE = RefinePolicy()
+EPOCHS = EpochPolicy()
+COMPILE = CompilePolicy()
+TIME_PRIOR = TimePriorDefaults()
+ORIENTATION = OrientationPolicy()
