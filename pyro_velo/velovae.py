@@ -630,14 +630,20 @@ class VeloVAE:
            (same rates and time encoder, ``rho`` near 1), trained jointly with c. With
            ``rate_history='ancestors'`` too: the paper's one rate per cell.
         4. ``refine`` (full model only, ``refine_epochs > 0``): initial-condition
-           refinement, see :meth:`refine_initial_conditions`.
-
-        The stages are the list :meth:`schedule` returns (objects of
-        :mod:`pyro_velo.inference.stages`), run and checkpointed by
-        :func:`~pyro_velo.inference.stages.run_stages`. With
+           refinement, see :meth:`refine_initial_conditions`. With
            ``rate_history='ancestors'`` instead ``ancestors``: the fit continues, every
            parameter trained, with the ancestors' rates
            (:class:`~pyro_velo.model.AncestralModel`).
+
+        The direction of time is checked against a velocity field built from the data
+        alone (:mod:`pyro_velo.orientation`): it can pick the warm-up's start, and the
+        mixture of ODEs is refitted with the basic fit's time held where it loses the
+        basic fit's order; :meth:`direction` reports the verdict. A root or capture
+        times set the direction instead.
+
+        The stages are the list :meth:`schedule` returns (objects of
+        :mod:`pyro_velo.inference.stages`), run and checkpointed by
+        :func:`~pyro_velo.inference.stages.run_stages`.
 
         Parameters
         ----------
