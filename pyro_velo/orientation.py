@@ -2,15 +2,16 @@
 
 A fit's own velocity always agrees with its own time, even when both run backwards, so
 the direction of a fit is checked against a velocity field built from the data alone:
-the steady-state (scVelo "deterministic") velocity ``v = u - gamma' s``, where
-``gamma'`` is each gene's ratio of unspliced to spliced abundance in its extreme cells.
+the steady-state velocity ``v = u - gamma' s``, where ``gamma'`` is each gene's ratio
+of unspliced to spliced abundance fitted over all cells.
 Along every kNN edge ``i -> j`` the cosine between ``v_i`` and the displacement
 ``s_j - s_i`` says whether ``j`` lies downstream of ``i``; the root-free potential whose
 differences best match these antisymmetrised edge flows (a Hodge decomposition of the
 flow on the graph, as in Dynamo's ``ddhodge``) then orders the cells without choosing a
-root. Its agreement with a fitted time, and how consistently the flow supports the
-potential at all, decide whether the direction is identified
-(:class:`pyro_velo.policies.OrientationPolicy`).
+root. Its agreement with a fitted time, and how reproducible the potential is over
+halves of the genes, decide whether the direction is identified
+(:class:`pyro_velo.policies.OrientationPolicy`). The module also reads a user's root
+cells (:func:`root_mask`) and words the warning for an unidentified direction.
 """
 
 from __future__ import annotations
