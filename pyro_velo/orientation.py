@@ -17,7 +17,6 @@ cells (:func:`root_mask`) and words the warning for an unidentified direction.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,7 +173,7 @@ def root_mask(obs, root_key: str | None, root, direction_given: bool) -> np.ndar
     if root_key not in obs:
         raise InputError(f"root_key {root_key!r} is not a column of obs; columns: "
                          f"{list(obs.columns)}")
-    labels = [root] if isinstance(root, str) or not isinstance(root, Sequence) else list(root)
+    labels = [root] if isinstance(root, str) else list(np.atleast_1d(root))
     values = obs[root_key].astype(str).to_numpy()
     mask = np.isin(values, [str(label) for label in labels])
     if not mask.any():
