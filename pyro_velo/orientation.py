@@ -157,6 +157,14 @@ def flow_evidence(u: np.ndarray, s: np.ndarray, graph: sp.spmatrix, n_splits: in
                         reproducibility=float(np.mean(agreements)) if agreements else 0.0)
 
 
+def direction_source(capture_times, root) -> str | None:
+    """What sets the direction of time instead of the heuristics: ``'capture times'``,
+    ``'root'`` (a user's root cells) or None."""
+    if capture_times is not None:
+        return "capture times"
+    return "root" if root is not None else None
+
+
 def root_mask(obs, root_key: str | None, root, direction_given: bool) -> np.ndarray | None:
     """``(n_cells,)`` mask of the cells whose ``obs[root_key]`` is ``root`` (a label or a
     list of labels); None without a root. Errors name what is wrong: a half-given

@@ -54,7 +54,13 @@ from .inference.warmup import WarmUp, cell_graph
 from .initialize import steady_state_init
 from .likelihoods import Likelihood, make_likelihood
 from .model import BasicModel
-from .orientation import FlowEvidence, flow_evidence, root_mask, warn_if_unidentified
+from .orientation import (
+    FlowEvidence,
+    direction_source,
+    flow_evidence,
+    root_mask,
+    warn_if_unidentified,
+)
 from .persist import FORMAT_VERSION as FORMAT_VERSION  # re-exported: the saved layout
 from .persist import load, save
 from .predict import Predictor
@@ -869,9 +875,7 @@ class VeloVAE:
         return self.history
 
     def _direction_given(self) -> str | None:
-        if self.capture_times is not None:
-            return "capture times"
-        return "root" if self._root is not None else None
+        return direction_source(self.capture_times, self._root)
 
     def _flow_evidence(self) -> FlowEvidence | None:
         """The data's own flow over the cells training starts from (None under 20 cells);

@@ -32,7 +32,7 @@ from ..initialize import (
     root_pseudotime,
     time_informed_init,
 )
-from ..orientation import FlowEvidence
+from ..orientation import FlowEvidence, direction_source
 from .loop import TrainingHistory, evaluate_loss
 from .stages import Run, Stage, rates_to_guide, selection_split
 
@@ -83,11 +83,9 @@ class WarmUp(Stage):
 
     @property
     def direction_given(self) -> str | None:
-        """What sets the direction instead of the heuristics: ``'capture times'``,
-        ``'root'`` or None."""
-        if self.capture_times is not None:
-            return "capture times"
-        return "root" if self.root is not None else None
+        """What sets the direction instead of the heuristics (see
+        :func:`~pyro_velo.orientation.direction_source`)."""
+        return direction_source(self.capture_times, self.root)
 
     def train(self, run: Run, **_: Any) -> None:
         """Run the competing warm-ups and keep the one the policies choose.
