@@ -50,6 +50,7 @@ from .inference.stages import (
     run_stages,
     speed_settings,
 )
+from .inference.threads import ThreadGovernor
 from .inference.warmup import WarmUp, cell_graph
 from .initialize import steady_state_init
 from .likelihoods import Likelihood, make_likelihood
@@ -687,12 +688,14 @@ class VeloVAE:
             log (see :class:`~pyro_velo.inference.callbacks.Progress` and
             ``pyro_velo.settings.verbosity``).
         num_threads
-            CPU threads torch may use while training (restored afterwards). ``None``
-            (default) keeps torch's own setting: ``torch.set_num_threads`` or
-            ``OMP_NUM_THREADS``, else one thread per core. On an idle 2-core machine two
-            threads train the pancreas-size set about 1.5x faster than one; on cores
-            busy with other work, pass 1: two threads next to another busy process were
-            2-40x slower than one (OpenMP oversubscription).
+            CPU threads torch may use while training (torch's count is restored
+            afterwards). ``None`` (default): up to torch's own count
+            (``torch.set_num_threads``, ``OMP_NUM_THREADS``, else one per core), and
+            fewer while other processes keep cores busy: the count follows the
+            machine's load (:mod:`pyro_velo.inference.threads`), because OpenMP
+            threads that share a core with another busy process wait for each other
+            (measured on two cores beside one busy process: 275 s on two fixed
+            threads, 12 s on one, 12 s idle). A number fixes the count.
         checkpoint_dir
             Folder for a training checkpoint (``checkpoint.pt``, rewritten atomically),
             written every ``checkpoint_every`` epochs (counted over all stages) and at the
@@ -849,9 +852,12 @@ class VeloVAE:
                                           max_epochs, self.device.type)
         compile = large if compile is None else compile
         bf16 = policies.COMPILE.bf16(large) if bf16 is None else bf16
+        # on the CPU without a thread count, the threads follow the machine's load
+        governed = num_threads is None and self.device.type == "cpu"
         run = Run(self.history, self.config, dict(
             batch_size=batch_size, lr=lr, lr_ode=lr_ode, progress_bar=progress_bar,
-            patience=patience, distributed=distributed), early_stopping, callbacks)
+            patience=patience, distributed=distributed), early_stopping,
+            [*callbacks, *([ThreadGovernor()] if governed else [])])
         with cpu_threads(num_threads if self.device.type == "cpu" else None):
             if self.config["model"] == "full":
                 basic_model, basic_guide = self.make_pair("basic")

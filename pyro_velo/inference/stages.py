@@ -28,12 +28,12 @@ from ..nn import WideLinear
 from ..orientation import FlowEvidence
 from ..policies import OrientationPolicy
 from ..predict import Predictor
+from .callbacks import Callback, SVILoop
 from .loop import TrainingHistory, fit
 
 if TYPE_CHECKING:
     from ..data import VelocityData
     from ..disk import DiskVelocityData
-    from .callbacks import Callback
     from .checkpoint import Checkpointer
 
 
@@ -167,21 +167,52 @@ class FullStage(Stage):
 
     def train(self, run: Run, **checkpoint_options: Any) -> None:
         before = self.flow_agreement(self.basic_model, self.basic_guide)
+        policy = self.orientation or policies.ORIENTATION
+        watch = OrderWatch(self, before, policy) if before is not None else None
         with (self.model.without_ancestors() if self.without_ancestors
               else contextlib.nullcontext()):
-            super().train(run, **checkpoint_options)
-            after = self.flow_agreement(self.model, self.guide)
-            if before is None:
+            run.fit(self.model, self.guide, self.data, self.epochs, self.description,
+                    early_stopping=run.early_stopping,
+                    callbacks=[*run.callbacks, *([watch] if watch else [])],
+                    **checkpoint_options)
+            if watch is None:
                 return
+            after = self.flow_agreement(self.model, self.guide)
             run.config["stage_flow_agreement"] = {"basic": before, "full": after}
-            if (self.orientation or policies.ORIENTATION).lost_order(before, after,
-                                                                     self.evidence):
+            if watch.lost or policy.lost_order(before, after, self.evidence):
                 self.start_from_basic()
                 with time_encoder_frozen(self.guide.encoder):
                     run.fit(self.model, self.guide, self.data, self.epochs,
                             f"{self.description} (time held)",
                             early_stopping=run.early_stopping)
                 run.config["time_held"] = True
+
+
+class OrderWatch(Callback):
+    """Stop the :class:`FullStage` as soon as its time loses the basic fit's order.
+
+    Every ``policy.watch_every`` epochs the stage's cells are encoded and their time's
+    agreement with the flow compared with ``before`` (the basic fit's) by
+    :meth:`~pyro_velo.policies.OrientationPolicy.lost_order`. The stage is refitted
+    with the time held in that case anyway, so the epochs after the loss would be
+    wasted: on regulatory-network forks they were most of a second full stage.
+    """
+
+    def __init__(self, stage: FullStage, before: float,
+                 policy: OrientationPolicy) -> None:
+        self.stage, self.before, self.policy = stage, before, policy
+        self.lost = False
+
+    def on_epoch_end(self, loop: SVILoop) -> None:
+        done = loop.epoch + 1 - loop.first_epoch
+        if done % self.policy.watch_every or loop.stop:
+            return
+        now = self.stage.flow_agreement(loop.model, loop.guide)
+        loop.model.train()  # encoding switched the pair to evaluation mode
+        loop.guide.train()
+        if self.policy.lost_order(self.before, now, self.stage.evidence):
+            self.lost = True
+            loop.request_stop()
 
 
 class AncestorsStage(Stage):
