@@ -69,6 +69,7 @@ from .warmup import WarmUp, cell_graph
 
 if TYPE_CHECKING:
     import pandas as pd
+    import scipy.sparse as sp
 
     from ..disk import DiskVelocityData
     from ..predict import Predictor
@@ -100,17 +101,19 @@ class StartCells:
         Seed of the sample of blocks and of a kNN graph built where none is given.
     """
 
-    def __init__(self, data: VelocityData | DiskVelocityData, graph, obs: pd.DataFrame,
-                 seed: int) -> None:
+    def __init__(self, data: VelocityData | DiskVelocityData, graph: sp.spmatrix | None,
+                 obs: pd.DataFrame, seed: int) -> None:
         self.data = (data if isinstance(data, VelocityData)
                      else data.load(data.sample(START_SAMPLE_CELLS, seed)))
         self.graph, self.obs, self.seed = graph, obs, seed
         #: the user's root cells over all cells (set by :meth:`TrainingPlan.run`)
         self.root: np.ndarray | None = None
+        #: the data's own flow over these cells, once computed (:meth:`flow_evidence`)
         self.evidence: FlowEvidence | None = None
 
-    def graph_for(self, data: VelocityData | DiskVelocityData):
-        """The given kNN graph while these are all the cells of ``data``, else None."""
+    def graph_for(self, data: VelocityData | DiskVelocityData) -> sp.spmatrix | None:
+        """The given kNN graph while these cells are ``data`` itself, else None: the graph
+        indexes the cells of the AnnData the model was built from, not a sample."""
         return self.graph if self.data is data else None
 
     def follow(self, before: VelocityData | DiskVelocityData,
@@ -161,7 +164,8 @@ class Trainable(Restartable, Protocol):
                  max_epochs: int, warmup_epochs: int, basic_epochs: int,
                  refine_epochs: int) -> list[Stage]: ...
 
-    def _to(self, device: str | torch.device) -> None: ...
+    def _to(self, device: str | torch.device) -> None:
+        """Move the model, the guide and the data (the start cells too) to ``device``."""
 
 
 @dataclass(frozen=True)
@@ -272,12 +276,11 @@ class TrainingPlan:
         process group) for invalid arguments, before anything changes."""
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise InputError("device='cuda' was requested but CUDA is not available")
-        for name in ("distributed", "compile", "bf16"):
-            if getattr(self, name) not in (None, True, False):
-                raise InputError(f"{name} must be None, True or False, got "
-                                 f"{getattr(self, name)!r}")
-            if name == "distributed" and self.distributed:
-                current_group(True)  # RuntimeError now, before anything changes
+        _check_switch(self.distributed, "distributed")
+        if self.distributed:
+            current_group(True)  # RuntimeError now, before anything changes
+        _check_switch(self.compile, "compile")
+        _check_switch(self.bf16, "bf16")
         check_training_arguments(
             max_epochs=self.max_epochs, batch_size=self.batch_size, lr=self.lr,
             lr_ode=self.lr_ode, patience=self.patience, warmup_epochs=self.warmup_epochs,
@@ -369,6 +372,12 @@ class TrainingPlan:
             progress_bar=self.progress_bar, num_threads=self.num_threads,
             distributed=self.distributed, compile=self.compile, bf16=self.bf16,
             callbacks=self.callbacks, root_key=self.root_key, root=self.root))
+
+
+def _check_switch(value: bool | None, name: str) -> None:
+    """Raise InputError unless ``value`` is None, True or False."""
+    if value not in (None, True, False):
+        raise InputError(f"{name} must be None, True or False, got {value!r}")
 
 
 def default_schedule(vae: Trainable, start: StartCells, basic_model: torch.nn.Module,
