@@ -111,7 +111,7 @@ def main() -> None:
                              "number of branches)")
     parser.add_argument("--size-factors", default="total", choices=pv.pp.SIZE_FACTORS)
     parser.add_argument("--rate-history", default="constant",
-                        choices=pv.velovae.RATE_HISTORIES)
+                        choices=pv.components.RATE_HISTORIES)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per fit (default: torch's setting)")
     args = parser.parse_args()

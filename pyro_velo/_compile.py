@@ -5,7 +5,8 @@ elementwise passes over a cells x genes minibatch in the forward alone, plus as 
 the backward; eager torch runs each as its own kernel. Compiled, they fuse into a few,
 which halves the kinetics' share of a training step (see ``benchmarks/RESULTS.md``).
 Compilation costs seconds per graph (once per process, less with torch's on-disk cache),
-so it pays on large data only; :meth:`pyro_velo.VeloVAE.train` decides.
+so it pays on large data only; the training plan decides
+(:class:`pyro_velo.inference.plan.TrainingPlan`, by :class:`pyro_velo.policies.CompilePolicy`).
 
 Only calls that record gradients use the compiled function: evaluation passes under
 ``torch.no_grad`` would each need one more compiled graph for little work. If compiling

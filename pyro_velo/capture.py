@@ -2,8 +2,9 @@
 
 Experiments that sample cells at several time points (days of differentiation, embryonic
 stages) label each cell with its capture time. :func:`parse_capture_times` turns such
-labels into numbers, :func:`capture_time_axis` maps them onto the model's time axis for
-the informative time prior (paper sections 3.3 and 4.2).
+labels into numbers, :func:`capture_time_axis` maps them onto the model's time axis and
+:func:`capture_time_prior` gives them with the spread of the informative time prior
+(paper sections 3.3 and 4.2).
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
+import torch
 from anndata import AnnData
 
 from ._checks import InputError
+from .priors import default_time_scale
 
 #: Days from conception to birth used to put postnatal labels ``'P<n>'`` after embryonic
 #: labels ``'E<n>'`` on one axis (mouse: birth at about E19.5).
@@ -136,3 +139,19 @@ def capture_time_axis(times: np.ndarray, t_max: float, margin: float = 0.1) -> n
     """
     lo, hi = np.nanmin(times), np.nanmax(times)
     return t_max * (margin + (1 - 2 * margin) * (times - lo) / (hi - lo))
+
+
+def capture_time_prior(adata: AnnData, key: str, mapping: Mapping[object, float] | None,
+                       scale: float | None, t_max: float) -> tuple[torch.Tensor, float]:
+    """Per-cell capture times on the model's axis and the standard deviation of their
+    prior.
+
+    Returns the times of ``adata.obs[key]`` mapped by :func:`capture_time_axis` (a
+    float32 tensor; NaN for cells without one) and ``scale``, by default the spacing of
+    consecutive capture times on the axis (:func:`~pyro_velo.priors.default_time_scale`).
+    """
+    times = capture_times_from_obs(adata, key, mapping)
+    if scale is None:
+        scale = default_time_scale(len(np.unique(times[np.isfinite(times)])), t_max)
+    return (torch.as_tensor(capture_time_axis(times, t_max), dtype=torch.float32),
+            float(scale))

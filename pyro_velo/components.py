@@ -1,14 +1,16 @@
 """The swappable components of a VeloVAE: their checks and the (model, guide) they build.
 
-:func:`check_settings` and :func:`check_components` validate the constructor's numbers
-and pieces before anything is built; :func:`build_pair` builds a model (ours by name,
-or the user's class or instance) with its guide from the configuration; :func:`describe`
-records a component in the JSON configuration (objects as ``'custom:<class>'``).
+:func:`configure` checks the constructor's arguments (:func:`check_settings` for its
+numbers, :func:`check_components` for its pieces) before anything is built and records
+them as the JSON configuration; :func:`build_pair` builds a model (ours by name, or the
+user's class or instance) with its guide from the configuration; :func:`describe`
+records a component in the configuration (objects as ``'custom:<class>'``).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -31,6 +33,64 @@ GUIDES = ("amortized", "amortized_mvn")
 COMPONENTS = ("likelihood", "guide", "time_prior", "state_prior", "rate_prior")
 #: config value of a component passed as an object: it must be passed again to load()
 CUSTOM = "custom:"
+
+
+def configure(model, *, unspliced_layer: str, spliced_layer: str, t_max: float,
+              time_prior_loc: float | None, time_prior_scale: float | None,
+              hidden: Sequence[int], dropout: float, latent_dim: int, c_prior_scale: float,
+              rate_history: str, likelihood, guide, time_prior, state_prior, rate_prior,
+              capture_time_key: str | None, capture_time_mapping: dict | None,
+              capture_time_scale: float | None, split_fractions: Sequence[float],
+              seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check :class:`~pyro_velo.VeloVAE`'s arguments; return its configuration and parts.
+
+    The configuration (JSON-able, saved by :mod:`pyro_velo.persist`) records the
+    arguments, components by :func:`describe`; the parts are the components by name
+    (see :func:`check_components`), with ``'model'`` the user's model class or instance
+    when one was given. Raises :class:`~pyro_velo._checks.InputError` before anything is
+    built.
+    """
+    model, custom_model = model_kind(model)
+    if rate_history not in RATE_HISTORIES:
+        raise InputError(f"unknown rate_history {rate_history!r}; choose one of "
+                         f"{RATE_HISTORIES}")
+    if rate_history != "constant" and model != "full":
+        raise InputError(f"rate_history={rate_history!r} applies to model='full'")
+    check_settings(t_max=t_max, time_prior_loc=time_prior_loc,
+                   time_prior_scale=time_prior_scale, hidden=hidden, dropout=dropout,
+                   latent_dim=latent_dim, c_prior_scale=c_prior_scale,
+                   capture_time_scale=capture_time_scale, seed=seed)
+    components = check_components(model, likelihood, guide, time_prior, state_prior,
+                                  rate_prior, capture_time_key)
+    config = {
+        "model": model,
+        "unspliced_layer": unspliced_layer,
+        "spliced_layer": spliced_layer,
+        "t_max": float(t_max),
+        "time_prior_loc": time_prior_loc,
+        "time_prior_scale": time_prior_scale,
+        "hidden": [int(width) for width in hidden],
+        "dropout": float(dropout),
+        "latent_dim": int(latent_dim),
+        "c_prior_scale": float(c_prior_scale),
+        "rate_history": rate_history,
+        **{name: describe(value) for name, value in components.items()},
+        "capture_time_key": capture_time_key,
+        "capture_time_mapping": capture_time_mapping,
+        "capture_time_scale": capture_time_scale,
+        "split_fractions": list(split_fractions),
+        "seed": int(seed),
+    }
+    if custom_model is not None:
+        config["model_class"] = describe(custom_model)
+        components["model"] = custom_model
+    return config, components
+
+
+def ancestral(config: dict[str, Any]) -> bool:
+    """Whether the full model of ``config`` takes each cell's past rates from its
+    ancestors (``rate_history='ancestors'``)."""
+    return config.get("rate_history") == "ancestors"  # absent in older saves
 
 
 def check_settings(*, t_max, time_prior_loc, time_prior_scale, hidden, dropout,
@@ -98,8 +158,13 @@ def build_pair(kind: str, cfg: dict[str, Any], parts: dict[str, Any], init: Rate
     see :func:`check_components`; ``parts['model']`` a user's model class or instance);
     ``init``: the steady-state initialisation; ``data``: the fitted cells (their number
     of genes and per-gene scales); ``capture_times``: per-cell times on the model's axis
-    or None. Objects passed by the user are copied, so the first-stage basic model and
-    the final model never share parameters.
+    or None. A user's model class is built with the arguments of ours (steady-state
+    initialisation, ``t_max``, time-prior settings and the components); a user's model
+    instance is used as built. Per-gene parameters such a model adds are trained at
+    ``lr_ode`` when its ``ode_parameters()`` lists them, and exported by
+    :meth:`~pyro_velo.VeloVAE.get_rates` when its ``gene_parameters()`` does. Objects
+    passed by the user are copied, so the first-stage basic model and the final model
+    never share parameters.
     """
     with local_params():
         return _build_pair(kind, cfg, parts, init, data, capture_times)

@@ -13,19 +13,22 @@ blocks (block-shuffled minibatches) keeps reads sequential while still mixing ce
 all over the file into every minibatch.
 
 ``anndata.read_h5ad(path, backed='r')`` keeps only ``X`` on disk and loads every layer
-into memory, so a path is what selects streaming: ``VeloVAE('atlas.h5ad')``.
+into memory, so a path is what selects streaming: ``VeloVAE('atlas.h5ad')``
+(:func:`read_cells` opens an AnnData in memory or a path this way).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from anndata import AnnData
 from torch import Tensor
 
 from ._checks import InputError, MissingFileError, check_unique_cell_names, check_unique_names
@@ -386,6 +389,35 @@ class DiskVelocityData:
                    torch.from_numpy(scale_u[fitted].astype(np.float32)),
                    torch.from_numpy(scale_s[fitted].astype(np.float32)),
                    block_cells, buffer_blocks)
+
+
+def read_cells(adata: AnnData | str | Path, unspliced_layer: str, spliced_layer: str,
+               split_fractions: tuple[float, float, float], split: np.ndarray | None,
+               seed: int, counts: bool, progress_bar: bool
+               ) -> tuple[VelocityData | DiskVelocityData, AnnData, np.ndarray, Any]:
+    """The cells a :class:`~pyro_velo.VeloVAE` fits: ``adata`` in memory, or streamed from
+    the ``.h5ad`` file at that path (:meth:`DiskVelocityData.from_h5ad`).
+
+    Returns the data (with the raw counts a count likelihood reads, when ``counts``), the
+    cells' annotations (``adata`` itself, or the file's ``obs`` without matrices), the
+    gene names and the kNN graph ``obsp['connectivities']`` (a reference, not a copy;
+    None where absent or from a file). Raises :class:`~pyro_velo._checks.InputError` for
+    ``counts`` from a file: those are read into memory.
+    """
+    layers = (unspliced_layer, spliced_layer, split_fractions, split, seed)
+    if isinstance(adata, str | Path):
+        if counts:
+            raise InputError(
+                "count likelihoods read raw counts into memory and cannot stream from "
+                "a file: pass an AnnData, or use the default likelihood='normal'")
+        data = DiskVelocityData.from_h5ad(adata, *layers, progress_bar=progress_bar)
+        obs, var = read_annotations(adata)
+        return data, AnnData(obs=obs), np.asarray(var.index), None
+    data = VelocityData.from_anndata(adata, *layers)
+    graph = adata.obsp["connectivities"] if "connectivities" in adata.obsp else None
+    if counts:
+        data = data.with_counts(adata)
+    return data, adata, np.asarray(adata.var_names), graph
 
 
 def _index(group: h5py.Group) -> np.ndarray:

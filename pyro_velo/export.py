@@ -194,7 +194,23 @@ def _encode_group(group, encoding: str) -> None:
 
 
 def write_anndata(vae: Fitted, adata, rho: bool | None = None) -> None:
-    """Write the export of ``vae`` into the in-memory ``adata`` (nothing on error)."""
+    """Write the export of ``vae`` into the in-memory ``adata`` (nothing on error).
+
+    The scVelo / CellRank contract: ``obs['latent_time']`` (posterior mean time rescaled
+    to [0, 1]), ``layers['velocity']`` (ds/dt on the ``Ms`` scale, NaN columns for genes
+    not fitted), ``layers['velocity_u']`` (du/dt on the ``Mu`` scale),
+    ``var['velocity_genes']`` and ``uns['velocity_params']`` (``mode='pyro_velo'``). Our
+    own keys: ``obs['pyro_velo_time']`` (raw posterior mean), ``obs['pyro_velo_time_std']``,
+    ``obs['pyro_velo_split']``, ``layers['pyro_velo_u']`` / ``layers['pyro_velo_s']``
+    (fitted abundances) and ``var['pyro_velo_<rate>']`` for each column of
+    :meth:`~pyro_velo.VeloVAE.get_rates`; after
+    :meth:`~pyro_velo.VeloVAE.get_uncertainty` also ``obs['pyro_velo_time_cv']``,
+    ``obs['pyro_velo_state_cv']``, ``obs['pyro_velo_rho_cv']``,
+    ``obs['pyro_velo_velocity_cv']``. Full model also: ``obsm['pyro_velo_cell_state']``
+    (posterior mean c) and ``layers['pyro_velo_rho']`` (rho; with ``rho=None`` only when
+    the dense float32 array is under 2 GiB, :data:`MAX_DENSE_RHO_BYTES`; ``rho=False``
+    never).
+    """
     check_same_cells(vae, adata.obs_names, adata.var_names, "adata")
     predictor = vae.predictor
     latent = predictor.encode()

@@ -190,9 +190,12 @@ def root_mask(obs, root_key: str | None, root, direction_given: bool) -> np.ndar
     return mask
 
 
-def warn_if_unidentified(report: dict) -> None:
+def warn_if_unidentified(report: dict, stacklevel: int = 2) -> None:
     """Warn, saying what to do, when a fit's direction report (see
-    :meth:`pyro_velo.policies.OrientationPolicy.report`) is not ``forward`` or ``given``."""
+    :meth:`pyro_velo.policies.OrientationPolicy.report`) is not ``forward`` or ``given``.
+
+    ``stacklevel`` counts from the caller, as for :func:`warnings.warn`.
+    """
     if report["status"] in ("reversed", "not identified"):
         warnings.warn(
             f"The direction of latent time is {report['status']} by the data's own velocity "
@@ -200,4 +203,4 @@ def warn_if_unidentified(report: dict) -> None:
             f"{report['flow_reproducibility']:.2f}): the time may run backwards. Give the "
             "first cells, train(root_key='<obs column>', root='<progenitor label>'), or "
             "capture times, VeloVAE(adata, capture_time_key='<obs column>').",
-            UserWarning, stacklevel=3)
+            UserWarning, stacklevel=stacklevel + 1)

@@ -35,7 +35,25 @@ TRAINING_RECORDS = ("refine_delta1", "refine_delta2", "refined", "warm_start", "
 
 
 def save(vae, path: str | Path, overwrite: bool = False) -> None:
-    """Write ``vae`` to the folder ``path`` (see :meth:`pyro_velo.VeloVAE.save`)."""
+    """Write ``vae`` to the folder ``path`` (created if missing), so that :func:`load`
+    predicts identically (:meth:`pyro_velo.VeloVAE.save`).
+
+    Two files are written:
+
+    - ``model.pt`` (``torch.save``; readable with ``weights_only=True``): parameters and
+      buffers of the model and the guide (encoder, for the full model also the decoder,
+      per-gene rates, switch times, scaling, noise and, after refinement, every cell's
+      initial condition), the train/validation/test split, cell and gene names, the
+      fitted-gene mask, the per-gene scales the data were divided by, the training
+      history and whether the model is trained;
+    - ``config.json``: the constructor arguments (and the :data:`TRAINING_RECORDS`), the
+      package version and ``format_version`` (:data:`FORMAT_VERSION`).
+
+    The data themselves are not saved. Parameters are saved on the CPU. ``overwrite``
+    replaces the files of a folder that is not empty; otherwise such a folder raises
+    :class:`FileExistsError`, and a ``path`` that is not a folder
+    :class:`~pyro_velo._checks.InputError`.
+    """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(f"cannot save to {path}: it exists and is not a folder")
@@ -67,7 +85,30 @@ def save(vae, path: str | Path, overwrite: bool = False) -> None:
 
 def load(cls, path: str | Path, adata, components: dict[str, Any]):
     """A ``cls`` (VeloVAE) read from the folder ``path`` for the cells and genes of
-    ``adata`` (see :meth:`pyro_velo.VeloVAE.load`)."""
+    ``adata`` (:meth:`pyro_velo.VeloVAE.load`).
+
+    Components passed as objects when the model was built (``model`` as a class or
+    instance, ``likelihood``, ``guide``, ``time_prior``, ``state_prior``, ``rate_prior``;
+    recorded in the configuration as ``'custom:<class>'``) must be in ``components``,
+    freshly constructed: their parameters are then restored from the file.
+
+    No training happens: the saved parameters, initial conditions, split and per-gene
+    scales are restored, so that every ``get_*`` method returns what it returned before
+    saving (bitwise, on the same machine). ``adata`` (an AnnData, or the path of an
+    ``.h5ad`` file to stream from; not modified) must have the same cells and genes, in
+    the same order, as the data the model was fitted on, with the same abundance layers.
+    If its abundances differ from the fitted data's (their per-gene scales differ), a
+    warning is given and the stored scales are used. The model is loaded on the CPU.
+
+    Raises
+    ------
+    MissingFileError
+        ``path`` is not a folder or lacks ``config.json`` / ``model.pt`` (also a
+        :class:`FileNotFoundError`).
+    InputError
+        A file is damaged, the format version differs from :data:`FORMAT_VERSION`, or
+        ``adata``'s cells, genes or fitted genes differ from the saved ones.
+    """
     path = Path(path)
     if not path.is_dir():
         raise MissingFileError(f"no saved VeloVAE at {path}: the folder does not exist")

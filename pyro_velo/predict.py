@@ -160,6 +160,18 @@ class Predictor:
             rho = torch.cat([self.model.transcription_rate(b) for b in c.split(CHUNK)])
         return self.full_width(rho.cpu().numpy())
 
+    def rates(self) -> pd.DataFrame:
+        """Per-gene parameters on the data scale: the model's and its likelihood's
+        ``gene_parameters()``, NaN rows for genes not fitted, and a ``fitted`` column
+        (see :meth:`pyro_velo.VeloVAE.get_rates`)."""
+        values = self.model.gene_parameters(self.data.gene_scale_u.cpu().numpy(),
+                                            self.data.gene_scale_s.cpu().numpy())
+        frame = pd.DataFrame(np.nan, index=self.var_names, columns=list(values))
+        for name, value in values.items():
+            frame.loc[self.data.fitted, name] = value
+        frame["fitted"] = self.data.fitted
+        return frame
+
     @torch.no_grad()
     def reconstruction(self, split: str) -> dict[str, float]:
         """``mse``, ``mae`` and mean per-cell ``log_likelihood`` of one split's cells.
@@ -206,7 +218,17 @@ class Predictor:
     def sample_posterior(self, n_samples: int, return_sites: Sequence[str] | None,
                          batch_size: int, seed: int, progress_bar: bool
                          ) -> dict[str, np.ndarray]:
-        """Joint draws for every cell (see :meth:`pyro_velo.VeloVAE.sample_posterior`)."""
+        """Joint draws for every cell (:meth:`pyro_velo.VeloVAE.sample_posterior`).
+
+        ``return_sites``: default the per-cell latent sites (``'t'``, and ``'c'`` for the
+        full model). Latent sites (``'t'``, ``'c'``; ``'alpha'``, ``'beta'``, ``'gamma'``
+        when the rates are random) and derived quantities at the drawn values
+        (``'velocity'`` = ds/dt and ``'velocity_u'`` = du/dt on the ``Ms`` / ``Mu``
+        scale, ``'u'``, ``'s'`` on the model's per-gene scale). Derived arrays have
+        ``n_samples x n_cells x fitted genes`` entries: for summaries over many cells use
+        :meth:`uncertainty`, which never holds them. ``seed`` reseeds torch and Pyro's
+        global RNG (reproducible on CPU).
+        """
         available = self.posterior_sites()
         if return_sites is None:
             return_sites = [name for name in ("t", "c") if name in available]
@@ -232,7 +254,25 @@ class Predictor:
 
     def uncertainty(self, n_samples: int, batch_size: int, seed: int,
                     progress_bar: bool) -> pd.DataFrame:
-        """Per-cell posterior uncertainty (see :meth:`pyro_velo.VeloVAE.get_uncertainty`)."""
+        """Per-cell posterior uncertainty (:meth:`pyro_velo.VeloVAE.get_uncertainty`).
+
+        Summaries are accumulated online over ``n_samples`` draws for one minibatch of
+        cells at a time (memory ``batch_size x genes``, never samples x cells x genes).
+        Columns:
+
+        - ``time_mean``, ``time_std``; ``time_cv`` = ``time_std / |time_mean|`` (time on
+          the model's axis ``[0, t_max]``);
+        - ``state_cv`` (full model): the multivariate coefficient of variation of c (Van
+          Valen 1974), ``sqrt(trace Cov(c) / |E c|^2)``. c has no natural origin (its
+          N(0, I) prior places the origin where cells are dense), so this ratio also
+          depends on where a cell sits in c-space, not only on its spread;
+        - ``rho_cv`` (full model): the same for the transcription rates ``rho = g(c)``
+          over the fitted genes: the cell-state uncertainty in what the state means for
+          expression, independent of how c is parametrised and relative to a real zero
+          (no transcription);
+        - ``velocity_cv``: the same for the velocity vector ds/dt over the fitted genes
+          (on the ``Ms`` scale): total posterior spread relative to the mean velocity.
+        """
         set_seed(seed)
         idx = torch.arange(self.data.n_cells, device=self.device)
         columns: dict[str, list[Tensor]] = {}

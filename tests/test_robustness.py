@@ -55,7 +55,7 @@ def test_direction_diagnostic_matches_what_happened(grn_fits):
             assert fit["rho"] > 0, fit["rho"]
         # whatever the status, the flow agreement it reports is the fitted time's
         report = fit["vae"].direction()
-        evidence = fit["vae"]._flow_evidence()
+        evidence = fit["vae"]._start.flow_evidence(fit["vae"].data)
         assert report["flow_agreement"] == pytest.approx(
             evidence.agreement(fit["vae"].get_latent_time()), abs=1e-6)
 

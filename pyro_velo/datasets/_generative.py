@@ -129,7 +129,22 @@ def _check_real(name: str, value: object, *, positive: bool = False) -> float:
     return value
 
 
-def _validate(**kw: object) -> dict:
+#: the parameters of :func:`~pyro_velo.datasets.simulate` and
+#: :func:`~pyro_velo.datasets.simulate_h5ad` that define a simulation, in order
+_ARGUMENTS = ("n_cells", "n_genes", "topology", "n_branches", "noise", "dispersion",
+              "library_size_cv", "t_max", "branch_time", "behaviours", "n_capture_times",
+              "seed", "chunk_size", "branch_specific_fraction")
+
+
+def _validate(arguments: Mapping[str, object], chunk_size: int | None) -> dict:
+    """The checked configuration of a simulation.
+
+    ``arguments``: the calling simulator's ``locals()`` (both simulators take the
+    parameters of :data:`_ARGUMENTS` under these names), ``chunk_size``: its cells per
+    chunk. Raises ValueError for an invalid argument.
+    """
+    kw = {name: chunk_size if name == "chunk_size" else arguments[name]
+          for name in _ARGUMENTS}
     cfg = dict(kw)
     cfg["n_cells"] = check_int(kw["n_cells"], "n_cells", minimum=1)
     cfg["n_genes"] = check_int(kw["n_genes"], "n_genes", minimum=1)

@@ -137,22 +137,7 @@ def simulate_h5ad(
         check_int(chunk_cells, "chunk_cells", minimum=1)
     if not isinstance(overwrite, bool):
         raise ValueError(f"overwrite must be True or False, got {overwrite!r}")
-    cfg = _validate(
-        n_cells=n_cells,
-        n_genes=n_genes,
-        topology=topology,
-        n_branches=n_branches,
-        noise=noise,
-        dispersion=dispersion,
-        library_size_cv=library_size_cv,
-        t_max=t_max,
-        branch_time=branch_time,
-        behaviours=behaviours,
-        n_capture_times=n_capture_times,
-        seed=seed,
-        chunk_size=chunk_cells,
-        branch_specific_fraction=branch_specific_fraction,
-    )
+    cfg = _validate(locals(), chunk_cells)
     if seed is None:
         raise ValueError("seed must be a non-negative integer (simulate_h5ad is always seeded)")
     if not path.parent.is_dir():

@@ -172,22 +172,7 @@ def simulate(
     use numpy. About 1e6 cells x 2000 genes take some 50 GB of memory at peak (16 GB of it
     the two dense float32 velocity layers) and tens of minutes on a few cores.
     """
-    cfg = _validate(
-        n_cells=n_cells,
-        n_genes=n_genes,
-        topology=topology,
-        n_branches=n_branches,
-        noise=noise,
-        dispersion=dispersion,
-        library_size_cv=library_size_cv,
-        t_max=t_max,
-        branch_time=branch_time,
-        behaviours=behaviours,
-        n_capture_times=n_capture_times,
-        seed=seed,
-        chunk_size=chunk_size,
-        branch_specific_fraction=branch_specific_fraction,
-    )
+    cfg = _validate(locals(), chunk_size)
     n_cells, n_genes = cfg["n_cells"], cfg["n_genes"]
     cells, genes, schedule, rngs = _simulation_plan(cfg)
 

@@ -8,7 +8,9 @@
 - :mod:`~pyro_velo.inference.stages`: the schedule as a list of :class:`Stage` objects
   and its runner; :mod:`~pyro_velo.inference.warmup` and
   :mod:`~pyro_velo.inference.refine`: the warm-up and refinement stages;
-- :mod:`~pyro_velo.inference.restarts`: the schedule from several random starts.
+- :mod:`~pyro_velo.inference.restarts`: the schedule from several random starts;
+- :mod:`~pyro_velo.inference.plan`: :meth:`pyro_velo.VeloVAE.train`'s plan: its
+  arguments checked, the epochs and switches chosen, the stages run under a checkpointer.
 
 The thresholds these use are named in :mod:`pyro_velo.policies`.
 """

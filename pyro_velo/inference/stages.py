@@ -6,11 +6,13 @@ its start in the history (and prepares its model), ``train`` runs it through the
 by a :class:`~pyro_velo.inference.checkpoint.Checkpointer`: finished stages of a resumed
 run are skipped and the one in progress continues from its saved loop state.
 
-:meth:`pyro_velo.VeloVAE.schedule` builds the default list: warm-up
+:meth:`pyro_velo.VeloVAE.schedule` returns the default list
+(:func:`~pyro_velo.inference.plan.default_schedule`): warm-up
 (:class:`~pyro_velo.inference.warmup.WarmUp`), :class:`BasicStage`, :class:`FullStage`,
 then :class:`~pyro_velo.inference.refine.Refine` or :class:`AncestorsStage`. A new stage
-subclasses :class:`Stage` and is inserted into that list; it can read the encoded times
-of its cells through :meth:`Stage.predictor`.
+subclasses :class:`Stage` and is inserted into that list (by a subclass of VeloVAE that
+overrides ``schedule``); it can read the encoded times of its cells through
+:meth:`Stage.predictor`.
 """
 
 from __future__ import annotations
