@@ -25,6 +25,11 @@ class CLIError(Exception):
         self.code = code
 
 
+def _threads(text: str) -> int | str:
+    """argparse type of ``--threads``: ``'auto'`` or an integer >= 1."""
+    return "auto" if text == "auto" else _positive_int(text)
+
+
 def _positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
@@ -60,9 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "the best validation ELBO (costs that many trainings)")
         p.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
-        p.add_argument("--threads", type=_positive_int, default=None,
-                       help="CPU threads for training (default: torch's setting, i.e. "
-                            "OMP_NUM_THREADS or one per core; use 1 on a busy machine)")
+        p.add_argument("--threads", type=_threads, default=None,
+                       help="CPU threads for training: a number, or 'auto' to follow the "
+                            "machine's load (not bitwise reproducible); default: one "
+                            "below 1,000 genes, else torch's setting (OMP_NUM_THREADS or "
+                            "one per core)")
         p.add_argument("--compile", default="auto", choices=["auto", "yes", "no"],
                        help="torch.compile the ODE solution of training steps: 'auto' "
                             "(default) on CPU for large data, where the saved time exceeds "

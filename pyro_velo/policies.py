@@ -130,7 +130,8 @@ class CompilePolicy:
 
 @dataclass(frozen=True)
 class ThreadPolicy:
-    """How :class:`~pyro_velo.inference.threads.ThreadGovernor` follows the machine's load.
+    """How many CPU threads training uses (:func:`~pyro_velo.inference.threads.training_threads`)
+    and how :class:`~pyro_velo.inference.threads.ThreadGovernor` follows the load.
 
     Measured on two cores, 1,000 cells x 200 genes, 60 epochs: 11.4 s on two threads
     and 12.3 s on one when idle; beside one busy process, 275 s on two threads and
@@ -145,6 +146,15 @@ class ThreadPolicy:
     #: a core counts as free while other processes use less than ``1 - margin`` of it:
     #: guards against giving up a thread for light background work
     margin: float = 0.25
+    #: genes from which the default trains on torch's thread count rather than one
+    #: thread: below it a second thread gains little (7% at 200 genes) and beside a
+    #: busy process costs up to 20x
+    min_genes_for_threads: int = 1000
+
+    def default_threads(self, n_genes: int) -> int | None:
+        """The default's thread count: one below :attr:`min_genes_for_threads` genes,
+        else None (torch's count)."""
+        return 1 if n_genes < self.min_genes_for_threads else None
 
 
 @dataclass(frozen=True)

@@ -376,9 +376,10 @@ class VeloVAE:
         progress_bar
             Live bars in a terminal or notebook, one line per stage in a log.
         num_threads
-            CPU threads torch may use while training. ``None`` (default): up to torch's
-            own count, fewer while other processes keep cores busy
-            (:mod:`pyro_velo.inference.threads`); a number fixes the count.
+            CPU threads while training. ``None`` (default): one below 1,000 genes, else
+            torch's count, so that a seed reproduces the fit; ``'auto'``: fewer while
+            other processes keep cores busy (faster on shared cores, not bitwise
+            reproducible; :mod:`pyro_velo.inference.threads`); a number fixes it.
         checkpoint_dir, checkpoint_every, resume
             Folder of a checkpoint written every ``checkpoint_every`` epochs and after each
             stage; ``resume`` continues the run checkpointed there (same arguments; on

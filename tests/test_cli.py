@@ -83,6 +83,12 @@ def test_count_options_reach_training(monkeypatch, tmp_path, flag, option, defau
         cli.build_parser().parse_args(["demo", flag, "0"])
 
 
+def test_threads_may_follow_the_load():
+    assert cli.build_parser().parse_args(["demo", "--threads", "auto"]).threads == "auto"
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["demo", "--threads", "many"])
+
+
 @pytest.mark.parametrize("option", ["compile", "bf16"])
 @pytest.mark.parametrize("choice, value", [("auto", None), ("yes", True), ("no", False)])
 def test_switch_options_reach_training(monkeypatch, tmp_path, option, choice, value):

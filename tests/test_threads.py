@@ -1,4 +1,5 @@
-"""Threads that follow the machine's load, and the mixture of ODEs' early order check."""
+"""Training threads (a count fixed by the data's size by default, or one that follows the
+machine's load), and the mixture of ODEs' early order check."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 import pyro_velo as pv
+from pyro_velo import policies
+from pyro_velo._checks import InputError
 from pyro_velo.inference import threads as threads_module
 from pyro_velo.inference.stages import OrderWatch
 from pyro_velo.inference.threads import CpuMeter, ThreadGovernor
@@ -90,24 +93,41 @@ def small_adata():
     return adata
 
 
-def test_default_training_drops_a_thread_for_a_busy_core_and_restores_it(
+def _threads_seen(adata, **options) -> set[int]:
+    record = RecordThreads()
+    vae = pv.VeloVAE(adata, model="basic", hidden=(8,), seed=0)
+    vae.train(max_epochs=4, warmup_epochs=2, callbacks=[record], progress_bar=False,
+              **options)
+    return record.seen
+
+
+def test_auto_threads_drop_a_thread_for_a_busy_core_and_are_restored(
         two_cores, small_adata, monkeypatch):
     monkeypatch.setattr(threads_module, "CpuMeter", BusyMeter)
-    record = RecordThreads()
-    vae = pv.VeloVAE(small_adata, model="basic", hidden=(8,), seed=0)
-    vae.train(max_epochs=4, warmup_epochs=2, callbacks=[record], progress_bar=False)
-    assert record.seen == {1}
+    assert _threads_seen(small_adata, num_threads="auto") == {1}
     assert torch.get_num_threads() == 2  # the caller's count afterwards
 
 
 def test_a_given_thread_count_is_kept_whatever_the_load(two_cores, small_adata,
                                                          monkeypatch):
     monkeypatch.setattr(threads_module, "CpuMeter", BusyMeter)
-    record = RecordThreads()
+    assert _threads_seen(small_adata, num_threads=2) == {2}
+
+
+def test_the_default_count_is_fixed_by_the_number_of_genes(two_cores, small_adata,
+                                                           monkeypatch):
+    """Not by the load, so that a seed reproduces the fit."""
+    monkeypatch.setattr(threads_module, "CpuMeter", BusyMeter)
+    assert _threads_seen(small_adata) == {1}  # 15 genes: one thread
+    monkeypatch.setattr(policies, "THREADS", policies.ThreadPolicy(min_genes_for_threads=10))
+    assert _threads_seen(small_adata) == {2}  # torch's count, busy or not
+    assert torch.get_num_threads() == 2
+
+
+def test_a_thread_count_that_is_neither_a_number_nor_auto_is_refused(small_adata):
     vae = pv.VeloVAE(small_adata, model="basic", hidden=(8,), seed=0)
-    vae.train(max_epochs=4, warmup_epochs=2, callbacks=[record], progress_bar=False,
-              num_threads=2)
-    assert record.seen == {2}
+    with pytest.raises(InputError, match="num_threads"):
+        vae.train(max_epochs=2, num_threads="many")
 
 
 def test_a_short_reading_is_ignored(two_cores, monkeypatch):

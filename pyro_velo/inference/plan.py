@@ -65,7 +65,7 @@ from .loop import TrainingHistory, check_training_arguments
 from .refine import Refine
 from .restarts import Restartable, best_of_starts
 from .stages import AncestorsStage, BasicStage, FullStage, Run, Stage, run_stages, speed_settings
-from .threads import ThreadGovernor
+from .threads import ThreadGovernor, training_threads
 from .warmup import WarmUp, cell_graph
 
 if TYPE_CHECKING:
@@ -184,14 +184,18 @@ class TrainingPlan:
       velocity fell below 0.7 (0.63). With ``rate_history='ancestors'``,
       ``refine_epochs`` bounds the ``ancestors`` stage (default ``max_epochs``; 0 skips
       it and leaves the paper's model).
-    - ``num_threads``: CPU threads torch may use while training (torch's count is
-      restored afterwards). ``None``: up to torch's own count (``torch.set_num_threads``,
-      ``OMP_NUM_THREADS``, else one per core), and fewer while other processes keep
-      cores busy (:class:`~pyro_velo.inference.threads.ThreadGovernor`): OpenMP threads
-      that share a core with another busy process wait for each other (two cores,
-      1,000 x 200, 60 epochs: 275 s on two fixed threads beside one busy process, 12 s
-      on one thread, 12 s idle). A number fixes the count; on an idle 2-core machine
-      two threads train the pancreas-size set about 1.5x faster than one.
+    - ``num_threads``: CPU threads while training (torch's count is restored
+      afterwards; :func:`~pyro_velo.inference.threads.training_threads`). ``None``: one
+      thread below 1,000 genes, else torch's own count (``torch.set_num_threads``,
+      ``OMP_NUM_THREADS``, else one per core); a fixed count, because torch's results
+      depend on it and a seed must reproduce the fit. ``'auto'``: fewer threads while
+      other processes keep cores busy
+      (:class:`~pyro_velo.inference.threads.ThreadGovernor`): OpenMP threads that share
+      a core with another busy process wait for each other (two cores, 1,000 x 200, 60
+      epochs: 275 s on two threads beside one busy process, 12 s on one thread, 12 s
+      idle); faster on shared cores, not bitwise reproducible. A number fixes the
+      count; on an idle 2-core machine two threads train the pancreas-size set about
+      1.5x faster than one.
     - ``checkpoint_dir``: ``checkpoint.pt`` (rewritten atomically) is written every
       ``checkpoint_every`` epochs (counted over all stages) and at the end of every
       stage. It holds everything needed to continue: the parameters and buffers of every
@@ -263,7 +267,7 @@ class TrainingPlan:
     basic_epochs: int | None
     refine_epochs: int | None
     progress_bar: bool
-    num_threads: int | None
+    num_threads: int | str | None
     checkpoint_dir: str | Path | None
     checkpoint_every: int
     resume: bool
@@ -289,7 +293,8 @@ class TrainingPlan:
             max_epochs=self.max_epochs, batch_size=self.batch_size, lr=self.lr,
             lr_ode=self.lr_ode, patience=self.patience, warmup_epochs=self.warmup_epochs,
             basic_epochs=self.basic_epochs, refine_epochs=self.refine_epochs,
-            checkpoint_every=self.checkpoint_every, num_threads=self.num_threads)
+            checkpoint_every=self.checkpoint_every,
+            num_threads=None if self.num_threads == "auto" else self.num_threads)
         check_int(self.n_starts, "n_starts", minimum=1)
 
     def epochs(self, n_cells: int, config: dict[str, Any]) -> Epochs:
@@ -333,14 +338,14 @@ class TrainingPlan:
                                           epochs.max_epochs, vae.device.type)
         compile = large if self.compile is None else self.compile
         bf16 = policies.COMPILE.bf16(large) if self.bf16 is None else self.bf16
-        # on the CPU without a thread count, the threads follow the machine's load
-        governed = self.num_threads is None and vae.device.type == "cpu"
+        threads, governed = training_threads(self.num_threads, vae.device.type,
+                                             vae.data.n_genes)
         run = Run(vae.history, vae.config, dict(
             batch_size=self.batch_size, lr=self.lr, lr_ode=self.lr_ode,
             progress_bar=self.progress_bar, patience=self.patience,
             distributed=self.distributed), self.early_stopping,
             [*self.callbacks, *([ThreadGovernor()] if governed else [])])
-        with cpu_threads(self.num_threads if vae.device.type == "cpu" else None):
+        with cpu_threads(threads):
             if vae.config["model"] == "full":
                 basic_model, basic_guide = vae.make_pair("basic")
                 basic_model.to(vae.device)

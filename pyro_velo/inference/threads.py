@@ -9,9 +9,10 @@ two cores, a fit with two threads beside one busy single-threaded process ran up
 :class:`ThreadGovernor` measures, while training, how much CPU the *other* processes
 take (the machine's busy time from ``/proc/stat`` less this process's own CPU time),
 and sets torch's thread count to the cores they leave free, between one and the count
-it started with. It runs with ``VeloVAE.train(num_threads=None)`` (the default); an
-explicit ``num_threads`` fixes the count instead. Where ``/proc/stat`` cannot be read
-(not Linux) it does nothing.
+it started with. It runs with ``VeloVAE.train(num_threads='auto')``. Because torch's
+results depend on the thread count, such a fit is not bitwise reproducible; the default
+(:func:`training_threads`) fixes the count from the data's size instead. Where
+``/proc/stat`` cannot be read (not Linux) the governor does nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +37,26 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def training_threads(num_threads: int | str | None, device_type: str,
+                     n_genes: int) -> tuple[int | None, bool]:
+    """The thread count to train with (None: leave torch's) and whether a
+    :class:`ThreadGovernor` adapts it, for ``train(num_threads=...)``.
+
+    ``None`` (default) gives a count fixed by the data's size
+    (:meth:`~pyro_velo.policies.ThreadPolicy.default_threads`), so that a seed
+    reproduces the fit: torch's results depend on the thread count. ``'auto'`` lets the
+    count follow the machine's load, which is faster on shared cores but not bitwise
+    reproducible. A number fixes the count. Off the CPU nothing is set.
+    """
+    if device_type != "cpu":
+        return None, False
+    if num_threads == "auto":
+        return None, True
+    if num_threads is None:
+        return policies.THREADS.default_threads(n_genes), False
+    return num_threads, False
 
 
 class CpuMeter:
