@@ -147,8 +147,9 @@ class ThreadPolicy:
     #: guards against giving up a thread for light background work
     margin: float = 0.25
     #: genes from which the default trains on torch's thread count rather than one
-    #: thread: below it a second thread gains little (7% at 200 genes) and beside a
-    #: busy process costs up to 20x
+    #: thread: guards against a second thread that gains little (7% at 200 genes) and
+    #: beside a busy process costs up to 20x; at 2,000 genes two threads were 1.5x
+    #: faster (the boundary in between is a round number, not measured)
     min_genes_for_threads: int = 1000
 
     def default_threads(self, n_genes: int) -> int | None:
