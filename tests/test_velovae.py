@@ -112,8 +112,12 @@ def test_same_seed_same_fit_and_models_do_not_share_parameters(linear_adata):
     assert not np.array_equal(a.get_latent_time(), c.get_latent_time())
 
 
-def test_training_uses_torchs_thread_setting_unless_told(linear_adata):
+def test_training_uses_torchs_thread_setting_unless_told(linear_adata, monkeypatch):
+    """With as many genes as the policy asks for threads (the small default of fewer
+    genes is in ``test_threads.py``)."""
     torch = __import__("torch")
+    monkeypatch.setattr(pv.policies, "THREADS", pv.policies.ThreadPolicy(
+        min_genes_for_threads=1))
     seen = []
 
     class Recording(pv.inference.Callback):
