@@ -3,13 +3,14 @@
 Usage::
 
     python benchmarks/contention.py [--cells 1000] [--genes 200] [--epochs 60]
-        [--threads default 2 1] [--repeats 1]
+        [--threads default auto 2] [--repeats 1]
 
 Data: ``pv.datasets.simulate(cells, genes, topology='bifurcation', seed=0)``,
 preprocessed once. Fit: ``VeloVAE(adata, seed=0).train(seed=0, max_epochs=epochs)``
-with ``num_threads`` as given (``default``: ``None``, the threads follow the machine's
-load, see :mod:`pyro_velo.inference.threads`; a number fixes the count, ``2`` is
-torch's own default on two cores). Each setting is timed on the idle machine and then
+with ``num_threads`` as given (``default``: ``None``, a count fixed by the data's size:
+one thread below 1,000 genes; ``auto``: the count follows the machine's load; a number
+fixes the count, ``2`` is torch's own count on two cores; see
+:mod:`pyro_velo.inference.threads`). Each setting is timed on the idle machine and then
 beside one competing process (a single-threaded Python busy loop, started before the
 fit and stopped after it). Prints a markdown table of both times and their ratio; the
 target is at most 2x for the default.
@@ -31,7 +32,7 @@ import pyro_velo as pv
 BUSY_LOOP = "while True:\n    pass\n"
 
 
-def fit_seconds(adata, epochs: int, threads: int | None) -> float:
+def fit_seconds(adata, epochs: int, threads: int | str | None) -> float:
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -40,7 +41,7 @@ def fit_seconds(adata, epochs: int, threads: int | None) -> float:
     return time.perf_counter() - start
 
 
-def beside_competitor(adata, epochs: int, threads: int | None) -> float:
+def beside_competitor(adata, epochs: int, threads: int | str | None) -> float:
     """Seconds of one fit while a busy single-threaded process runs."""
     competitor = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
     try:
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cells", type=int, default=1000)
     parser.add_argument("--genes", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--threads", nargs="+", default=["default", "2", "1"])
+    parser.add_argument("--threads", nargs="+", default=["default", "auto", "2"])
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args(argv)
     adata = pv.datasets.simulate(args.cells, args.genes, topology="bifurcation", seed=0)
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["| num_threads | idle s | beside one busy process s | ratio |",
              "|---|---|---|---|"]
     for setting in args.threads:
-        threads = None if setting == "default" else int(setting)
+        threads = (None if setting == "default" else setting if setting == "auto"
+                   else int(setting))
         idle, busy = [], []
         for _ in range(args.repeats):
             print(f"load {os.getloadavg()[0]:.2f}: {setting} idle", file=sys.stderr)
