@@ -222,6 +222,11 @@ def summary(path: Path, families: list[str] | None = None, by: str = "family") -
     if families:
         table = table[table.family.isin(families)]
     keys = ["family"] if by == "family" else ["family", "config"]
+    # rows in the order of CONFIGS and METHODS, whatever order the CSV holds them in
+    names = [*CONFIGS, *(c for configs in CONFIGS.values() for c in configs), *METHODS]
+    order = {name: names.index(name) for name in names}  # first place of each name
+    table = table.sort_values(keys + ["method"], key=lambda column: column.map(order),
+                              kind="stable")
     lines = ["| " + " | ".join(keys) + " | method | n | median Spearman | worst | reversed "
              "| median cosine | median s |",
              "|" + "---|" * (len(keys) + 7)]
