@@ -399,6 +399,9 @@ def default_schedule(vae: Trainable, start: StartCells, basic_model: torch.nn.Mo
     (what :meth:`pyro_velo.VeloVAE.schedule` returns)."""
     stages: list[Stage] = []
     config, capture_times = vae.config, vae.capture_times
+    # the stages after the warm-up keep the order they are handed, unless capture times
+    # set it (their prior holds the order)
+    evidence = None if capture_times is not None else start.flow_evidence(vae.data)
     if warmup_epochs > 0:
         stages.append(WarmUp(
             basic_model, basic_guide, start.data, warmup_epochs, t_max=config["t_max"],
@@ -406,13 +409,14 @@ def default_schedule(vae: Trainable, start: StartCells, basic_model: torch.nn.Mo
             graph=start.graph_for(vae.data), root=start.restrict(start.root),
             evidence=(None if start.direction_given(capture_times)
                       else start.flow_evidence(vae.data))))
-    stages.append(BasicStage(basic_model, basic_guide, vae.data, basic_epochs))
+    stages.append(BasicStage(basic_model, basic_guide, vae.data, basic_epochs,
+                             evidence=evidence if warmup_epochs > 0 else None,
+                             evidence_data=start.data))
     if config["model"] != "full":
         return stages
     stages.append(FullStage(
         vae.model, vae.guide, vae.data, max_epochs, basic_model, basic_guide,
-        without_ancestors=ancestral(config), evidence_data=start.data,
-        evidence=None if capture_times is not None else start.flow_evidence(vae.data)))
+        without_ancestors=ancestral(config), evidence_data=start.data, evidence=evidence))
     if refine_epochs > 0:
         last = AncestorsStage if ancestral(config) else Refine
         stages.append(last(vae.model, vae.guide, vae.data, refine_epochs))
