@@ -28,8 +28,8 @@ to :func:`~pyro_velo.inference.restarts.best_of_starts`. The stages, recorded in
 
 The direction of time is checked against a velocity field built from the data alone
 (:mod:`pyro_velo.orientation`, over the :class:`StartCells`): it can pick the warm-up's
-start, and the mixture of ODEs is refitted with the basic fit's time held where it loses
-the basic fit's order; :func:`record_direction` writes the verdict that
+start, and the basic stage and the mixture of ODEs are refitted with the time they were
+handed held fixed where they lose its order; :func:`record_direction` writes the verdict that
 :meth:`~pyro_velo.VeloVAE.direction` reports. A root or capture times set the direction
 instead.
 """
