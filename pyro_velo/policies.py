@@ -212,17 +212,18 @@ class OrientationPolicy:
         The fitted time's ``|agreement|`` with a reproducible potential from which on
         the direction counts as identified by the data.
     drift_tolerance
-        How far a stage may lower the agreement it was handed before it is refitted
-        with that time held fixed (the basic stage: the warm-up's; the mixture of ODEs:
-        the basic fit's). With a rate per cell state, the cell states can explain
-        steady-state clusters on their own and the time then loses its order (measured on regulatory-network simulations: a fork 0.59 ->
-        -0.07, a tree 0.85 -> 0.66 while its Spearman with the type depth fell from
-        0.85 to 0.47).
+        How far the mixture of ODEs may lower the basic fit's agreement before it is
+        refitted with the basic fit's time held fixed
+        (:class:`~pyro_velo.inference.stages.OrderKeepingStage`). With a rate per cell
+        state, the cell states can explain steady-state clusters on their own and the
+        time then loses its order (measured on regulatory-network simulations: a fork
+        0.59 -> -0.07, a tree 0.85 -> 0.66 while its Spearman with the type depth fell
+        from 0.85 to 0.47).
     watch_every
-        Epochs between two checks of that loss while the basic stage or the mixture of
-        ODEs trains (:class:`~pyro_velo.inference.stages.OrderWatch`); a check is one
-        pass of the encoder over the cells, and the stage stops at the first check that
-        finds the order lost instead of training on to its end.
+        Epochs between two checks of that loss while the mixture of ODEs trains
+        (:class:`~pyro_velo.inference.stages.OrderWatch`); a check is one pass of the
+        encoder over the cells, and the stage stops at the first check that finds the
+        order lost instead of training on to its end.
     """
 
     keep_agreement: float = 0.3

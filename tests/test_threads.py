@@ -15,8 +15,7 @@ import pyro_velo as pv
 from pyro_velo import policies
 from pyro_velo._checks import InputError
 from pyro_velo.inference import threads as threads_module
-from pyro_velo.inference.loop import TrainingHistory
-from pyro_velo.inference.stages import BasicStage, OrderWatch, Run
+from pyro_velo.inference.stages import OrderWatch
 from pyro_velo.inference.threads import CpuMeter, ThreadGovernor
 from pyro_velo.policies import OrientationPolicy, ThreadPolicy
 
@@ -190,33 +189,3 @@ def test_the_watch_ignores_an_untrusted_flow():
     watch = OrderWatch(stage, before=0.8, policy=OrientationPolicy(watch_every=10))
     assert _run(watch, _loop(), 50) == 50 and not watch.lost
 
-
-def test_a_basic_stage_that_loses_the_warm_ups_order_is_refitted_with_the_time_held(
-        small_adata, monkeypatch):
-    vae = pv.VeloVAE(small_adata, model="basic", hidden=(8,), seed=0)
-    stage = BasicStage(vae.model, vae.guide, vae.data, epochs=20,
-                       evidence=SimpleNamespace(reproducibility=0.9), evidence_data=vae.data,
-                       orientation=OrientationPolicy(watch_every=5))
-    # handed 0.8; kept at the check of epoch 5, lost at epoch 10; the end's value 0.4
-    agreements = iter([0.8, 0.8, 0.4, 0.4])
-    monkeypatch.setattr(stage, "flow_agreement", lambda model, guide: next(agreements))
-    handed = {k: v.clone() for k, v in vae.guide.encoder.state_dict().items()}
-    run = Run(TrainingHistory(), {}, {"progress_bar": False})
-    stage.begin(run)
-    stage.train(run)
-    assert run.config["time_held"] == ["basic"]
-    assert run.config["stage_flow_agreement"] == {"warm-up": 0.8, "basic": 0.4}
-    # the refit started from the handed state and never trained the time encoder
-    for name, value in vae.guide.encoder.state_dict().items():
-        if "running" not in name and "num_batches" not in name:
-            torch.testing.assert_close(value, handed[name], rtol=0, atol=0, msg=name)
-    assert len(run.history.train) > 10  # stopped at the loss, then the held refit
-
-
-def test_a_basic_stage_without_flow_evidence_trains_once(small_adata):
-    vae = pv.VeloVAE(small_adata, model="basic", hidden=(8,), seed=0)
-    stage = BasicStage(vae.model, vae.guide, vae.data, epochs=4)
-    run = Run(TrainingHistory(), {}, {"progress_bar": False})
-    stage.begin(run)
-    stage.train(run)
-    assert "time_held" not in run.config and len(run.history.train) == 4

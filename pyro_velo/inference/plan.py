@@ -28,8 +28,8 @@ to :func:`~pyro_velo.inference.restarts.best_of_starts`. The stages, recorded in
 
 The direction of time is checked against a velocity field built from the data alone
 (:mod:`pyro_velo.orientation`, over the :class:`StartCells`): it can pick the warm-up's
-start, and the basic stage and the mixture of ODEs are refitted with the time they were
-handed held fixed where they lose its order; :func:`record_direction` writes the verdict that
+start, and the mixture of ODEs is refitted with the basic fit's time held where it loses
+the basic fit's order; :func:`record_direction` writes the verdict that
 :meth:`~pyro_velo.VeloVAE.direction` reports. A root or capture times set the direction
 instead.
 """
@@ -399,8 +399,8 @@ def default_schedule(vae: Trainable, start: StartCells, basic_model: torch.nn.Mo
     (what :meth:`pyro_velo.VeloVAE.schedule` returns)."""
     stages: list[Stage] = []
     config, capture_times = vae.config, vae.capture_times
-    # the stages after the warm-up keep the order they are handed, unless capture times
-    # set it (their prior holds the order)
+    # the mixture of ODEs keeps the basic fit's order, unless capture times set it
+    # (their prior holds the order)
     evidence = None if capture_times is not None else start.flow_evidence(vae.data)
     if warmup_epochs > 0:
         stages.append(WarmUp(
@@ -409,9 +409,7 @@ def default_schedule(vae: Trainable, start: StartCells, basic_model: torch.nn.Mo
             graph=start.graph_for(vae.data), root=start.restrict(start.root),
             evidence=(None if start.direction_given(capture_times)
                       else start.flow_evidence(vae.data))))
-    stages.append(BasicStage(basic_model, basic_guide, vae.data, basic_epochs,
-                             evidence=evidence if warmup_epochs > 0 else None,
-                             evidence_data=start.data))
+    stages.append(BasicStage(basic_model, basic_guide, vae.data, basic_epochs))
     if config["model"] != "full":
         return stages
     stages.append(FullStage(

@@ -18,7 +18,6 @@ overrides ``schedule``); it can read the encoded times of its cells through
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -121,6 +120,10 @@ class OrderKeepingStage(Stage):
     with the encoder's time held fixed. ``run.config['time_held']`` lists the stages
     that did, ``run.config['stage_flow_agreement']`` holds the agreement before and
     after each stage (keyed by the stage before it and by the stage).
+
+    A run resumed from a checkpoint inside the stage must see the same start, so
+    :meth:`restart` and :meth:`starting_agreement` read it from what checkpoints hold
+    (:class:`FullStage`: the basic fit), never from a copy taken when the stage began.
     """
 
     #: the stage before this one, naming the agreement this stage started from
@@ -174,24 +177,10 @@ class OrderKeepingStage(Stage):
             run.config["time_held"] = [*(run.config.get("time_held") or []), self.name]
 
 
-class BasicStage(OrderKeepingStage):
-    """The basic model until the validation ELBO stops improving, keeping the warm-up's
-    order of cells where the data's flow is given (see :class:`OrderKeepingStage`;
-    measured on a regulatory-network fork: agreement 0.3 or more after the warm-up, 0.03
-    after the basic stage, and a reversed final fit)."""
+class BasicStage(Stage):
+    """The basic model until the validation ELBO stops improving."""
 
     name, description = "basic", "Basic model"
-    handed_by = "warm-up"
-
-    def train(self, run: Run, **checkpoint_options: Any) -> None:
-        # where the stage resumes from a checkpoint, this is the resumed state
-        self._start = (copy.deepcopy(self.model.state_dict()),
-                       copy.deepcopy(self.guide.state_dict()))
-        super().train(run, **checkpoint_options)
-
-    def restart(self) -> None:
-        self.model.load_state_dict(self._start[0])
-        self.guide.load_state_dict(self._start[1])
 
 
 class FullStage(OrderKeepingStage):
