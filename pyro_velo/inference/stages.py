@@ -224,9 +224,11 @@ class FullStage(OrderKeepingStage):
             guide.rates.load_state_dict(self.basic_guide.rates.state_dict())
             rates_to_guide(model, guide)
 
-    restart = start_from_basic
+    def restart(self) -> None:
+        self.start_from_basic()
 
     def starting_agreement(self) -> float | None:
+        """The basic fit's agreement (the stage's own pair starts from it)."""
         return self.flow_agreement(self.basic_model, self.basic_guide)
 
     def train(self, run: Run, **checkpoint_options: Any) -> None:
