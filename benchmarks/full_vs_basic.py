@@ -14,7 +14,7 @@ correlation of predict_future(0.5) displacement with the true velocity, wall tim
 
 The simulations are ``simulate(n_cells, n_genes, topology='bifurcation', n_branches=k,
 noise='nb', seed=d)``: by default the tests' draw ``d = k``; ``--data-seeds`` runs other
-draws of the simulator (results: ``benchmarks/RESULTS.md``, "Draws of the simulator").
+draws of the simulator.
 """
 
 from __future__ import annotations

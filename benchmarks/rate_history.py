@@ -34,7 +34,6 @@ training, one torch thread. Prints one markdown row per fit: latent-time Spearma
 velocity cosine, future-state correlation (as in ``full_vs_basic.py``), the median
 per-gene correlation of model and true velocity over the transcriptional-boost genes,
 test log-likelihood per cell and wall time.
-Results: ``benchmarks/RESULTS.md``, "Rate history".
 """
 
 from __future__ import annotations

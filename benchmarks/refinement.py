@@ -19,8 +19,7 @@ Simulations (``pp.preprocess(random_state=0, size_factors=...)`` after each):
 Prints one markdown row per fit: velocity cosine / future-state correlation / test
 log-likelihood per cell of the first stage, after the rule (and whether it kept the
 refinement), and after the forced refinement; then the latent-time Spearman and the
-wall time of the first stage. ``benchmarks/RESULTS.md`` ("Refinement of initial conditions")
-has a table made the same way.
+wall time of the first stage.
 """
 
 from __future__ import annotations

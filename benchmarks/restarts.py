@@ -13,7 +13,6 @@ n_branches=2 / 3, noise='nb', seed=3)``, 9% root cells, where single starts put 
 branches on different clocks; ``test2`` / ``test3``: the test suite's full-model sets
 (``simulate(2000, 200, ..., n_branches=k, seed=k)``). Preprocessing:
 ``pp.preprocess(random_state=0, size_factors=...)``.
-Results: ``benchmarks/RESULTS.md``, "Restarts".
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ exported time and velocity, preprocessing included (``pv.pp.preprocess(adata,
 random_state=0)``, the same for both):
 
 - ``pyro_velo``: ``VeloVAE(adata, seed=0).train(seed=0, device=...)`` and
-  ``export_to_anndata``, all defaults (on the CPU: torch's threads, which follow the
-  machine's load, see :mod:`pyro_velo.inference.threads`);
+  ``export_to_anndata``, all defaults (on the CPU one thread below 1,000 genes, else
+  torch's count: :func:`pyro_velo.inference.threads.training_threads`);
 - ``scvelo-dynamical``: ``recover_dynamics`` + ``velocity(mode='dynamical')`` +
   ``latent_time``, scVelo's defaults (``n_jobs=1``).
 

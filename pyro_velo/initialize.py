@@ -283,7 +283,7 @@ def window_table(
     at the genes' switch-on times (``t0 = nan``). They do not borrow the window of all
     clusters: past a branch point that mixes the branches. On the 2-branch and linear
     simulations such borrowed starts cost velocity and log-likelihood at most seeds
-    (``benchmarks/RESULTS.md``, "Refinement of initial conditions").
+    (``benchmarks/refinement.py``).
 
     Parameters
     ----------

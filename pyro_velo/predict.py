@@ -24,14 +24,16 @@ from pyro import poutine
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._checks import InputError
+from ._checks import InputError, check_int
 from ._params import local_params, set_seed
 from ._settings import settings
 from ._threads import cpu_threads
+from .data import VelocityData
 from .guides import AmortizedMVNGuide
 
 if TYPE_CHECKING:
-    from .data import VelocityData
+    from anndata import AnnData
+
     from .disk import DiskVelocityData
 
 #: sites derived from the latent variables through the ODE
@@ -66,6 +68,27 @@ class Predictor:
         self.device = torch.device(data.device) if device is None else device
 
     # ---- encoding and expectations -----------------------------------------------------
+    def cells(self, adata: AnnData | None, unspliced_layer: str = "Mu",
+              spliced_layer: str = "Ms") -> VelocityData | DiskVelocityData:
+        """The fitted cells (``adata`` None), or new cells with every fitted gene by name
+        in these layers, divided by the fitted data's per-gene scales
+        (:meth:`~pyro_velo.data.VelocityData.for_new_cells`; ``adata`` is not modified)."""
+        if adata is None:
+            return self.data
+        return VelocityData.for_new_cells(
+            adata, self.var_names, self.data.fitted, self.data.gene_scale_u,
+            self.data.gene_scale_s, unspliced_layer, spliced_layer).to(self.device)
+
+    def latent_time(self, data: VelocityData | None = None, scaled: bool = False
+                    ) -> np.ndarray:
+        """Posterior mean time of the cells of ``data`` (default the fitted ones), float64;
+        ``scaled``: rescaled to ``[0, 1]`` by the range of the fitted cells' times."""
+        t = self.encode(data=data)["t"].cpu().numpy().astype(np.float64)
+        if scaled:
+            ref = t if data is None else self.encode()["t"].cpu().numpy().astype(np.float64)
+            t = (t - ref.min()) / max(ref.max() - ref.min(), 1e-12)
+        return t
+
     @torch.no_grad()
     def encode(self, idx: Tensor | None = None, guide=None, batch_size: int = CHUNK,
                data: VelocityData | DiskVelocityData | None = None) -> dict[str, Tensor]:
@@ -229,6 +252,7 @@ class Predictor:
         :meth:`uncertainty`, which never holds them. ``seed`` reseeds torch and Pyro's
         global RNG (reproducible on CPU).
         """
+        _check_draws(n_samples, batch_size)
         available = self.posterior_sites()
         if return_sites is None:
             return_sites = [name for name in ("t", "c") if name in available]
@@ -273,6 +297,7 @@ class Predictor:
         - ``velocity_cv``: the same for the velocity vector ds/dt over the fitted genes
           (on the ``Ms`` scale): total posterior spread relative to the mean velocity.
         """
+        _check_draws(n_samples, batch_size)
         set_seed(seed)
         idx = torch.arange(self.data.n_cells, device=self.device)
         columns: dict[str, list[Tensor]] = {}
@@ -325,6 +350,12 @@ class Predictor:
         out = [cells.correlation(u, s)
                for _batch, (u, s, *_), _kwargs in self.data.minibatches(idx, CHUNK)]
         return torch.cat(out).cpu().numpy()
+
+
+def _check_draws(n_samples: int, batch_size: int) -> None:
+    """InputError naming ``n_samples`` or ``batch_size`` unless both are integers >= 1."""
+    check_int(n_samples, "n_samples", minimum=1)
+    check_int(batch_size, "batch_size", minimum=1)
 
 
 def _summaries(moments: dict[str, Moments]) -> dict[str, Tensor]:

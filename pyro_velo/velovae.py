@@ -21,11 +21,11 @@ from ._checks import check_real
 from ._params import set_seed
 from .capture import capture_time_prior
 from .components import GUIDES, build_pair, configure
-from .data import SPLIT_NAMES, VelocityData
+from .data import SPLIT_NAMES
 from .disk import read_cells
 from .export import write_anndata, write_h5ad
 from .inference.callbacks import Callback
-from .inference.loop import TrainingHistory, check_training_arguments, evaluate_loss
+from .inference.loop import TrainingHistory, evaluate_loss
 from .inference.plan import StartCells, TrainingPlan, default_schedule
 from .inference.refine import refine
 from .inference.stages import Run, Stage
@@ -44,54 +44,47 @@ class VeloVAE:
     Parameters
     ----------
     adata
-        Preprocessed AnnData (:func:`pyro_velo.pp.preprocess`) with first-order moments in
-        ``layers['Mu']`` / ``['Ms']``, or the path of such an ``.h5ad`` file to stream
+        Preprocessed AnnData (:func:`pyro_velo.pp.preprocess`; moments in
+        ``layers['Mu']`` / ``['Ms']``), or the path of such an ``.h5ad`` file to stream
         from (:mod:`pyro_velo.disk`). Not modified.
     model
-        ``'full'`` (default): the variational mixture of ODEs (paper section 3.4), a cell
-        state c per cell and a decoder giving each cell and gene its relative
-        transcription rate rho; ``'basic'``: one time per cell and fixed per-gene rates
-        and switch times (section 3.3), faster; or a subclass or instance of
-        :class:`~pyro_velo.model.FullModel` / :class:`~pyro_velo.model.BasicModel`
-        (:func:`~pyro_velo.components.build_pair`).
+        ``'full'`` (default): the mixture of ODEs (paper section 3.4), a cell state c
+        per cell and a decoder giving each cell and gene its relative transcription rate
+        rho; ``'basic'``: one time per cell, per-gene rates and switch times (section
+        3.3), faster; or a model class or instance (:func:`~pyro_velo.components.build_pair`).
     unspliced_layer, spliced_layer, t_max
-        Layers holding the unspliced / spliced abundances; length of the model's time
-        axis (time is exported rescaled to ``[0, 1]``).
+        Layers of the unspliced / spliced abundances; length of the time axis (time is
+        exported rescaled to ``[0, 1]``).
     time_prior_loc, time_prior_scale
-        Mean and standard deviation of the Normal time prior (default ``t_max/2``,
-        ``t_max/4``).
+        Mean and standard deviation of the Normal time prior (``t_max/2``, ``t_max/4``).
     hidden, dropout, latent_dim, c_prior_scale
-        Encoder architecture (paper: ``(500, 250)`` with batch norm and dropout);
-        dimension of the cell state c (full model; paper: 5) and standard deviation of
-        its Normal prior (paper: 1).
+        Encoder layers (paper: ``(500, 250)``), dropout, dimension of c and standard
+        deviation of its Normal prior (paper: 5 and 1).
     rate_history
-        Full model: ``'constant'`` (default, the paper's: a cell transcribes at
-        ``rho(c) * alpha`` since a gene's switch-on) or ``'ancestors'``: over each earlier
-        time bin at the rate of its ancestors (:class:`~pyro_velo.model.AncestralModel`),
-        better for genes whose rate rises in steps, for up to 2x the training time.
+        ``'constant'`` (default, the paper's: a cell transcribes at ``rho(c) * alpha``
+        since a gene's switch-on) or ``'ancestors'``: each earlier time bin at its
+        ancestors' rate (:class:`~pyro_velo.model.AncestralModel`), for genes whose rate
+        rises in steps, at up to twice the training time.
     likelihood, guide
-        ``'normal'`` (default; on ``Mu``/``Ms``), ``'poisson'`` or ``'nb'`` (on the raw
-        counts) or a :class:`~pyro_velo.likelihoods.Likelihood`; ``'amortized'``
-        (default; mean-field Normal for t and c), ``'amortized_mvn'`` (full covariance of
-        t and c per cell; full model) or a guide object (see
-        :class:`~pyro_velo.guides.AmortizedGuide`).
+        ``'normal'`` (default; on ``Mu``/``Ms``), ``'poisson'`` or ``'nb'`` (raw counts)
+        or a :class:`~pyro_velo.likelihoods.Likelihood`; ``'amortized'`` (default;
+        mean-field t and c), ``'amortized_mvn'`` (their full covariance per cell) or a
+        guide object (:class:`~pyro_velo.guides.AmortizedGuide`).
     time_prior, state_prior, rate_prior
-        Priors of t and (full model) c: callables mapping cell indices to a distribution
-        (:mod:`pyro_velo.priors`; defaults: Normal, or the capture-time prior). Rates:
-        None (default: point rates), a number (log-scale standard deviation of LogNormal
-        priors on alpha, beta and gamma, which then get a posterior) or a
+        Priors of t and c: callables from cell indices to a distribution
+        (:mod:`pyro_velo.priors`). Rates: None (point rates), a number (log-scale
+        standard deviation of LogNormal priors on alpha, beta, gamma) or a
         :class:`~pyro_velo.priors.LogNormalRatePrior`.
     capture_time_key, capture_time_mapping, capture_time_scale
-        ``obs`` column of capture times (numbers or labels such as ``'E12.5'``, ``'day7'``;
-        :func:`~pyro_velo.capture.parse_capture_times`), an explicit label-to-number
-        map, and the prior's standard deviation (default: the spacing of capture times).
-        The time prior then centres each cell on its capture time mapped onto
-        ``[0.1, 0.9] t_max``, and the ODE parameters start from them (section 4.2).
+        ``obs`` column of capture times (numbers or labels such as ``'E12.5'``), an
+        explicit label-to-number map, and the prior's standard deviation (default: their
+        spacing). Each cell's time prior is then centred on its capture time mapped onto
+        ``[0.1, 0.9] t_max`` (:mod:`pyro_velo.capture`; paper section 4.2).
     split_fractions, seed
-        Fractions of cells for train, validation (early stopping) and test (held out);
-        seed of the split and of the parameter initialisation.
+        Fractions of train, validation (early stopping) and held-out test cells; seed of
+        the split and of the initialisation.
     progress_bar
-        When ``adata`` is a file: a tqdm bar over the pass that checks its layers.
+        A tqdm bar over the check of a file's layers.
 
     Examples
     --------
@@ -173,83 +166,66 @@ class VeloVAE:
         if not self.is_trained:
             raise RuntimeError("the model is not trained yet: call .train() first")
 
-    def _fitted(self) -> Predictor:
-        """:attr:`predictor`, once the model is trained (RuntimeError before)."""
+    def _fitted(self, full_only: str = "") -> Predictor:
+        """:attr:`predictor`, once the model is trained (RuntimeError before, and for a
+        method ``full_only`` of the full model on another)."""
         self._check_trained()
+        if full_only and self.config["model"] != "full":
+            raise RuntimeError(f"{full_only} needs the full model (model='full'), this is "
+                               f"{self.config['model']!r}")
         return self.predictor
 
-    def _cells(self, adata: AnnData | None) -> VelocityData:
-        """The fitted cells (``adata`` None) or new cells, scaled with the stored scales
-        (:meth:`~pyro_velo.data.VelocityData.for_new_cells`)."""
-        if adata is None:
-            return self.data
-        return VelocityData.for_new_cells(
-            adata, self.var_names, self.data.fitted, self.data.gene_scale_u,
-            self.data.gene_scale_s, self.config["unspliced_layer"],
-            self.config["spliced_layer"]).to(self.device)
+    def _cells(self, predictor: Predictor, adata: AnnData | None):
+        return predictor.cells(adata, self.config["unspliced_layer"],
+                               self.config["spliced_layer"])
 
     def get_latent_time(self, adata: AnnData | None = None, scaled: bool = False) -> np.ndarray:
         """Posterior mean latent time of every cell, ``(n_cells,)`` float64.
 
         ``adata``: new cells to encode instead of the fitted ones, with the model's layers
-        and every fitted gene by name (extra genes and any order are fine; divided by the
-        fitted data's per-gene scales; not modified); :class:`~pyro_velo._checks.InputError`
-        names what is missing or invalid. ``scaled``: rescale to ``[0, 1]`` by the range
-        of the *fitted* cells' times (as ``obs['latent_time']``).
+        and every fitted gene by name (in any order; divided by the fitted data's per-gene
+        scales; not modified; an InputError names what is missing). ``scaled``: rescaled
+        to ``[0, 1]`` by the range of the *fitted* cells' times (as ``obs['latent_time']``).
         """
         predictor = self._fitted()
-        t = predictor.encode(data=self._cells(adata))["t"].cpu().numpy().astype(np.float64)
-        if scaled:
-            ref = t if adata is None else predictor.encode()["t"].cpu().numpy().astype(
-                np.float64)
-            t = (t - ref.min()) / max(ref.max() - ref.min(), 1e-12)
-        return t
+        return predictor.latent_time(None if adata is None else self._cells(predictor, adata),
+                                     scaled)
 
     def get_cell_state(self, adata: AnnData | None = None) -> np.ndarray:
         """Posterior mean cell state c, ``(n_cells, latent_dim)`` (full model); ``adata``:
         new cells, as for :meth:`get_latent_time`."""
-        predictor = self._fitted()
-        self._require_full("get_cell_state")
-        return predictor.encode(data=self._cells(adata))["c"].cpu().numpy()
+        predictor = self._fitted("get_cell_state")
+        return predictor.encode(data=self._cells(predictor, adata))["c"].cpu().numpy()
 
     def get_transcription_rate(self, adata: AnnData | None = None) -> np.ndarray:
         """Relative transcription rate ``rho = g(c)``: a dense ``(n_cells, n_vars)`` float32
         array (NaN for genes not fitted); ``adata``: as for :meth:`get_latent_time`."""
-        predictor = self._fitted()
-        self._require_full("get_transcription_rate")
-        return predictor.transcription_rate(predictor.encode(data=self._cells(adata))["c"])
-
-    def _require_full(self, what: str) -> None:
-        if self.config["model"] != "full":
-            raise RuntimeError(f"{what} needs the full model (model='full'), this is "
-                               f"{self.config['model']!r}")
+        predictor = self._fitted("get_transcription_rate")
+        return predictor.transcription_rate(
+            predictor.encode(data=self._cells(predictor, adata))["c"])
 
     def get_velocity(self, adata: AnnData | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """RNA velocity ``(ds/dt, du/dt)`` at each cell's inferred state.
-
-        ``(n_cells, n_vars)`` float32 arrays on the ``Ms`` / ``Mu`` scale, NaN columns for
-        genes not fitted; after refinement each fitted cell's ODE starts from its own
-        initial condition. ``adata``: as for :meth:`get_latent_time` (columns follow
-        ``self.var_names``; new cells use the first-stage ODE with their own rho).
-        """
-        return self._fitted().expected_arrays(("ds", "du"), data=self._cells(adata))
+        """RNA velocity ``(ds/dt, du/dt)`` at each cell's inferred state: ``(n_cells,
+        n_vars)`` float32 arrays on the ``Ms`` / ``Mu`` scale, NaN for genes not fitted.
+        After refinement each fitted cell's ODE starts from its own initial condition;
+        new cells (``adata``, as for :meth:`get_latent_time`) use the first-stage ODE."""
+        predictor = self._fitted()
+        return predictor.expected_arrays(("ds", "du"), data=self._cells(predictor, adata))
 
     def get_expression_fit(self, adata: AnnData | None = None
                            ) -> tuple[np.ndarray, np.ndarray]:
-        """Fitted (expected) ``(u, s)`` of every cell: ``(n_cells, n_vars)`` float32 arrays
-        on the ``Mu`` / ``Ms`` scale (NaN for genes not fitted); ``adata``: as for
-        :meth:`get_velocity`."""
-        return self._fitted().expected_arrays(("u", "s"), data=self._cells(adata))
+        """Fitted (expected) ``(u, s)`` of every cell, as :meth:`get_velocity` (on the
+        ``Mu`` / ``Ms`` scale)."""
+        predictor = self._fitted()
+        return predictor.expected_arrays(("u", "s"), data=self._cells(predictor, adata))
 
     def predict_future(self, delta_t: float, adata: AnnData | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
-        """Expected ``(u, s)`` of every cell at ``t + delta_t`` (model time units; negative
-        looks back) under its own ODE, keeping its cell state and, after refinement, its
-        initial condition: ``(n_cells, n_vars)`` arrays on the ``Mu`` / ``Ms`` scale;
-        ``adata``: as for :meth:`get_velocity`."""
+        """Expected ``(u, s)`` of every cell at ``t + delta_t`` (model time; negative looks
+        back) under its own ODE and cell state, as :meth:`get_expression_fit`."""
         predictor = self._fitted()
         delta_t = check_real(delta_t, "delta_t")
-        return predictor.expected_arrays(("u", "s"), delta_t, self._cells(adata))
+        return predictor.expected_arrays(("u", "s"), delta_t, self._cells(predictor, adata))
 
     def get_rates(self) -> pd.DataFrame:
         """Per-gene ODE parameters on the data scale (NaN rows for genes not fitted):
@@ -268,33 +244,24 @@ class VeloVAE:
     def sample_posterior(self, n_samples: int = 100, return_sites: Sequence[str] | None = None,
                          batch_size: int = 1024, seed: int = 0, progress_bar: bool = True
                          ) -> dict[str, np.ndarray]:
-        """Joint draws from the fitted posterior (the guide) for every cell.
-
-        ``n_samples`` draws of ``return_sites`` (default ``'t'``, and ``'c'`` for the full
-        model; also random rates and derived ``'velocity'``, ``'velocity_u'``, ``'u'``,
-        ``'s'``: :meth:`~pyro_velo.predict.Predictor.sample_posterior`), ``batch_size``
-        cells at a time, seeded by ``seed``, with a tqdm bar if ``progress_bar``. Returns
-        site name to an array ``(n_samples, n_cells, ...)`` (per-cell sites) or
-        ``(n_samples, fitted genes)`` (rates).
-        """
-        predictor = self._fitted()
-        check_training_arguments(max_epochs=n_samples, batch_size=batch_size)
-        return predictor.sample_posterior(n_samples, return_sites, batch_size, seed,
-                                          progress_bar)
+        """Joint draws from the fitted posterior (the guide) for every cell: site name to
+        ``(n_samples, n_cells, ...)`` (per-cell sites) or ``(n_samples, fitted genes)``
+        (rates). ``return_sites``: default ``'t'`` (and ``'c'``); also random rates and
+        ``'velocity'``, ``'velocity_u'``, ``'u'``, ``'s'``
+        (:meth:`~pyro_velo.predict.Predictor.sample_posterior`). ``batch_size`` cells at a
+        time, seeded by ``seed``, a tqdm bar if ``progress_bar``."""
+        return self._fitted().sample_posterior(n_samples, return_sites, batch_size, seed,
+                                               progress_bar)
 
     def get_uncertainty(self, n_samples: int = 100, batch_size: int = 1024, seed: int = 0,
                         progress_bar: bool = True) -> pd.DataFrame:
-        """Per-cell posterior uncertainty of time, cell state and velocity (paper, Fig. 8).
-
-        Columns ``time_mean``, ``time_std``, ``time_cv``, ``state_cv`` and ``rho_cv`` (full
+        """Per-cell posterior uncertainty of time, cell state and velocity (paper, Fig. 8):
+        ``time_mean``, ``time_std``, ``time_cv``, ``state_cv`` and ``rho_cv`` (full
         model), ``velocity_cv`` (:meth:`~pyro_velo.predict.Predictor.uncertainty`), over
-        ``n_samples`` draws seeded by ``seed``, ``batch_size`` cells at a time (never
-        samples x cells x genes), with a tqdm bar if ``progress_bar``. Also stored in
-        ``self.uncertainty`` and exported by :meth:`export_to_anndata`.
-        """
-        predictor = self._fitted()
-        check_training_arguments(max_epochs=n_samples, batch_size=batch_size)
-        self.uncertainty = predictor.uncertainty(n_samples, batch_size, seed, progress_bar)
+        ``n_samples`` draws as :meth:`sample_posterior` (memory never samples x cells x
+        genes). Also kept in ``self.uncertainty`` and exported."""
+        self.uncertainty = self._fitted().uncertainty(n_samples, batch_size, seed,
+                                                      progress_bar)
         return self.uncertainty
 
     def get_rate_uncertainty(self) -> pd.DataFrame:
@@ -315,14 +282,10 @@ class VeloVAE:
         return -evaluate_loss(self.model, self.guide, self.data, self.data.indices(split))
 
     def evaluate(self) -> pd.DataFrame:
-        """Reconstruction metrics of the paper's Appendix C on train and held-out test cells.
-
-        Every cell is encoded (test cells were never trained on) and reconstructed at its
-        posterior means, on the per-gene standardised abundances the model fits: ``mse``,
-        ``mae`` (mean squared / absolute error over cells, genes, u and s) and
-        ``log_likelihood`` (mean over cells of the cell's log-likelihood under the fitted
-        noise model). Returns rows ``train`` and ``test``.
-        """
+        """Reconstruction metrics of the paper's Appendix C, rows ``train`` and ``test``
+        (never trained on): every cell encoded and reconstructed at its posterior means on
+        the per-gene standardised abundances, ``mse`` and ``mae`` over cells, genes, u and
+        s, and ``log_likelihood``, the mean per-cell log-likelihood of the noise model."""
         predictor = self._fitted()
         return pd.DataFrame({split: predictor.reconstruction(split)
                              for split in ("train", "test")}).T
@@ -345,55 +308,49 @@ class VeloVAE:
     ) -> TrainingHistory:
         """Fit by minibatch SVI with early stopping on the validation ELBO.
 
-        The stages (``history.stages``; :meth:`schedule`): ``warm-up`` and a re-initialisation
-        of the rates given its times, ``basic``, and for the full model ``full`` (the
-        mixture of ODEs) and ``refine`` (:meth:`refine_initial_conditions`) or, with
-        ``rate_history='ancestors'``, ``ancestors``. The direction of time is checked
-        against the data's own flow (:meth:`direction`). Stages and every argument in
-        detail: :mod:`pyro_velo.inference.plan`.
+        The stages (``history.stages``, :meth:`schedule`): ``warm-up``, ``basic``, and for
+        the full model ``full`` (the mixture of ODEs) and ``refine``
+        (:meth:`refine_initial_conditions`), or ``ancestors`` with
+        ``rate_history='ancestors'``. The direction of time is checked against the data's
+        own flow (:meth:`direction`). Every argument in detail:
+        :class:`~pyro_velo.inference.plan.TrainingPlan`.
 
         Parameters
         ----------
         max_epochs
-            Upper bound on epochs of each stage after warm-up; default
-            ``clip(400_000 / n_cells, 100, 1000)`` up to 100k cells, then
-            ``max(10, 10^7 / n_cells)``.
+            Bound on each stage after the warm-up (default
+            :meth:`~pyro_velo.policies.EpochPolicy.max_epochs`: 400 at 1,000 cells).
         batch_size, lr, lr_ode
-            Minibatch size, learning rate of the networks (paper: 2e-4) and of the
+            Minibatch size; learning rates of the networks (paper: 2e-4) and of the
             per-gene ODE parameters.
-        seed
-            Seeds minibatch order and sampling: the same seed gives the same fit on CPU.
-        device
+        seed, device
+            Seed of minibatch order and sampling (the same seed, the same fit on CPU);
             ``'cpu'`` or ``'cuda'``.
         early_stopping, patience
             Stop after ``patience`` epochs without validation improvement, keeping the
             best parameters.
         warmup_epochs, basic_epochs, refine_epochs
-            Epochs of the warm-up (default ``max(20, max_epochs // 10)``; 0 skips it and
-            the re-initialisation), bound on the ``basic`` stage (default ``max_epochs``)
-            and on the refinement (default ``max_epochs // 4``) or the ``ancestors`` stage
-            (default ``max_epochs``); 0 skips the last.
+            Epochs of the warm-up (default ``max(20, max_epochs // 10)``; 0 skips it),
+            bounds on ``basic`` (``max_epochs``) and on ``refine`` (``max_epochs // 4``)
+            or ``ancestors`` (``max_epochs``); 0 skips the last.
         progress_bar
             Live bars in a terminal or notebook, one line per stage in a log.
         num_threads
-            CPU threads while training. ``None`` (default): one below 1,000 genes, else
-            torch's count, so that a seed reproduces the fit; ``'auto'``: fewer while
-            other processes keep cores busy (faster on shared cores, not bitwise
-            reproducible; :mod:`pyro_velo.inference.threads`); a number fixes it.
+            CPU threads. None: one below 1,000 genes, else torch's count (a seed
+            reproduces the fit); ``'auto'``: fewer while other processes keep the cores
+            busy (not bitwise reproducible); a number fixes it.
         checkpoint_dir, checkpoint_every, resume
-            Folder of a checkpoint written every ``checkpoint_every`` epochs and after each
-            stage; ``resume`` continues the run checkpointed there (same arguments; on
-            CPU bitwise the same as an uninterrupted run).
-        distributed
-            Data-parallel training over the default process group (None: whenever one of
-            two or more processes exists; :mod:`pyro_velo.distributed`).
-        compile, bf16
-            ``torch.compile`` the ODE solution; bfloat16 gene-wide layers on the CPU.
-            None: when the work is large enough (bf16: and the CPU has native bfloat16).
+            Checkpoint folder, written every ``checkpoint_every`` epochs and after each
+            stage; ``resume`` continues the run checkpointed there (on CPU bitwise as
+            if uninterrupted).
+        distributed, compile, bf16
+            Data-parallel training over the default process group (None: when one of two
+            or more processes exists); ``torch.compile`` the ODE solution; bfloat16
+            gene-wide layers on CPU (None: when the work is large enough).
         n_starts
             Trainings from different random starts; the highest validation ELBO is kept.
         callbacks
-            Further :class:`~pyro_velo.inference.callbacks.Callback` s of every stage's loop.
+            Further :class:`~pyro_velo.inference.callbacks.Callback` s of every stage.
         root_key, root
             The cells whose ``obs[root_key]`` is ``root`` (a label or labels) start the
             trajectory and set the direction of time; not with capture times.
@@ -401,16 +358,15 @@ class VeloVAE:
         Returns
         -------
         TrainingHistory
-            Per-epoch train and validation loss (negative ELBO per cell), also in
+            Per-epoch train and validation loss (negative ELBO per cell), also
             ``self.history``.
 
         Raises
         ------
         InputError
-            Invalid arguments, or a checkpoint that does not match (or exists without
-            ``resume``).
-        MissingFileError
-            ``resume`` but ``checkpoint_dir`` holds no checkpoint.
+            Invalid arguments, or a checkpoint that does not match (or is there without
+            ``resume``); :class:`~pyro_velo._checks.MissingFileError` when ``resume``
+            finds none.
         DivergenceError
             The loss, a gradient or a parameter became NaN/inf.
         """
@@ -425,25 +381,21 @@ class VeloVAE:
 
     def schedule(self, basic_model, basic_guide, max_epochs: int, warmup_epochs: int,
                  basic_epochs: int, refine_epochs: int) -> list[Stage]:
-        """The stages :meth:`train` runs, in order (see :mod:`pyro_velo.inference.stages`).
-
-        ``basic_model``, ``basic_guide``: the basic pair of the first stages (for the
-        basic model, the model itself). A subclass may insert its own
-        :class:`~pyro_velo.inference.stages.Stage` objects, e.g. after the warm-up.
-        """
+        """The stages :meth:`train` runs, in order (:mod:`pyro_velo.inference.stages`),
+        from the basic pair of the first stages (for the basic model, the model itself).
+        A subclass may insert its own :class:`~pyro_velo.inference.stages.Stage` s."""
         return default_schedule(self, self._start, basic_model, basic_guide, max_epochs,
                                 warmup_epochs, basic_epochs, refine_epochs)
 
     def direction(self) -> dict:
         """Whether the data identify the direction of the fitted time, and how.
 
-        ``status``: ``'given'`` (by a root or capture times, ``given_by``), ``'forward'``
+        ``status``: ``'given'`` (by a root or capture times: ``given_by``), ``'forward'``
         (the time agrees with a reproducible velocity field built from the data alone,
         :mod:`pyro_velo.orientation`), ``'reversed'`` or ``'not identified'`` (then give a
-        root, ``train(root_key=..., root=...)``, or capture times); ``flow_agreement``:
-        Spearman correlation of the time with the field's potential;
-        ``flow_reproducibility``: agreement of the potentials of two halves of the genes.
-        Exported as ``uns['velocity_params']['direction']``.
+        root, ``train(root_key=..., root=...)``, or capture times). ``flow_agreement``:
+        Spearman of the time with the field's potential; ``flow_reproducibility``: that of
+        the potentials of two halves of the genes. Exported in ``uns['velocity_params']``.
         """
         self._check_trained()
         return dict(self.config.get("direction", {}))
@@ -456,27 +408,15 @@ class VeloVAE:
         """Initial-condition refinement of the full model (paper, "Initial Conditions").
 
         Each cell's ODE starts at ``t0 = t - (delta1 + delta2)/2`` from the mean state of
-        the training cells of its cell-state cluster in the window ``[t - delta1,
-        t - delta2]``; the ODE parameters and the decoder are then fine-tuned with t and
-        c held at their posterior means (details: :func:`~pyro_velo.inference.refine.refine`).
-
-        Parameters
-        ----------
-        epochs
-            Fine-tuning epochs (early stopping on the validation loss applies).
-        delta1, delta2
-            Window before each cell in model time; default 3% and 0.5% of the time span.
-        n_clusters
-            k-means clusters of c defining "close in cell state".
-        source
-            Averaged over the window: ``'fitted'`` (default) the first-stage fit of those
-            cells, or ``'observed'`` their (u, s) as in the paper (noisier).
-        require_improvement
-            Keep the refinement only if it raises the validation log-likelihood, else
-            restore the model with a warning. ``False`` keeps it, as the paper does (with
-            :meth:`train`: pass ``refine_epochs=0``, then call this).
-        fit_options
-            Passed to :func:`pyro_velo.inference.loop.fit` (``lr``, ``batch_size``...).
+        the training cells of its cluster of c (``n_clusters`` k-means clusters) in the
+        window ``[t - delta1, t - delta2]`` (default 3% and 0.5% of the time span); the
+        ODE parameters and the decoder are then fine-tuned for ``epochs`` with t and c
+        held. ``source``: average the first-stage fit of those cells (``'fitted'``) or
+        their observed (u, s) as the paper does (``'observed'``, noisier).
+        ``require_improvement``: keep it only if the validation log-likelihood rises
+        (else restore with a warning; ``False`` keeps it, as the paper does: train with
+        ``refine_epochs=0``, then call this). ``fit_options`` go to
+        :func:`~pyro_velo.inference.loop.fit`. Details: :func:`~pyro_velo.inference.refine.refine`.
         """
         self._check_trained()
         return refine(Run(self.history, self.config), self.model, self.guide, self.data,
@@ -498,45 +438,29 @@ class VeloVAE:
 
     def export_to_h5ad(self, path: str | Path, rho: bool | None = None,
                        batch_size: int = 4096, progress_bar: bool = True) -> None:
-        """Write the keys of :meth:`export_to_anndata` into an ``.h5ad`` file, in chunks.
-
-        ``path`` must hold the model's cells and genes in the same order (typically the
-        file the model streams from). The layers are computed and written ``batch_size``
-        cells at a time, so memory does not grow with the number of cells, and replace
-        existing ones only when all are written: an error leaves the file as it was.
-        """
+        """Write the keys of :meth:`export_to_anndata` into the ``.h5ad`` file ``path``
+        holding the model's cells and genes in order, ``batch_size`` cells at a time
+        (memory does not grow with the cells); the new layers replace old ones only once
+        all are written, so an error leaves the file as it was."""
         self._check_trained()
         write_h5ad(self, path, rho, batch_size, progress_bar)
 
     def save(self, path: str | Path, overwrite: bool = False) -> None:
-        """Save the model to the folder ``path``, so that :meth:`load` predicts identically.
-
-        Writes ``model.pt`` (parameters, split, names, per-gene scales, history) and
+        """Save the model to the folder ``path`` so that :meth:`load` predicts identically:
+        ``model.pt`` (parameters, split, names, per-gene scales, history) and
         ``config.json`` (arguments, records, versions), not the data
-        (:func:`pyro_velo.persist.save`). ``overwrite``: replace a folder's files.
-
-        Raises
-        ------
-        FileExistsError
-            ``path`` is not empty and ``overwrite`` is False.
-        InputError
-            ``path`` exists and is not a folder.
+        (:func:`pyro_velo.persist.save`). FileExistsError if ``path`` is not empty and
+        not ``overwrite``; InputError if it is not a folder.
         """
         save(self, path, overwrite)
 
     @classmethod
     def load(cls, path: str | Path, adata: AnnData | str | Path, **components) -> VeloVAE:
-        """Load a model saved by :meth:`save` for ``adata`` (an AnnData or ``.h5ad`` path).
-
-        Every ``get_*`` method then returns what it did before saving. ``adata`` must hold
-        the fitted cells and genes in order; components passed as objects to the
-        constructor must be passed again (``components``; :func:`pyro_velo.persist.load`).
-
-        Raises
-        ------
-        MissingFileError
-            ``path`` lacks ``config.json`` / ``model.pt`` (a :class:`FileNotFoundError`).
-        InputError
-            A damaged file, another format version, or other cells or genes.
+        """Load a model saved by :meth:`save` for ``adata`` (an AnnData or ``.h5ad`` path
+        holding the fitted cells and genes in order); every ``get_*`` then returns what it
+        did before saving. Components passed as objects to the constructor must be passed
+        again (:func:`pyro_velo.persist.load`). MissingFileError (a FileNotFoundError)
+        without ``config.json`` / ``model.pt``; InputError for a damaged file, another
+        format version, or other cells or genes.
         """
         return load(cls, path, adata, components)

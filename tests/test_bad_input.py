@@ -325,6 +325,18 @@ def test_unknown_keyword_arguments_are_rejected(entry, prepared, trained):
     assert vae.history == history
 
 
+@pytest.mark.parametrize(("call", "match"), [
+    (lambda v: v.sample_posterior(n_samples=0), "n_samples must be at least 1"),
+    (lambda v: v.get_uncertainty(n_samples=2.5), "n_samples must be an integer"),
+    (lambda v: v.get_uncertainty(n_samples=2, batch_size=0), "batch_size must be at least 1"),
+])
+def test_posterior_draw_arguments_are_named(call, match, trained):
+    vae, _ = trained
+    with pytest.raises(InputError, match=match):
+        call(vae)
+    assert vae.uncertainty is None
+
+
 # ---- invalid training arguments ------------------------------------------------------
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"max_epochs": 0}, "max_epochs must be at least 1"),

@@ -59,7 +59,7 @@ def test_cell_state_separates_branches(fits):
 
 
 # The velocity cosine of one draw is not a test: over draws of the simulator it spreads
-# by about 0.2 (benchmarks/RESULTS.md, "Draws of the simulator"); its median over draws
+# by about 0.2 (``benchmarks/full_vs_basic.py --data-seeds``); its median over draws
 # of every family is benchmarks/robustness.py's.
 
 
@@ -89,7 +89,7 @@ def test_ancestral_rates_fit_rate_rises_and_reach_the_velocity_target(neighbourh
     """Transcriptional boosts (rates rising in steps) get the velocity pattern right only
     with the ancestors' rates (seeds 0-5: median per-gene r 0.74-0.81 against -0.02-0.45);
     the mean cosine reaches the 0.8 target (seeds 0-5: 0.85-0.87, mean 0.86, against
-    0.72-0.82, mean 0.78; benchmarks/RESULTS.md, "Rate history")."""
+    0.72-0.82, mean 0.78; benchmarks/rate_history.py)."""
     adata = neighbourhood_fits["adata"]
     constant, ancestral = neighbourhood_fits["constant"], neighbourhood_fits["ancestors"]
     boost = [_median_velocity_correlation(vae, adata, "transcriptional_boost")

@@ -3,7 +3,7 @@
 The 1000 x 100 2-branch simulation with data seed 3 has few root cells (9%). With
 neighbourhood size factors, single fits put its branches on different clocks at model
 seeds 0 and 2 of seeds 0-5 (Spearman 0.82 and 0.79 against 0.94-0.97), and those fits
-have the lower validation ELBO (``benchmarks/RESULTS.md``, "Restarts").
+have the lower validation ELBO (``benchmarks/restarts.py``).
 """
 
 import warnings
