@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0, help="seed for a reproducible run")
         p.add_argument("--n-starts", type=_positive_int, default=1,
                        help="train from this many random starts and keep the one with "
-                            "the best validation ELBO (costs that many trainings)")
+                            "the best validation ELBO, one whose time runs against the "
+                            "data's flow only if all do (costs that many trainings)")
         p.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--threads", type=_threads, default=None,

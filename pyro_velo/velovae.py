@@ -348,7 +348,8 @@ class VeloVAE:
             or more processes exists); ``torch.compile`` the ODE solution; bfloat16
             gene-wide layers on CPU (None: when the work is large enough).
         n_starts
-            Trainings from different random starts; the highest validation ELBO is kept.
+            Trainings from different random starts; the highest validation ELBO is kept,
+            a start whose time runs against the data's flow only if all do.
         callbacks
             Further :class:`~pyro_velo.inference.callbacks.Callback` s of every stage.
         root_key, root

@@ -398,7 +398,8 @@ def test_restarts_keep_the_start_with_the_best_validation_elbo(adata, tmp_path, 
     losses = starts.config["start_losses"]
     assert starts.config["n_starts"] == 3 and len(losses) == 3
     assert len(set(losses)) == 3  # different starts, different fits
-    assert starts.config["start"] == int(np.argmin(losses))
+    reversed_ = [status == "reversed" for status in starts.config["start_directions"]]
+    assert starts.config["start"] == min(range(3), key=lambda k: (reversed_[k], losses[k]))
     assert _validation_loss(starts) == losses[starts.config["start"]]
     # start 0 is the fit one start gives, bit for bit
     assert "start" not in single.config
@@ -410,6 +411,37 @@ def test_restarts_keep_the_start_with_the_best_validation_elbo(adata, tmp_path, 
     assert loaded.config["start_losses"] == losses
     assert loaded.config["start"] == starts.config["start"]
     assert _equal(loaded.get_latent_time(), starts.get_latent_time())
+
+
+def test_a_reversed_start_is_kept_only_when_every_start_is_reversed(adata, monkeypatch):
+    """The ELBO cannot tell a fit from its time-reversed twin: a start whose time runs
+    against the data's flow loses to every start that does not, whatever its ELBO."""
+    plain = _fit_starts(adata, 3)
+    losses, statuses = plain.config["start_losses"], plain.config["start_directions"]
+    assert len(statuses) == 3 and len(set(losses)) == 3
+    best = int(np.argmin(losses))
+    original = pv.inference.plan.record_direction
+
+    def mark(reversed_starts):
+        calls = iter(range(3))
+
+        def record(vae, start):
+            original(vae, start)
+            if next(calls) in reversed_starts:
+                vae.config["direction"] = {**vae.config["direction"], "status": "reversed"}
+        return record
+
+    for marked in ({best}, {0, 1, 2}):
+        monkeypatch.setattr(pv.inference.plan, "record_direction", mark(marked))
+        vae = _fit_starts(adata, 3)
+        assert vae.config["start_losses"] == losses  # the same fits, bit for bit
+        reversed_ = [k in marked or statuses[k] == "reversed" for k in range(3)]
+        assert [s == "reversed" for s in vae.config["start_directions"]] == reversed_
+        kept = min(range(3), key=lambda k: (reversed_[k], losses[k]))
+        assert vae.config["start"] == kept
+        assert (vae.config["direction"]["status"] == "reversed") == all(reversed_)
+        if marked == {best} and not all(reversed_):
+            assert kept != best  # the ELBO's choice lost to a start that runs forward
 
 
 def test_a_failed_start_keeps_the_best_finished_one(adata, monkeypatch):

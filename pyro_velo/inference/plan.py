@@ -245,8 +245,12 @@ class TrainingPlan:
       ``seed + k``; start 0 is the fit ``n_starts=1`` gives. The ELBO of the mixture of
       ODEs has local optima (on bifurcations, e.g., branches fitted on different
       clocks); on simulations the fits in such an optimum had the lower validation
-      ELBO, while among the other fits the ELBO did not rank the velocity. If a start
-      fails or is interrupted, the best finished start is kept before the error
+      ELBO, while among the other fits the ELBO did not rank the velocity. The ELBO
+      cannot tell a fit from its time-reversed twin, so a start whose time runs against
+      the data's own flow (direction ``'reversed'``) is kept only when every start does.
+      On small sets, where a fit takes seconds, this steadies the order: on the 50-cell
+      dentate gyrus fixture, three starts gave Spearman 0.36-0.47 with the marker stage
+      over model seeds 0-5, one start 0.17-0.51. If a start fails or is interrupted, the best finished start is kept before the error
       propagates. Not combined with ``checkpoint_dir`` or distributed training, and
       only for a model not trained yet.
     - ``root_key``, ``root``: the cells whose ``obs[root_key]`` is ``root`` (a label or
