@@ -64,8 +64,9 @@ class CpuMeter:
 
     def __init__(self) -> None:
         self.ticks_per_second = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self.available = self._machine_busy() is not None
-        self.last = self._read() if self.available else None
+        busy = self._machine_busy()
+        self.available = busy is not None
+        self.last = (time.monotonic(), busy, time.process_time()) if self.available else None
 
     def _machine_busy(self) -> float | None:
         """Busy CPU seconds of the whole machine since boot (None if unreadable)."""
@@ -96,7 +97,7 @@ class ThreadGovernor(Callback):
 
     Reads the load every ``policy.window`` seconds of training (checked after every
     minibatch step) and sets ``torch.set_num_threads`` to
-    ``floor(cores - others + policy.margin)``, clipped to ``[1, max_threads]``
+    ``floor(usable cores - others + policy.margin)``, clipped to ``[1, max_threads]``
     (``max_threads``: torch's count when the governor was made). Its state carries
     across the stages of a run; the caller restores torch's count afterwards (see
     :func:`pyro_velo._threads.cpu_threads`).
@@ -106,7 +107,9 @@ class ThreadGovernor(Callback):
                  policy: ThreadPolicy | None = None) -> None:
         self.policy = policies.THREADS if policy is None else policy
         self.max_threads = max_threads or torch.get_num_threads()
-        self.cores = min(usable_cores(), self.max_threads)
+        #: cores this process may run on (the load of other processes is counted on all)
+        self.usable = usable_cores()
+        self.cores = min(self.usable, self.max_threads)
         self.meter = CpuMeter()
         #: thread counts chosen so far, as ``(seconds since start, threads)``
         self.changes: list[tuple[float, int]] = []
@@ -114,7 +117,7 @@ class ThreadGovernor(Callback):
 
     def threads_for(self, others: float) -> int:
         """The thread count for ``others`` cores' worth of load from other processes."""
-        free = math.floor(usable_cores() - others + self.policy.margin)
+        free = math.floor(self.usable - others + self.policy.margin)
         return max(1, min(self.max_threads, free))
 
     def _update(self) -> None:
