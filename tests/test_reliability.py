@@ -413,6 +413,18 @@ def test_restarts_keep_the_start_with_the_best_validation_elbo(adata, tmp_path, 
     assert _equal(loaded.get_latent_time(), starts.get_latent_time())
 
 
+def _mark_reversed(monkeypatch, starts):
+    """Make the direction report of the given starts (0, 1, ... in training order)
+    'reversed', the others as computed."""
+    original, calls = pv.inference.plan.record_direction, iter(range(100))
+
+    def record(vae, start):
+        original(vae, start)
+        if next(calls) in starts:
+            vae.config["direction"] = {**vae.config["direction"], "status": "reversed"}
+    monkeypatch.setattr(pv.inference.plan, "record_direction", record)
+
+
 def test_a_reversed_start_is_kept_only_when_every_start_is_reversed(adata, monkeypatch):
     """The ELBO cannot tell a fit from its time-reversed twin: a start whose time runs
     against the data's flow loses to every start that does not, whatever its ELBO."""
@@ -420,19 +432,8 @@ def test_a_reversed_start_is_kept_only_when_every_start_is_reversed(adata, monke
     losses, statuses = plain.config["start_losses"], plain.config["start_directions"]
     assert len(statuses) == 3 and len(set(losses)) == 3
     best = int(np.argmin(losses))
-    original = pv.inference.plan.record_direction
-
-    def mark(reversed_starts):
-        calls = iter(range(3))
-
-        def record(vae, start):
-            original(vae, start)
-            if next(calls) in reversed_starts:
-                vae.config["direction"] = {**vae.config["direction"], "status": "reversed"}
-        return record
-
     for marked in ({best}, {0, 1, 2}):
-        monkeypatch.setattr(pv.inference.plan, "record_direction", mark(marked))
+        _mark_reversed(monkeypatch, marked)
         vae = _fit_starts(adata, 3)
         assert vae.config["start_losses"] == losses  # the same fits, bit for bit
         reversed_ = [k in marked or statuses[k] == "reversed" for k in range(3)]
@@ -442,6 +443,36 @@ def test_a_reversed_start_is_kept_only_when_every_start_is_reversed(adata, monke
         assert (vae.config["direction"]["status"] == "reversed") == all(reversed_)
         if marked == {best} and not all(reversed_):
             assert kept != best  # the ELBO's choice lost to a start that runs forward
+
+
+def test_a_reversed_single_fit_is_trained_from_more_starts(adata, monkeypatch, tmp_path):
+    single = _fit_starts(adata, 1)
+    assert "start_directions" not in single.config  # a forward fit: no more starts
+    _mark_reversed(monkeypatch, {0})
+    vae = pv.VeloVAE(adata, model="full", **SMALL)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vae.train(**QUICK)
+    extra = pv.policies.RESTARTS.extra_starts_when_reversed
+    assert vae.config["n_starts"] == 1 + extra
+    assert vae.config["start_directions"][0] == "reversed"
+    assert vae.config["start_losses"][0] == _validation_loss(single)  # start 0: the fit
+    losses, statuses = vae.config["start_losses"], vae.config["start_directions"]
+    kept = min(range(1 + extra), key=lambda k: (statuses[k] == "reversed", losses[k]))
+    assert vae.config["start"] == kept != 0
+    assert vae.config["direction"]["status"] == statuses[kept] != "reversed"
+    # only the kept fit's report can warn, and it does not run against the flow
+    assert not any("reversed" in str(w.message) for w in caught)
+    # a checkpointed run, or the policy turned off, keeps the reversed fit and warns
+    for options in ({"checkpoint_dir": tmp_path / "ckpt"}, {}):
+        if not options:
+            monkeypatch.setattr(pv.policies, "RESTARTS", pv.policies.RestartPolicy(0))
+        _mark_reversed(monkeypatch, {0})
+        vae = pv.VeloVAE(adata, model="full", **SMALL)
+        with pytest.warns(UserWarning, match="direction of latent time is reversed"):
+            vae.train(**QUICK, **options)
+        assert "start_directions" not in vae.config
+        assert vae.config["direction"]["status"] == "reversed"
 
 
 def test_a_failed_start_keeps_the_best_finished_one(adata, monkeypatch):

@@ -38,16 +38,18 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .. import policies
 from .._checks import InputError, check_int
 from .._params import set_seed
+from .._settings import settings
 from .._threads import cpu_threads
 from ..components import ancestral
 from ..data import VelocityData
@@ -250,9 +252,12 @@ class TrainingPlan:
       the data's own flow (direction ``'reversed'``) is kept only when every start does.
       On small sets, where a fit takes seconds, this steadies the order: on the 50-cell
       dentate gyrus fixture, three starts gave Spearman 0.36-0.47 with the marker stage
-      over model seeds 0-5, one start 0.17-0.51. If a start fails or is interrupted, the best finished start is kept before the error
-      propagates. Not combined with ``checkpoint_dir`` or distributed training, and
-      only for a model not trained yet.
+      over model seeds 0-5, one start 0.17-0.51. If a start fails or is interrupted,
+      the best finished start is kept before the error propagates. Not combined with
+      ``checkpoint_dir`` or distributed training, and only for a model not trained yet.
+      With ``n_starts=1`` a fit whose direction report is ``'reversed'`` is trained from
+      more starts in the same way (:class:`~pyro_velo.policies.RestartPolicy`; not
+      with ``checkpoint_dir``, distributed training or a model trained before).
     - ``root_key``, ``root``: the cells whose ``obs[root_key]`` is ``root`` (a label or
       a list of labels) start the trajectory: training starts from a diffusion
       pseudotime rooted at them, and the direction of time is theirs, never the
@@ -316,12 +321,43 @@ class TrainingPlan:
         return Epochs(max_epochs, warmup, basic, refine)
 
     def run(self, vae: Trainable, start: StartCells) -> TrainingHistory:
-        """Train ``vae`` from the cells ``start``; return (and keep) its history."""
+        """Train ``vae`` from the cells ``start``; return (and keep) its history.
+
+        A single fit whose time runs against the data's own flow is trained from more
+        starts where the run allows them (:class:`~pyro_velo.policies.RestartPolicy`);
+        the final direction report warns where the direction is not identified.
+        """
         self.check()
         start.root = root_mask(start.obs, self.root_key, self.root,
                                vae.capture_times is not None)
         if self.n_starts > 1:
-            return self._best_of_starts(vae)
+            self._best_of_starts(vae, start)
+        else:
+            before = None if vae.is_trained else copy.deepcopy(vae.config)
+            self._run_once(vae, start)
+            extra = policies.RESTARTS.extra_starts_when_reversed
+            if (vae.config["direction"]["status"] == "reversed" and extra > 0
+                    and before is not None and self._restartable()):
+                if self.progress_bar and settings.verbosity > 0:
+                    tqdm.write(f"The fitted time runs against the data's own flow: "
+                               f"training from {extra} more starts")
+                best_of_starts(vae, 1 + extra, self.seed, self._start_trainer(vae, start),
+                               self.progress_bar, first_done=before)
+        # attributed to the frame of VeloVAE.train, the caller of this method
+        warn_if_unidentified(vae.config["direction"], stacklevel=2)
+        return vae.history
+
+    def _restartable(self) -> bool:
+        """Whether this run may train further starts (not checkpointed, not distributed)."""
+        return (self.checkpoint_dir is None and not self.resume
+                and current_group(self.distributed) is None)
+
+    def _start_trainer(self, vae: Trainable, start: StartCells):
+        """Trains one start of ``vae`` with a given seed (for :func:`best_of_starts`)."""
+        return lambda seed: replace(self, seed=seed, n_starts=1)._run_once(vae, start)
+
+    def _run_once(self, vae: Trainable, start: StartCells) -> None:
+        """One run of the schedule; records the direction report (without warning)."""
         epochs = self.epochs(vae.data.n_cells, vae.config)
         # validate the checkpoint folder before anything changes
         checkpointer = Checkpointer(
@@ -368,9 +404,8 @@ class TrainingPlan:
                                on_model_ready=lambda: setattr(vae, "is_trained", True))
         vae.is_trained = True
         record_direction(vae, start)
-        return vae.history
 
-    def _best_of_starts(self, vae: Trainable) -> TrainingHistory:
+    def _best_of_starts(self, vae: Trainable, start: StartCells) -> None:
         """Several random starts (``n_starts > 1``), after the checks they allow."""
         if self.checkpoint_dir is not None or self.resume:
             raise InputError("n_starts > 1 cannot be combined with checkpoint_dir or "
@@ -380,14 +415,8 @@ class TrainingPlan:
                              "run the starts as separate fits")
         if vae.is_trained:
             raise InputError("n_starts > 1 needs a model that is not trained yet")
-        return best_of_starts(vae, self.n_starts, self.seed, dict(
-            max_epochs=self.max_epochs, batch_size=self.batch_size, lr=self.lr,
-            lr_ode=self.lr_ode, device=self.device, early_stopping=self.early_stopping,
-            patience=self.patience, warmup_epochs=self.warmup_epochs,
-            basic_epochs=self.basic_epochs, refine_epochs=self.refine_epochs,
-            progress_bar=self.progress_bar, num_threads=self.num_threads,
-            distributed=self.distributed, compile=self.compile, bf16=self.bf16,
-            callbacks=self.callbacks, root_key=self.root_key, root=self.root))
+        best_of_starts(vae, self.n_starts, self.seed, self._start_trainer(vae, start),
+                       self.progress_bar)
 
 
 def _check_switch(value: bool | None, name: str) -> None:
@@ -427,12 +456,9 @@ def default_schedule(vae: Trainable, start: StartCells, basic_model: torch.nn.Mo
 
 def record_direction(vae: Trainable, start: StartCells) -> None:
     """``vae.config['direction']``: how the fitted time of the cells ``start`` agrees with
-    the data's own flow (:meth:`~pyro_velo.policies.OrientationPolicy.report`); warns
-    where the data do not identify the direction."""
+    the data's own flow (:meth:`~pyro_velo.policies.OrientationPolicy.report`)."""
     evidence = start.flow_evidence(vae.data)
     t = (vae.predictor.encode(data=start.data)["t"].cpu().numpy()
          if evidence is not None else None)
     vae.config["direction"] = policies.ORIENTATION.report(
         evidence, t, start.direction_given(vae.capture_times))
-    # attributed to the frame of VeloVAE.train, two above this one
-    warn_if_unidentified(vae.config["direction"], stacklevel=3)

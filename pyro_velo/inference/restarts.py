@@ -12,6 +12,7 @@ every start does.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -36,43 +37,45 @@ class Restartable(Protocol):
 
     def make_pair(self, kind: str) -> tuple[torch.nn.Module, torch.nn.Module]: ...
 
-    def train(self, **options: Any) -> TrainingHistory: ...
 
-
-def best_of_starts(vae: Restartable, n_starts: int, seed: int, options: dict[str, Any]
-                   ) -> TrainingHistory:
+def best_of_starts(vae: Restartable, n_starts: int, seed: int,
+                   train_start: Callable[[int], Any], progress_bar: bool = True,
+                   first_done: dict[str, Any] | None = None) -> TrainingHistory:
     """Train ``vae`` ``n_starts`` times from different random starts; keep the best.
 
     The split, the data and the steady-state initialisation are shared; start ``k``
     builds fresh networks after seeding with ``vae.config['seed'] + k`` (start 0 keeps
-    the pair built by the constructor) and trains with ``seed + k`` (``options``: the
-    other arguments of :meth:`~pyro_velo.VeloVAE.train`). Each fit's validation loss
+    the pair built by the constructor) and is trained by ``train_start(seed + k)`` (one
+    run of the whole schedule that records ``config['direction']``). ``first_done``:
+    ``vae`` holds start 0 already trained, and this is the configuration it was trained
+    from (the other starts begin from it). Each fit's validation loss
     (negative ELBO per cell; training cells without a validation split) is evaluated
-    with the same seed, so that the starts are compared on the same guide draws. The
-    kept start's number, every start's loss and every start's direction verdict are
+    with the same seed, so that the starts are compared on the same guide draws. A start
+    whose direction report is ``'reversed'`` ranks after every start whose report is
+    not. The kept start's number, every start's loss and every start's direction are
     recorded in ``config['start']``, ``config['start_losses']`` and
-    ``config['start_directions']``. A start the verdict calls ``'reversed'`` ranks after
-    every start it does not. If a start fails or is interrupted, the best finished start
-    is kept before the error propagates.
+    ``config['start_directions']``. If a start fails or is interrupted, the best finished
+    start is kept before the error propagates.
     """
     check = vae.data.indices(selection_split(vae.data))
-    config = copy.deepcopy(vae.config)
+    config = copy.deepcopy(vae.config if first_done is None else first_done)
     losses: list[float] = []
     directions: list[str] = []
     best = None
     for k in range(n_starts):
-        if options["progress_bar"] and settings.verbosity > 0:
-            tqdm.write(f"Start {k + 1} of {n_starts}")
-        if k:
-            set_seed(config["seed"] + k)
-            vae.model, vae.guide = vae.make_pair(config["model"])
-        vae.config, vae.history = copy.deepcopy(config), TrainingHistory()
-        try:
-            vae.train(seed=seed + k, **options)
-        except BaseException:  # e.g. a diverged start or Ctrl-C: keep the best so far
-            if best is not None:
-                _keep(vae, best, n_starts, losses, directions)
-            raise
+        if k or first_done is None:
+            if progress_bar and settings.verbosity > 0:
+                tqdm.write(f"Start {k + 1} of {n_starts}")
+            if k:
+                set_seed(config["seed"] + k)
+                vae.model, vae.guide = vae.make_pair(config["model"])
+            vae.config, vae.history = copy.deepcopy(config), TrainingHistory()
+            try:
+                train_start(seed + k)
+            except BaseException:  # e.g. a diverged start or Ctrl-C: keep the best so far
+                if best is not None:
+                    _keep(vae, best, n_starts, losses, directions)
+                raise
         set_seed(seed)
         losses.append(evaluate_loss(vae.model, vae.guide, vae.data, check.to(vae.device)))
         directions.append(vae.config.get("direction", {}).get("status", ""))
