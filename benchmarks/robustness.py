@@ -181,7 +181,7 @@ def run(args) -> None:
     done = done_rows(path)
     new_file = not path.exists()
     with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, FIELDS)
+        writer = csv.DictWriter(handle, FIELDS, lineterminator="\n")
         if new_file:
             writer.writeheader()
         # draw-major, so that an interrupted run has covered every configuration

@@ -146,7 +146,7 @@ def run(args) -> None:
         machine += f", {torch.cuda.get_device_name()}"
     new_file = not path.exists()
     with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, FIELDS)
+        writer = csv.DictWriter(handle, FIELDS, lineterminator="\n")
         if new_file:
             writer.writeheader()
         for name in args.sets:

@@ -90,9 +90,10 @@ def test_capture_times_set_the_direction():
 
 
 def test_a_root_repairs_the_benchmarks_flagged_fork():
-    """The one regulatory-network draw of benchmarks/robustness.py whose fit the
+    """The one regulatory-network draw of benchmarks/robustness.py whose first start the
     diagnostic flags as reversed (fork, draw 5: Spearman with the type depth 0.30, flow
-    agreement -0.32) is repaired by naming the root type."""
+    agreement -0.32; the default then trains two more starts) is repaired by naming the
+    root type."""
     adata = pv.datasets.simulate_grn(800, 100, "fork", capture_noise=False, seed=5)
     pv.pp.preprocess(adata, random_state=0)
     vae = pv.VeloVAE(adata, seed=5, progress_bar=False)
