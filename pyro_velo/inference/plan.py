@@ -37,6 +37,7 @@ instead.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -257,7 +258,9 @@ class TrainingPlan:
       ``checkpoint_dir`` or distributed training, and only for a model not trained yet.
       With ``n_starts=1`` a fit whose direction report is ``'reversed'`` is trained from
       more starts in the same way (:class:`~pyro_velo.policies.RestartPolicy`; not
-      with ``checkpoint_dir``, distributed training or a model trained before).
+      with ``checkpoint_dir``, distributed training or a model trained before); a
+      further start that fails is reported with a warning and the best finished start
+      kept.
     - ``root_key``, ``root``: the cells whose ``obs[root_key]`` is ``root`` (a label or
       a list of labels) start the trajectory: training starts from a diffusion
       pseudotime rooted at them, and the direction of time is theirs, never the
@@ -341,8 +344,14 @@ class TrainingPlan:
                 if self.progress_bar and settings.verbosity > 0:
                     tqdm.write(f"The fitted time runs against the data's own flow: "
                                f"training from {extra} more starts")
-                best_of_starts(vae, 1 + extra, self.seed, self._start_trainer(vae, start),
-                               self.progress_bar, first_done=before)
+                try:
+                    best_of_starts(vae, 1 + extra, self.seed,
+                                   self._start_trainer(vae, start), self.progress_bar,
+                                   first_done=before)
+                except Exception as error:  # the first fit stands: keep the best finished
+                    warnings.warn(f"a further start failed ({type(error).__name__}: "
+                                  f"{error}); the best finished start is kept",
+                                  RuntimeWarning, stacklevel=2)
         # attributed to the frame of VeloVAE.train, the caller of this method
         warn_if_unidentified(vae.config["direction"], stacklevel=2)
         return vae.history
