@@ -1,9 +1,8 @@
 """The user-facing model class :class:`VeloVAE`: set up, train, query, export, save, load.
 
-It holds the data, the configuration and the fitted (model, guide) pair, and delegates:
-the arguments are checked and the pieces built by :mod:`pyro_velo.components`, trained
-by the plan of :mod:`pyro_velo.inference.plan`, read by a
-:class:`~pyro_velo.predict.Predictor`, written by :mod:`pyro_velo.export` and saved by
+It holds the data, the configuration and the fitted (model, guide) pair; the pieces are
+built by :mod:`pyro_velo.components`, trained by :mod:`pyro_velo.inference.plan`, read by
+a :class:`~pyro_velo.predict.Predictor`, written by :mod:`pyro_velo.export` and saved by
 :mod:`pyro_velo.persist`.
 """
 
@@ -228,11 +227,9 @@ class VeloVAE:
         return predictor.expected_arrays(("u", "s"), delta_t, self._cells(predictor, adata))
 
     def get_rates(self) -> pd.DataFrame:
-        """Per-gene ODE parameters on the data scale (NaN rows for genes not fitted):
-        ``alpha`` (``Ms`` units per unit time; the full model's cells use ``rho * alpha``),
-        ``beta``, ``gamma``, ``t_on``, ``t_off`` (model time), ``scaling`` (``Mu`` per model
-        unit), ``fitted``, then the likelihood's (``sigma_u``, ``sigma_s`` or ``phi_u``,
-        ``phi_s``): the model's and the likelihood's ``gene_parameters()``."""
+        """Per-gene parameters on the data scale, NaN rows for genes not fitted: ``alpha``
+        (``Ms`` per unit time; cells use ``rho * alpha``), ``beta``, ``gamma``, ``t_on``,
+        ``t_off``, ``scaling``, ``fitted``, then the likelihood's (``sigma_*`` or ``phi_*``)."""
         return self.predictor.rates()
 
     def get_split(self) -> pd.Series:
@@ -359,15 +356,12 @@ class VeloVAE:
         Returns
         -------
         TrainingHistory
-            Per-epoch train and validation loss (negative ELBO per cell), also
-            ``self.history``.
+            Per-epoch train and validation loss (negative ELBO per cell), ``self.history``.
 
         Raises
         ------
         InputError
-            Invalid arguments, or a checkpoint that does not match (or is there without
-            ``resume``); :class:`~pyro_velo._checks.MissingFileError` when ``resume``
-            finds none.
+            Invalid arguments or checkpoint (MissingFileError: ``resume`` finds none).
         DivergenceError
             The loss, a gradient or a parameter became NaN/inf.
         """
