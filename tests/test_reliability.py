@@ -475,10 +475,8 @@ def test_a_reversed_single_fit_is_trained_from_more_starts(adata, monkeypatch, t
         assert vae.config["direction"]["status"] == "reversed"
 
 
-def test_a_failed_further_start_keeps_the_first_fit(adata, monkeypatch):
-    """The starts added after a reversed fit are optional: one that fails is reported
-    and the best finished start is kept, without an error."""
-    _mark_reversed(monkeypatch, {0})
+def _fail_second_start(monkeypatch):
+    """Make the second start's mixture-of-ODEs stage diverge as it begins."""
     original, calls = pv.inference.FullStage.begin, {"n": 0}
 
     def second_start_fails(self, *args):
@@ -488,6 +486,13 @@ def test_a_failed_further_start_keeps_the_first_fit(adata, monkeypatch):
         return original(self, *args)
 
     monkeypatch.setattr(pv.inference.FullStage, "begin", second_start_fails)
+
+
+def test_a_failed_further_start_keeps_the_first_fit(adata, monkeypatch):
+    """The starts added after a reversed fit are optional: one that fails is reported
+    and the best finished start is kept, without an error."""
+    _mark_reversed(monkeypatch, {0})
+    _fail_second_start(monkeypatch)
     vae = pv.VeloVAE(adata, model="full", **SMALL)
     with pytest.warns(RuntimeWarning, match="a further start failed .*diverged start"):
         vae.train(**QUICK)
@@ -498,16 +503,7 @@ def test_a_failed_further_start_keeps_the_first_fit(adata, monkeypatch):
 
 def test_a_failed_start_keeps_the_best_finished_one(adata, monkeypatch):
     vae = pv.VeloVAE(adata, model="full", **SMALL)
-    calls = {"n": 0}
-    original = pv.inference.FullStage.begin
-
-    def second_start_fails(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise DivergenceError("a diverged start")
-        return original(self, *args)
-
-    monkeypatch.setattr(pv.inference.FullStage, "begin", second_start_fails)
+    _fail_second_start(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(DivergenceError, match="diverged start"):
