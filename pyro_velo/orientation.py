@@ -86,6 +86,18 @@ def hodge_potential(flow: sp.csr_matrix) -> np.ndarray:
     return phi - phi.mean()
 
 
+def order_agreement(t: np.ndarray, order: np.ndarray) -> float:
+    """Spearman correlation of cell times ``t`` with a per-cell ``order`` over the cells
+    where both are finite; 0 where it is undefined (constant values, under 3 cells)."""
+    t = np.asarray(t, dtype=np.float64)
+    order = np.asarray(order, dtype=np.float64)
+    known = np.isfinite(t) & np.isfinite(order)
+    if known.sum() < 3:
+        return 0.0
+    rho = spearmanr(t[known], order[known])[0]
+    return float(rho) if np.isfinite(rho) else 0.0
+
+
 @dataclass
 class FlowEvidence:
     """A data-only velocity field's verdict on orders of the cells.
@@ -106,8 +118,7 @@ class FlowEvidence:
 
     def agreement(self, t: np.ndarray) -> float:
         """Spearman correlation of cell times ``t`` with the potential."""
-        rho = spearmanr(np.asarray(t, dtype=np.float64), self.potential)[0]
-        return float(rho) if np.isfinite(rho) else 0.0
+        return order_agreement(t, self.potential)
 
     def start_times(self, t_max: float) -> np.ndarray:
         """The potential's ranks on ``[0, t_max]``: a start for the cell times."""
@@ -192,15 +203,23 @@ def root_mask(obs, root_key: str | None, root, direction_given: bool) -> np.ndar
 
 def warn_if_unidentified(report: dict, stacklevel: int = 2) -> None:
     """Warn, saying what to do, when a fit's direction report (see
-    :meth:`pyro_velo.policies.OrientationPolicy.report`) is not ``forward`` or ``given``.
+    :meth:`pyro_velo.policies.OrientationPolicy.report`) is ``'reversed'`` or ``'not
+    identified'``.
 
     ``stacklevel`` counts from the caller, as for :func:`warnings.warn`.
     """
-    if report["status"] in ("reversed", "not identified"):
-        warnings.warn(
-            f"The direction of latent time is {report['status']} by the data's own velocity "
-            f"field (agreement {report['flow_agreement']:.2f}, reproducibility "
+    if report["status"] not in ("reversed", "not identified"):
+        return
+    if report["given_by"]:
+        message = (
+            f"The latent time runs against the given {report['given_by']} (Spearman "
+            f"{report['given_agreement']:.2f} with the order they set). Check that they "
+            "name the first cells, or train with more starts (train(n_starts=3)).")
+    else:
+        message = (
+            f"The direction of latent time is {report['status']} by the data's own "
+            f"velocity field (agreement {report['flow_agreement']:.2f}, reproducibility "
             f"{report['flow_reproducibility']:.2f}): the time may run backwards. Give the "
             "first cells, train(root_key='<obs column>', root='<progenitor label>'), or "
-            "capture times, VeloVAE(adata, capture_time_key='<obs column>').",
-            UserWarning, stacklevel=stacklevel + 1)
+            "capture times, VeloVAE(adata, capture_time_key='<obs column>').")
+    warnings.warn(message, UserWarning, stacklevel=stacklevel + 1)

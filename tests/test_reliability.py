@@ -413,16 +413,21 @@ def test_restarts_keep_the_start_with_the_best_validation_elbo(adata, tmp_path, 
     assert _equal(loaded.get_latent_time(), starts.get_latent_time())
 
 
-def _mark_reversed(monkeypatch, starts):
-    """Make the direction report of the given starts (0, 1, ... in training order)
-    'reversed', the others as computed."""
+def _mark_report(monkeypatch, starts, **fields):
+    """Set ``fields`` in the direction report of the given starts (0, 1, ... in training
+    order), the others as computed."""
     original, calls = pv.inference.plan.record_direction, iter(range(100))
 
     def record(vae, start):
         original(vae, start)
         if next(calls) in starts:
-            vae.config["direction"] = {**vae.config["direction"], "status": "reversed"}
+            vae.config["direction"] = {**vae.config["direction"], **fields}
     monkeypatch.setattr(pv.inference.plan, "record_direction", record)
+
+
+def _mark_reversed(monkeypatch, starts):
+    """Make the direction report of the given starts 'reversed'."""
+    _mark_report(monkeypatch, starts, status="reversed")
 
 
 def test_a_reversed_start_is_kept_only_when_every_start_is_reversed(adata, monkeypatch):
@@ -453,7 +458,7 @@ def test_a_reversed_single_fit_is_trained_from_more_starts(adata, monkeypatch, t
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         vae.train(**QUICK)
-    extra = pv.policies.RESTARTS.extra_starts_when_reversed
+    extra = pv.policies.RESTARTS.extra_starts
     assert vae.config["n_starts"] == 1 + extra
     assert vae.config["start_directions"][0] == "reversed"
     assert vae.config["start_losses"][0] == _validation_loss(single)  # start 0: the fit
@@ -473,6 +478,22 @@ def test_a_reversed_single_fit_is_trained_from_more_starts(adata, monkeypatch, t
             vae.train(**QUICK, **options)
         assert "start_directions" not in vae.config
         assert vae.config["direction"]["status"] == "reversed"
+
+
+def test_a_forward_fit_the_flow_does_not_corroborate_is_trained_from_more_starts(
+        adata, monkeypatch):
+    """A fit whose order lags a reproducible flow may sit in a worse optimum of the
+    ELBO: more starts compete, and the ELBO picks among those that run forward."""
+    single = _fit_starts(adata, 1)
+    _mark_report(monkeypatch, {0}, status="forward", order_corroborated=False)
+    vae = _fit_starts(adata, 1)
+    extra = pv.policies.RESTARTS.extra_starts
+    assert vae.config["n_starts"] == 1 + extra
+    losses, statuses = vae.config["start_losses"], vae.config["start_directions"]
+    assert losses[0] == _validation_loss(single)  # start 0: the single fit
+    assert vae.config["start"] == min(range(1 + extra),
+                                      key=lambda k: (statuses[k] == "reversed", losses[k]))
+    assert _validation_loss(vae) == losses[vae.config["start"]]
 
 
 def _fail_second_start(monkeypatch):

@@ -83,9 +83,9 @@ def test_capture_times_set_the_direction():
     vae = pv.VeloVAE(adata, model="basic", capture_time_key="stage", seed=0,
                      progress_bar=False)
     vae.train(max_epochs=EPOCHS, seed=0, progress_bar=False)
-    assert vae.direction() | {"flow_agreement": 0, "flow_reproducibility": 0} == {
-        "status": "given", "given_by": "capture times", "flow_agreement": 0,
-        "flow_reproducibility": 0}
+    report = vae.direction()
+    assert (report["status"], report["given_by"]) == ("given", "capture times")
+    assert report["given_agreement"] > 0.5  # the time follows the capture times
     assert _depth_spearman(vae, adata) > 0.5
 
 

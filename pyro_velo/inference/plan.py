@@ -55,6 +55,7 @@ from .._threads import cpu_threads
 from ..components import ancestral
 from ..data import VelocityData
 from ..distributed import current_group
+from ..initialize import root_pseudotime
 from ..orientation import (
     FlowEvidence,
     direction_source,
@@ -114,6 +115,8 @@ class StartCells:
         self.root: np.ndarray | None = None
         #: the data's own flow over these cells, once computed (:meth:`flow_evidence`)
         self.evidence: FlowEvidence | None = None
+        #: the root cells' pseudotime over these cells, with the root it was made from
+        self._root_order: tuple[bytes, np.ndarray] | None = None
 
     def graph_for(self, data: VelocityData | DiskVelocityData) -> sp.spmatrix | None:
         """The given kNN graph while these cells are ``data`` itself, else None: the graph
@@ -136,6 +139,22 @@ class StartCells:
         """What sets the direction of time instead of the data's flow (see
         :func:`~pyro_velo.orientation.direction_source`)."""
         return direction_source(capture_times, self.root)
+
+    def given_order(self, data: VelocityData | DiskVelocityData,
+                    capture_times: torch.Tensor | None) -> np.ndarray | None:
+        """The order a user set for these cells of ``data``: their capture times (NaN
+        where unknown), or the diffusion pseudotime from the root cells; None without
+        either."""
+        if capture_times is not None:
+            return self.restrict(capture_times).cpu().numpy().astype(np.float64)
+        if self.root is None:
+            return None
+        key = self.root.tobytes()
+        if self._root_order is None or self._root_order[0] != key:
+            graph = cell_graph(self.data, self.graph_for(data), self.seed)
+            self._root_order = key, root_pseudotime(graph, self.restrict(self.root),
+                                                    seed=self.seed)
+        return self._root_order[1]
 
     def flow_evidence(self, data: VelocityData | DiskVelocityData) -> FlowEvidence | None:
         """The data's own flow over these cells of ``data`` (None under 20 cells)."""
@@ -338,14 +357,14 @@ class TrainingPlan:
         else:
             before = None if vae.is_trained else copy.deepcopy(vae.config)
             self._run_once(vae, start)
-            extra = policies.RESTARTS.extra_starts_when_reversed
-            if (vae.config["direction"]["status"] == "reversed" and extra > 0
+            restarts = policies.RESTARTS
+            if (restarts.wants_more_starts(vae.config["direction"])
                     and before is not None and self._restartable()):
                 if self.progress_bar and settings.verbosity > 0:
-                    tqdm.write(f"The fitted time runs against the data's own flow: "
-                               f"training from {extra} more starts")
+                    tqdm.write(f"The fitted order is not supported by the data: training "
+                               f"from {restarts.extra_starts} more starts")
                 try:
-                    best_of_starts(vae, 1 + extra, self.seed,
+                    best_of_starts(vae, 1 + restarts.extra_starts, self.seed,
                                    self._start_trainer(vae, start), self.progress_bar,
                                    first_done=before)
                 except Exception as error:  # the first fit stands: keep the best finished
@@ -465,9 +484,11 @@ def default_schedule(vae: Trainable, start: StartCells, basic_model: torch.nn.Mo
 
 def record_direction(vae: Trainable, start: StartCells) -> None:
     """``vae.config['direction']``: how the fitted time of the cells ``start`` agrees with
-    the data's own flow (:meth:`~pyro_velo.policies.OrientationPolicy.report`)."""
+    the data's own flow and with a given root or capture times
+    (:meth:`~pyro_velo.policies.OrientationPolicy.report`)."""
     evidence = start.flow_evidence(vae.data)
+    given = start.direction_given(vae.capture_times)
+    order = start.given_order(vae.data, vae.capture_times)
     t = (vae.predictor.encode(data=start.data)["t"].cpu().numpy()
-         if evidence is not None else None)
-    vae.config["direction"] = policies.ORIENTATION.report(
-        evidence, t, start.direction_given(vae.capture_times))
+         if evidence is not None or order is not None else None)
+    vae.config["direction"] = policies.ORIENTATION.report(evidence, t, given, order)
