@@ -387,10 +387,14 @@ class VeloVAE:
 
         ``status``: ``'given'`` (by a root or capture times: ``given_by``), ``'forward'``
         (the time agrees with a reproducible velocity field built from the data alone,
-        :mod:`pyro_velo.orientation`), ``'reversed'`` or ``'not identified'`` (then give a
-        root, ``train(root_key=..., root=...)``, or capture times). ``flow_agreement``:
+        :mod:`pyro_velo.orientation`), ``'reversed'`` (against that field, or against the
+        given root or capture times) or ``'not identified'`` (then give a root,
+        ``train(root_key=..., root=...)``, or capture times). ``flow_agreement``:
         Spearman of the time with the field's potential; ``flow_reproducibility``: that of
-        the potentials of two halves of the genes. Exported in ``uns['velocity_params']``.
+        the potentials of two halves of the genes; ``order_corroborated``: the agreement
+        lags the reproducibility by at most 0.3 (otherwise check the order against
+        markers); ``given_agreement``: Spearman with the given order (NaN without one).
+        Exported in ``uns['velocity_params']``.
         """
         self._check_trained()
         return dict(self.config.get("direction", {}))

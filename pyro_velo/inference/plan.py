@@ -275,7 +275,8 @@ class TrainingPlan:
       over model seeds 0-5, one start 0.17-0.51. If a start fails or is interrupted,
       the best finished start is kept before the error propagates. Not combined with
       ``checkpoint_dir`` or distributed training, and only for a model not trained yet.
-      With ``n_starts=1`` a fit whose direction report is ``'reversed'`` is trained from
+      With ``n_starts=1`` a fit whose direction report is ``'reversed'``, or
+      ``'forward'`` with an order the flow does not corroborate, is trained from
       more starts in the same way (:class:`~pyro_velo.policies.RestartPolicy`; not
       with ``checkpoint_dir``, distributed training or a model trained before); a
       further start that fails is reported with a warning and the best finished start
@@ -345,9 +346,10 @@ class TrainingPlan:
     def run(self, vae: Trainable, start: StartCells) -> TrainingHistory:
         """Train ``vae`` from the cells ``start``; return (and keep) its history.
 
-        A single fit whose time runs against the data's own flow is trained from more
-        starts where the run allows them (:class:`~pyro_velo.policies.RestartPolicy`);
-        the final direction report warns where the direction is not identified.
+        A single fit whose time runs backwards, or whose order the data's own flow does
+        not corroborate, is trained from more starts where the run allows them
+        (:class:`~pyro_velo.policies.RestartPolicy`); the final direction report warns
+        where the direction is not identified.
         """
         self.check()
         start.root = root_mask(start.obs, self.root_key, self.root,

@@ -5,8 +5,8 @@ fitted on different clocks); on simulations the fits in such an optimum had the 
 validation ELBO, so the start with the highest validation ELBO is kept. The ELBO cannot
 tell a fit from its time-reversed twin, though: on the 50-cell dentate gyrus fixture it
 chose a reversed start at 2 of 6 model seeds. So a start whose time runs against the
-data's own flow (``config['direction']['status'] == 'reversed'``) is kept only when
-every start does.
+data's own flow, or against a given root or capture times
+(``config['direction']['status'] == 'reversed'``), is kept only when every start does.
 """
 
 from __future__ import annotations
