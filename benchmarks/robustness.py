@@ -35,7 +35,9 @@ Methods, each on its own copy of the once-preprocessed data
 Each finished row is appended to ``--csv`` at once and skipped when the command is run
 again, so an interrupted run resumes. ``--table`` prints the per-family summary
 (median and worst Spearman, share of reversed fits, median velocity cosine, median
-seconds) from the CSV without fitting anything.
+seconds; for pyro_velo the share of fits its diagnostic flags, ``direction()`` not
+``forward`` or the order not corroborated by the data's flow, and the worst Spearman
+among the fits it does not flag) from the CSV without fitting anything.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ MARKER_STAGES = {
 GLIAL_MARKERS = ["Aldoc", "Apoe", "Gfap", "Mbp", "Plp1", "Olig2", "Pdgfra"]
 FIELDS = ["family", "config", "draw", "method", "spearman", "spearman_true_t",
           "velocity_cosine", "seconds", "direction", "flow_agreement", "warm_start",
-          "time_held", "basic_agreement", "full_agreement", "error"]
+          "time_held", "basic_agreement", "full_agreement", "error",
+          "flow_reproducibility", "order_corroborated"]
 
 
 def log(message: str) -> None:
@@ -140,6 +143,8 @@ def run_method(method: str, adata, draw: int) -> tuple[str, dict]:
         vae.export_to_anndata(adata)
         report = vae.direction()
         extra.update(direction=report["status"], flow_agreement=report["flow_agreement"],
+                     flow_reproducibility=report["flow_reproducibility"],
+                     order_corroborated=report["order_corroborated"],
                      warm_start=vae.config.get("warm_start", ""),
                      time_held=bool(vae.config.get("time_held", False)))
         stages = vae.config.get("stage_flow_agreement", {})
@@ -220,6 +225,18 @@ def run(args) -> None:
                         handle.flush()
 
 
+def flagged_fits(rows: pd.DataFrame) -> pd.Series:
+    """Whether each pyro_velo fit's diagnostic flags it (NaN for other methods): its
+    direction is not identified or reversed, or the data's flow does not corroborate
+    its order (``direction()['order_corroborated']``)."""
+    if "order_corroborated" not in rows or rows.direction.isna().all():
+        return pd.Series(np.nan, index=rows.index)
+    corroborated = rows.order_corroborated.map({True: True, False: False, "True": True,
+                                                "False": False})
+    flagged = ~rows.direction.isin(["forward", "given"]) | (corroborated == False)  # noqa: E712
+    return flagged.where(rows.direction.notna())
+
+
 def summary(path: Path, families: list[str] | None = None, by: str = "family") -> str:
     """Markdown table per family (or per configuration) and method."""
     table = pd.read_csv(path)
@@ -233,13 +250,19 @@ def summary(path: Path, families: list[str] | None = None, by: str = "family") -
     table = table.sort_values(keys + ["method"], key=lambda column: column.map(order),
                               kind="stable")
     lines = ["| " + " | ".join(keys) + " | method | n | median Spearman | worst | reversed "
-             "| median cosine | median s |",
-             "|" + "---|" * (len(keys) + 7)]
+             "| flagged | worst unflagged | median cosine | median s |",
+             "|" + "---|" * (len(keys) + 9)]
     for group, rows in table.groupby(keys + ["method"], sort=False):
         rho = rows.spearman.astype(float)
         cos = rows.velocity_cosine.astype(float)
+        flagged = flagged_fits(rows)
+        unflagged = rho[~flagged.fillna(True).astype(bool)]
         lines.append("| " + " | ".join(map(str, group)) + f" | {rho.notna().sum()} | "
                      f"{rho.median():.3f} | {rho.min():.3f} | {(rho < 0).mean():.0%} | "
+                     + ("-" if flagged.isna().all() else
+                        f"{flagged.astype(float).mean():.0%} | "
+                        + ("-" if unflagged.empty else f"{unflagged.min():.3f}"))
+                     + (" | -" if flagged.isna().all() else "") + " | "
                      + ("-" if cos.isna().all() else f"{cos.median():.3f}")
                      + f" | {rows.seconds.median():.1f} |")
     return "\n".join(lines)
