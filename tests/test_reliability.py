@@ -73,7 +73,7 @@ def test_save_load_round_trips_a_refined_full_model_exactly(full, adata, tmp_pat
     assert _equal(loaded.get_transcription_rate(), full.get_transcription_rate())
     assert _equal(loaded.get_cell_state(), full.get_cell_state())
     assert loaded.get_rates().equals(full.get_rates())
-    assert loaded.config == full.config
+    np.testing.assert_equal(loaded.config, full.config)  # NaN: no root or capture times
     assert loaded.history == full.history
     assert _equal(loaded.get_split().values, full.get_split().values)
     for name in ("gene_scale_u", "gene_scale_s"):
@@ -260,6 +260,8 @@ def _model(adata, kind):
 def test_resumed_training_equals_uninterrupted(kind, n_writes, epochs_done, adata, tmp_path,
                                                monkeypatch):
     args = dict(QUICK, max_epochs=6, early_stopping=True, patience=2)
+    # a checkpointed run trains no further starts after a doubtful fit; nor does this one
+    monkeypatch.setattr(pv.policies, "RESTARTS", pv.policies.RestartPolicy(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = _model(adata, kind)
@@ -279,7 +281,7 @@ def test_resumed_training_equals_uninterrupted(kind, n_writes, epochs_done, adat
         resumed.train(**args, checkpoint_dir=tmp_path, resume=True)
     assert len(resumed.history.train) == len(reference.history.train)
     assert resumed.history == reference.history
-    assert resumed.config == reference.config
+    np.testing.assert_equal(resumed.config, reference.config)
     assert _equal(resumed.get_latent_time(), reference.get_latent_time())
     assert _equal(resumed.get_velocity()[0], reference.get_velocity()[0])
     # resuming a finished run restores it without training, also on the old object
