@@ -256,13 +256,14 @@ def summary(path: Path, families: list[str] | None = None, by: str = "family") -
         rho = rows.spearman.astype(float)
         cos = rows.velocity_cosine.astype(float)
         flagged = flagged_fits(rows)
-        unflagged = rho[~flagged.fillna(True).astype(bool)]
+        share, worst_unflagged = "-", "-"
+        if flagged.notna().any():
+            share = f"{flagged.astype(float).mean():.0%}"
+            unflagged = rho[~flagged.fillna(True).astype(bool)]
+            worst_unflagged = "-" if unflagged.empty else f"{unflagged.min():.3f}"
         lines.append("| " + " | ".join(map(str, group)) + f" | {rho.notna().sum()} | "
                      f"{rho.median():.3f} | {rho.min():.3f} | {(rho < 0).mean():.0%} | "
-                     + ("-" if flagged.isna().all() else
-                        f"{flagged.astype(float).mean():.0%} | "
-                        + ("-" if unflagged.empty else f"{unflagged.min():.3f}"))
-                     + (" | -" if flagged.isna().all() else "") + " | "
+                     f"{share} | {worst_unflagged} | "
                      + ("-" if cos.isna().all() else f"{cos.median():.3f}")
                      + f" | {rows.seconds.median():.1f} |")
     return "\n".join(lines)
