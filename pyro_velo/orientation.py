@@ -213,8 +213,9 @@ def warn_if_unidentified(report: dict, stacklevel: int = 2) -> None:
     if report["given_by"]:
         message = (
             f"The latent time runs against the given {report['given_by']} (Spearman "
-            f"{report['given_agreement']:.2f} with the order they set). Check that they "
-            "name the first cells, or train with more starts (train(n_starts=3)).")
+            f"{report['given_agreement']:.2f} with the order they set), in every start "
+            "trained. Check that they name the first cells; on few cells the data can "
+            "outweigh them.")
     else:
         message = (
             f"The direction of latent time is {report['status']} by the data's own "
