@@ -143,8 +143,8 @@ class StartCells:
     def given_order(self, data: VelocityData | DiskVelocityData,
                     capture_times: torch.Tensor | None) -> np.ndarray | None:
         """The order a user set for these cells of ``data``: their capture times (NaN
-        where unknown), or the diffusion pseudotime from the root cells; None without
-        either."""
+        where unknown), or the diffusion pseudotime on ``[0, 1]`` from the root cells
+        (computed once per root; the warm-up starts from it); None without either."""
         if capture_times is not None:
             return self.restrict(capture_times).cpu().numpy().astype(np.float64)
         if self.root is None:
@@ -471,7 +471,8 @@ def default_schedule(vae: Trainable, start: StartCells, basic_model: torch.nn.Mo
         stages.append(WarmUp(
             basic_model, basic_guide, start.data, warmup_epochs, t_max=config["t_max"],
             seed=config["seed"], capture_times=start.restrict(capture_times),
-            graph=start.graph_for(vae.data), root=start.restrict(start.root),
+            graph=start.graph_for(vae.data),
+            root_order=None if capture_times is not None else start.given_order(vae.data, None),
             evidence=(None if start.direction_given(capture_times)
                       else start.flow_evidence(vae.data))))
     stages.append(BasicStage(basic_model, basic_guide, vae.data, basic_epochs))

@@ -29,7 +29,6 @@ from ..initialize import (
     diffusion_pseudotimes,
     direction_score,
     knn_graph,
-    root_pseudotime,
     time_informed_init,
 )
 from ..orientation import FlowEvidence, direction_source
@@ -57,10 +56,11 @@ class WarmUp(Stage):
         None to build one from the scaled abundances.
     policy
         When an order is doubtful (default :data:`pyro_velo.policies.START`).
-    root
-        ``(n_cells,)`` boolean mask of ``data``'s cells the user named as the first
-        ones, or None. The warm-up then starts from a diffusion pseudotime rooted at
-        them, and the direction is theirs.
+    root_order
+        ``(n_cells,)`` diffusion pseudotime on ``[0, 1]`` of ``data``'s cells from the
+        cells the user named as the first ones
+        (:meth:`~pyro_velo.inference.plan.StartCells.given_order`), or None. The warm-up
+        then starts from it, and the direction is theirs.
     evidence
         The data's own flow over ``data``'s cells, or None (no orientation check).
     orientation
@@ -72,20 +72,21 @@ class WarmUp(Stage):
 
     def __init__(self, model, guide, data, epochs: int, *, t_max: float, seed: int,
                  capture_times: torch.Tensor | None = None, graph=None,
-                 policy: policies.StartPolicy | None = None, root: np.ndarray | None = None,
+                 policy: policies.StartPolicy | None = None,
+                 root_order: np.ndarray | None = None,
                  evidence: FlowEvidence | None = None,
                  orientation: policies.OrientationPolicy | None = None) -> None:
         super().__init__(model, guide, data, epochs)
         self.t_max, self.seed = t_max, seed
         self.capture_times, self.graph = capture_times, graph
         self.policy = policy
-        self.root, self.evidence, self.orientation = root, evidence, orientation
+        self.root_order, self.evidence, self.orientation = root_order, evidence, orientation
 
     @property
     def direction_given(self) -> str | None:
         """What sets the direction instead of the heuristics (see
         :func:`~pyro_velo.orientation.direction_source`)."""
-        return direction_source(self.capture_times, self.root)
+        return direction_source(self.capture_times, self.root_order)
 
     def train(self, run: Run, **_: Any) -> None:
         """Run the competing warm-ups and keep the one the policies choose.
@@ -138,9 +139,8 @@ class WarmUp(Stage):
             for c in candidates}
 
     def root_times(self) -> torch.Tensor:
-        """Diffusion pseudotime from the root cells, on ``[0, t_max]``."""
-        times = root_pseudotime(self.cell_graph(), self.root, seed=self.seed)
-        return torch.as_tensor(times * self.t_max, dtype=torch.float32)
+        """The root cells' pseudotime on ``[0, t_max]``."""
+        return torch.as_tensor(self.root_order * self.t_max, dtype=torch.float32)
 
     def cell_graph(self):
         """The kNN graph of the cells: :attr:`graph`, or one of the scaled abundances."""
