@@ -301,7 +301,7 @@ class VeloVAE:
         checkpoint_every: int = 10, resume: bool = False, distributed: bool | None = None,
         compile: bool | None = None, bf16: bool | None = None, n_starts: int = 1,
         callbacks: Sequence[Callback] = (), root_key: str | None = None,
-        root: str | Sequence[str] | None = None,
+        root: str | Sequence[str] | None = None, lr_schedule: bool = True,
     ) -> TrainingHistory:
         """Fit by minibatch SVI with early stopping on the validation ELBO.
 
@@ -316,10 +316,17 @@ class VeloVAE:
         ----------
         max_epochs
             Bound on each stage after the warm-up (default
-            :meth:`~pyro_velo.policies.EpochPolicy.max_epochs`: 400 at 1,000 cells).
+            :meth:`~pyro_velo.policies.EpochPolicy.max_epochs`: 160 at 1,000 cells, 400
+            with ``lr_schedule=False``).
         batch_size, lr, lr_ode
             Minibatch size; learning rates of the networks (paper: 2e-4) and of the
             per-gene ODE parameters.
+        lr_schedule
+            Within every stage the networks' rate rises to 3 ``lr`` and falls along a
+            cosine to 0.3 ``lr``, the ODE parameters' falls from ``lr_ode`` to 0.3
+            ``lr_ode`` (:class:`~pyro_velo.policies.LearningRatePolicy`), which reaches
+            the fit of constant rates in 0.4 of the epochs. False: constant rates, as in
+            the paper, with the longer default epochs.
         seed, device
             Seed of minibatch order and sampling (the same seed, the same fit on CPU);
             ``'cpu'`` or ``'cuda'``.
@@ -372,7 +379,8 @@ class VeloVAE:
             refine_epochs=refine_epochs, progress_bar=progress_bar, num_threads=num_threads,
             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
             distributed=distributed, compile=compile, bf16=bf16, n_starts=n_starts,
-            callbacks=callbacks, root_key=root_key, root=root).run(self, self._start)
+            callbacks=callbacks, root_key=root_key, root=root,
+            lr_schedule=lr_schedule).run(self, self._start)
 
     def schedule(self, basic_model, basic_guide, max_epochs: int, warmup_epochs: int,
                  basic_epochs: int, refine_epochs: int) -> list[Stage]:

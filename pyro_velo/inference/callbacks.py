@@ -1,4 +1,5 @@
-"""Callbacks of the SVI loop: divergence checks, early stopping, checkpoints, progress, timing.
+"""Callbacks of the SVI loop: divergence checks, early stopping, the learning-rate
+schedule, checkpoints, progress, timing.
 
 A :class:`Callback` overrides the hooks it needs; :class:`~pyro_velo.inference.loop.SVILoop`
 calls every hook of every callback in order, with the loop as first argument (its
@@ -13,7 +14,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
@@ -22,6 +23,9 @@ from tqdm.auto import tqdm
 from .._checks import check_int
 from .._settings import settings
 from .history import TrainingHistory
+
+if TYPE_CHECKING:
+    from ..policies import LearningRatePolicy
 
 
 class SVILoop(Protocol):
@@ -41,6 +45,7 @@ class SVILoop(Protocol):
     epoch: int
     first_epoch: int
     max_epochs: int
+    steps_per_epoch: int
     monitored: float
     has_validation: bool
     description: str
@@ -287,6 +292,26 @@ class StopWhen(Callback):
 
 
 # ---- checkpoints ---------------------------------------------------------------------
+class LearningRateSchedule(Callback):
+    """Sets both learning rates before every minibatch step from the progress through
+    the loop's epochs, along ``policy`` (:class:`~pyro_velo.policies.LearningRatePolicy`).
+
+    The rates are a function of the epoch and step alone (multiples of ``loop.lr`` and
+    ``loop.lr_ode``), so a resumed run follows the same schedule as an uninterrupted one;
+    a stage that stops early ends at the rate it reached. Expects the loop's two
+    parameter groups in its order: networks, then per-gene ODE parameters.
+    """
+
+    def __init__(self, policy: LearningRatePolicy) -> None:
+        self.policy = policy
+
+    def on_batch_start(self, loop: SVILoop, step: int) -> None:
+        progress = (loop.epoch + step / loop.steps_per_epoch) / loop.max_epochs
+        networks, ode = loop.optimizer.param_groups
+        networks["lr"] = loop.lr * self.policy.network(progress)
+        ode["lr"] = loop.lr_ode * self.policy.ode(progress)
+
+
 class CheckpointHook(Callback):
     """Pass the loop's resumable state to ``write`` every ``every`` epochs.
 

@@ -29,6 +29,7 @@ from .callbacks import (
     CheckpointHook,
     DivergenceCheck,
     EarlyStopping,
+    LearningRateSchedule,
     Progress,
     StopWhen,
 )
@@ -38,6 +39,7 @@ from .history import TrainingHistory
 if TYPE_CHECKING:
     from ..data import VelocityData
     from ..disk import DiskVelocityData
+    from ..policies import LearningRatePolicy
 
 
 def loss_module(model: torch.nn.Module, guide: torch.nn.Module) -> torch.nn.Module:
@@ -136,6 +138,7 @@ def fit(
     divergence_check_every: int | None = None,
     stop_when: Callable[[TrainingHistory], bool] | None = None,
     callbacks: Sequence[Callback] = (),
+    lr_schedule: LearningRatePolicy | None = None,
 ) -> TrainingHistory:
     """Train ``model``/``guide`` on the train cells of ``data`` by minibatch SVI.
 
@@ -194,6 +197,10 @@ def fit(
     callbacks
         Further :class:`~pyro_velo.inference.callbacks.Callback` s, called after the
         built-in ones at every hook.
+    lr_schedule
+        Learning rates over the ``max_epochs`` epochs as multiples of ``lr`` and
+        ``lr_ode`` (:class:`~pyro_velo.policies.LearningRatePolicy`, through
+        :class:`~pyro_velo.inference.callbacks.LearningRateSchedule`); None: constant.
 
     Returns
     -------
@@ -224,6 +231,8 @@ def fit(
         builtin.append(StopWhen(stop_when))
     if checkpoint is not None:
         builtin.append(CheckpointHook(checkpoint, checkpoint_every))
+    if lr_schedule is not None:
+        builtin.append(LearningRateSchedule(lr_schedule))
     builtin.append(Progress(description, enabled=progress_bar))
     loop = SVILoop(model, guide, data, batch_size, lr, lr_ode, distributed,
                    [*builtin, *callbacks], description)
@@ -237,9 +246,9 @@ class SVILoop:
     Attributes a callback may read: ``model``, ``guide``, ``data``, ``history``,
     ``optimizer``, ``generator`` (minibatch order), ``group`` (the distributed process
     group or None), ``is_main`` (rank 0 or alone), ``epoch`` (0-based, of this call),
-    ``max_epochs``, ``monitored`` (the loss early stopping watches, after each epoch),
-    ``has_validation``, ``description``; a callback ends training with
-    :meth:`request_stop`.
+    ``max_epochs``, ``steps_per_epoch`` (minibatches of a full epoch), ``monitored``
+    (the loss early stopping watches, after each epoch), ``has_validation``,
+    ``description``; a callback ends training with :meth:`request_stop`.
     """
 
     def __init__(self, model: torch.nn.Module, guide: torch.nn.Module,
@@ -262,6 +271,7 @@ class SVILoop:
             (f"guide.{n}", p) for n, p in guide.named_parameters()]
         self.stop = False
         self.epoch = self.first_epoch = 0
+        self.steps_per_epoch = 1
         self.monitored = math.nan
 
     def request_stop(self) -> None:
@@ -309,6 +319,7 @@ class SVILoop:
         world = 1 if self.group is None else self.group.world_size
         step_loss = self.elbo if self.group is None else dist_.wrap(self.elbo, self.device)
         n_train = len(train_idx)
+        self.steps_per_epoch = max(1, math.ceil(n_train / self.batch_size))
         self._call("on_fit_start")
         self.model.train()
         self.guide.train()

@@ -206,6 +206,12 @@ class TrainingPlan:
       velocity fell below 0.7 (0.63). With ``rate_history='ancestors'``,
       ``refine_epochs`` bounds the ``ancestors`` stage (default ``max_epochs``; 0 skips
       it and leaves the paper's model).
+    - ``lr_schedule``: each stage's learning rates follow
+      :data:`~pyro_velo.policies.LEARNING_RATES` (a one-cycle schedule around ``lr``
+      and ``lr_ode``, :class:`~pyro_velo.inference.callbacks.LearningRateSchedule`) and
+      the default epochs are :attr:`~pyro_velo.policies.EpochPolicy.scheduled_share` of
+      the constant-rate ones; False: constant rates and the longer epochs. Part of a
+      checkpoint's run arguments.
     - ``num_threads``: CPU threads while training (torch's count is restored
       afterwards; :func:`~pyro_velo.inference.threads.training_threads`). ``None``: one
       thread below 1,000 genes, else torch's own count (``torch.set_num_threads``,
@@ -312,6 +318,7 @@ class TrainingPlan:
     callbacks: Sequence[Callback]
     root_key: str | None
     root: str | Sequence[str] | None
+    lr_schedule: bool = True
 
     def check(self) -> None:
         """Raise :class:`~pyro_velo._checks.InputError` (or RuntimeError for a missing
@@ -323,6 +330,8 @@ class TrainingPlan:
             current_group(True)  # RuntimeError now, before anything changes
         _check_switch(self.compile, "compile")
         _check_switch(self.bf16, "bf16")
+        if self.lr_schedule not in (True, False):
+            raise InputError(f"lr_schedule must be True or False, got {self.lr_schedule!r}")
         check_training_arguments(
             max_epochs=self.max_epochs, batch_size=self.batch_size, lr=self.lr,
             lr_ode=self.lr_ode, patience=self.patience, warmup_epochs=self.warmup_epochs,
@@ -335,8 +344,8 @@ class TrainingPlan:
         """The stages' epochs, the defaults chosen by :data:`~pyro_velo.policies.EPOCHS`
         for ``n_cells`` cells and the model of ``config``."""
         policy = policies.EPOCHS
-        max_epochs = (policy.max_epochs(n_cells) if self.max_epochs is None
-                      else self.max_epochs)
+        max_epochs = (policy.max_epochs(n_cells, scheduled=self.lr_schedule)
+                      if self.max_epochs is None else self.max_epochs)
         warmup = (policy.warmup_epochs(max_epochs) if self.warmup_epochs is None
                   else self.warmup_epochs)
         refine = self.refine_epochs
@@ -398,7 +407,8 @@ class TrainingPlan:
                     "split": torch.from_numpy(vae.data.split.copy()),
                     "fitted": torch.from_numpy(vae.data.fitted.copy())},
             run=dict(max_epochs=epochs.max_epochs, batch_size=self.batch_size,
-                     lr=self.lr, lr_ode=self.lr_ode, seed=self.seed,
+                     lr=self.lr, lr_ode=self.lr_ode, lr_schedule=self.lr_schedule,
+                     seed=self.seed,
                      early_stopping=self.early_stopping, patience=self.patience,
                      warmup_epochs=epochs.warmup_epochs, basic_epochs=epochs.basic_epochs,
                      refine_epochs=epochs.refine_epochs),
@@ -414,6 +424,7 @@ class TrainingPlan:
                                              vae.data.n_genes)
         run = Run(vae.history, vae.config, dict(
             batch_size=self.batch_size, lr=self.lr, lr_ode=self.lr_ode,
+            lr_schedule=policies.LEARNING_RATES if self.lr_schedule else None,
             progress_bar=self.progress_bar, patience=self.patience,
             distributed=self.distributed), self.early_stopping,
             [*self.callbacks, *([ThreadGovernor()] if governed else [])])
