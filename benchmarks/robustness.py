@@ -31,6 +31,8 @@ Methods, each on its own copy of the once-preprocessed data
 - ``scvelo-dynamical``: ``recover_dynamics``, ``velocity(mode='dynamical')``,
   ``latent_time``.
 - ``pyro_velo-3starts`` (only when named): as ``pyro_velo`` with ``train(n_starts=3)``.
+- ``pyro_velo-lrschedule`` (only when named): as ``pyro_velo`` with
+  ``train(lr_schedule=True)`` (the faster one-cycle schedule).
 
 Each finished row is appended to ``--csv`` at once and skipped when the command is run
 again, so an interrupted run resumes. ``--table`` prints the per-family summary
@@ -69,7 +71,7 @@ CONFIGS = {
 }
 METHODS = ("pyro_velo", "scvelo-stochastic", "scvelo-dynamical")
 #: further methods, run only when named in ``--methods``
-EXTRA_METHODS = ("pyro_velo-3starts",)
+EXTRA_METHODS = ("pyro_velo-3starts", "pyro_velo-lrschedule")
 #: Marker genes of the stages of each real fixture, earliest first: pancreas, ductal ->
 #: Ngn3+ progenitors -> Fev+ pre-endocrine -> hormone-producing; dentate gyrus, the
 #: granule lineage, neuroblast -> mature granule cell. A cell takes the stage whose
@@ -139,7 +141,8 @@ def run_method(method: str, adata, draw: int) -> tuple[str, dict]:
     if method.startswith("pyro_velo"):
         vae = pv.VeloVAE(adata, seed=draw)
         vae.train(seed=draw, progress_bar=False,
-                  n_starts=3 if method == "pyro_velo-3starts" else 1)
+                  n_starts=3 if method == "pyro_velo-3starts" else 1,
+                  lr_schedule=method == "pyro_velo-lrschedule")
         vae.export_to_anndata(adata)
         report = vae.direction()
         extra.update(direction=report["status"], flow_agreement=report["flow_agreement"],

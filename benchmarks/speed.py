@@ -3,7 +3,8 @@
 Usage::
 
     python benchmarks/speed.py [--sets small medium pancreas grn] [--device cpu]
-        [--csv benchmarks/speed.csv] [--table]
+        [--methods pyro_velo scvelo-dynamical pyro_velo-lrschedule]
+        [--csv benchmarks/speed.csv] [--again] [--table]
 
 Data sets (simulated, seed 0; the raw counts are made before the clock starts):
 
@@ -21,9 +22,11 @@ random_state=0)``, the same for both):
   ``export_to_anndata``, all defaults (on the CPU one thread below 1,000 genes, else
   torch's count: :func:`pyro_velo.inference.threads.training_threads`);
 - ``scvelo-dynamical``: ``recover_dynamics`` + ``velocity(mode='dynamical')`` +
-  ``latent_time``, scVelo's defaults (``n_jobs=1``).
+  ``latent_time``, scVelo's defaults (``n_jobs=1``);
+- ``pyro_velo-lrschedule`` (only when named in ``--methods``): as ``pyro_velo`` with
+  ``train(lr_schedule=True)``.
 
-Both methods first run once on a 300-cell set, untimed, so that imports and
+The methods first run once on a 300-cell set, untimed, so that imports and
 just-in-time compilation are not charged to the first data set (as in a notebook that
 has run anything before). Accuracy: Spearman of the time with the true time (the type
 depth for ``grn``) and the mean cosine of the velocity with the true velocity.
@@ -65,6 +68,8 @@ SETS = {
             "type_depth"),
 }
 METHODS = ("pyro_velo", "scvelo-dynamical")
+#: further methods, run only when named in ``--methods``
+EXTRA_METHODS = ("pyro_velo-lrschedule",)
 FIELDS = ["set", "method", "device", "cells", "genes", "seconds", "preprocess_seconds",
           "spearman", "velocity_cosine", "epochs", "load_before", "machine", "error"]
 
@@ -75,9 +80,10 @@ def log(message: str) -> None:
 
 def run_method(method: str, adata, device: str) -> tuple[str, int | None]:
     """Fit ``method`` on preprocessed ``adata`` in place; its time key and epochs."""
-    if method == "pyro_velo":
+    if method.startswith("pyro_velo"):
         vae = pv.VeloVAE(adata, seed=0)
-        history = vae.train(seed=0, device=device, progress_bar=False)
+        history = vae.train(seed=0, device=device, progress_bar=False,
+                            lr_schedule=method == "pyro_velo-lrschedule")
         vae.export_to_anndata(adata)
         return "latent_time", len(history.train)
     import scvelo as scv
@@ -116,10 +122,10 @@ def timed(method: str, raw, target: str, device: str) -> dict:
     return row
 
 
-def warm_up(device: str) -> None:
-    """Run both methods once on a small set, untimed (imports and JIT compilation)."""
+def warm_up(device: str, methods: list[str]) -> None:
+    """Run the methods once on a small set, untimed (imports and JIT compilation)."""
     raw = pv.datasets.simulate(300, 50, seed=1)
-    for method in METHODS:
+    for method in methods:
         timed(method, raw, "true_t", device)
 
 
@@ -133,12 +139,12 @@ def done_rows(path: Path) -> set[tuple[str, str, str]]:
 def run(args) -> None:
     path = Path(args.csv)
     done = set() if args.again else done_rows(path)
-    todo = [(name, method) for name in args.sets for method in METHODS
+    todo = [(name, method) for name in args.sets for method in args.methods
             if (name, method, args.device) not in done]
     if not todo:
         return
     patch_scvelo_numpy2()
-    warm_up(args.device)
+    warm_up(args.device, args.methods)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     if args.device != "cpu":
         import torch
@@ -152,7 +158,7 @@ def run(args) -> None:
         for name in args.sets:
             make, target = SETS[name]
             raw = make()
-            for method in METHODS:
+            for method in args.methods:
                 if (name, method) not in todo:
                     continue
                 row = {"set": name, "machine": machine, **timed(method, raw, target,
@@ -169,13 +175,17 @@ def number(value: float) -> str:
 
 
 def summary(path: Path) -> str:
-    """Markdown table: per set, seconds and accuracy of both methods and their ratio
-    (the latest row of each set, method and device)."""
+    """Markdown table: per set and pyro_velo method, seconds and accuracy against
+    scVelo's dynamical model and the ratio (the latest row of each set, method and
+    device)."""
     table = pd.read_csv(path).drop_duplicates(["set", "method", "device"], keep="last")
-    lines = ["| set | cells x genes | device | pyro_velo s | scVelo dyn. s | ratio "
-             "| Spearman pv / dyn | cosine pv / dyn |", "|" + "---|" * 8]
-    ours = table[table.method == "pyro_velo"]
+    lines = ["| set | cells x genes | device | training | pyro_velo s | scVelo dyn. s "
+             "| ratio | Spearman pv / dyn | cosine pv / dyn |", "|" + "---|" * 9]
+    ours = table[table.method.str.startswith("pyro_velo")]
+    ours = ours.sort_values(["set", "method"], key=lambda column: column.map(
+        {name: k for k, name in enumerate([*SETS, *METHODS, *EXTRA_METHODS])}))
     for row in ours.itertuples():
+        training = "lr_schedule" if row.method == "pyro_velo-lrschedule" else "default"
         scvelo = table[(table.set == row.set) & (table.method == "scvelo-dynamical")]
         other = scvelo.iloc[-1] if len(scvelo) else None
         ratio = f"{row.seconds / other.seconds:.2f}x" if other is not None else "-"
@@ -183,7 +193,7 @@ def summary(path: Path) -> str:
                  + number(other[key] if other is not None else np.nan)
                  for key in ("spearman", "velocity_cosine")]
         lines.append(f"| {row.set} | {row.cells} x {row.genes} | {row.device} | "
-                     f"{row.seconds:.1f} | "
+                     f"{training} | {row.seconds:.1f} | "
                      + (f"{other.seconds:.1f}" if other is not None else "-")
                      + f" | {ratio} | {pairs[0]} | {pairs[1]} |")
     return "\n".join(lines)
@@ -193,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS),
+                        choices=[*METHODS, *EXTRA_METHODS])
     parser.add_argument("--csv", default=str(REPO / "benchmarks" / "speed.csv"))
     parser.add_argument("--again", action="store_true",
                         help="fit sets that the CSV already holds once more")

@@ -92,7 +92,7 @@ class EpochPolicy:
     #: (0.4 without the schedule lost up to 0.06 velocity cosine; benchmarks/RESULTS.md)
     scheduled_share: float = 0.4
 
-    def max_epochs(self, n_cells: int, scheduled: bool = True) -> int:
+    def max_epochs(self, n_cells: int, scheduled: bool = False) -> int:
         """Default epochs per stage. With a constant learning rate (``scheduled``
         False): ``clip(4e5 / n, 100, 1000)`` to 100k cells, then ``max(10, 1e7 / n)``;
         with the schedule, :attr:`scheduled_share` of that (0.4: ``clip(1.6e5 / n, 40,

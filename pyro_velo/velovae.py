@@ -301,7 +301,7 @@ class VeloVAE:
         checkpoint_every: int = 10, resume: bool = False, distributed: bool | None = None,
         compile: bool | None = None, bf16: bool | None = None, n_starts: int = 1,
         callbacks: Sequence[Callback] = (), root_key: str | None = None,
-        root: str | Sequence[str] | None = None, lr_schedule: bool = True,
+        root: str | Sequence[str] | None = None, lr_schedule: bool = False,
     ) -> TrainingHistory:
         """Fit by minibatch SVI with early stopping on the validation ELBO.
 
@@ -316,17 +316,17 @@ class VeloVAE:
         ----------
         max_epochs
             Bound on each stage after the warm-up (default
-            :meth:`~pyro_velo.policies.EpochPolicy.max_epochs`: 160 at 1,000 cells, 400
-            with ``lr_schedule=False``).
+            :meth:`~pyro_velo.policies.EpochPolicy.max_epochs`: 400 at 1,000 cells, 160
+            with ``lr_schedule``).
         batch_size, lr, lr_ode
             Minibatch size; learning rates of the networks (paper: 2e-4) and of the
             per-gene ODE parameters.
         lr_schedule
-            Within every stage the networks' rate rises to 3 ``lr`` and falls along a
-            cosine to 0.3 ``lr``, the ODE parameters' falls from ``lr_ode`` to 0.3
-            ``lr_ode`` (:class:`~pyro_velo.policies.LearningRatePolicy`), which reaches
-            the fit of constant rates in 0.4 of the epochs. False: constant rates, as in
-            the paper, with the longer default epochs.
+            Faster training: within every stage the networks' rate rises to 3 ``lr`` and
+            falls along a cosine to 0.3 ``lr``, the ODE parameters' from ``lr_ode`` to
+            0.3 ``lr_ode`` (:class:`~pyro_velo.policies.LearningRatePolicy`), for 0.4 of
+            the default epochs: about 1.7x faster, velocity cosine about 0.02 lower.
+            False (default): constant rates, as in the paper.
         seed, device
             Seed of minibatch order and sampling (the same seed, the same fit on CPU);
             ``'cpu'`` or ``'cuda'``.

@@ -107,17 +107,17 @@ def test_switch_options_reach_training(monkeypatch, tmp_path, option, choice, va
         cli.build_parser().parse_args(["demo", f"--{option}", "maybe"])
 
 
-def test_constant_lr_option_reaches_training(monkeypatch, tmp_path):
+def test_lr_schedule_option_reaches_training(monkeypatch, tmp_path):
     options = {}
     monkeypatch.setattr(pv.VeloVAE, "train", lambda self, **kw: options.update(kw))
     monkeypatch.setattr(pv.VeloVAE, "export_to_anndata", lambda self, adata: None)
     adata = pv.datasets.simulate(n_cells=60, n_genes=20, topology="linear", seed=0)
     pv.pp.preprocess(adata, n_neighbors=10, n_pcs=10)
     cli._fit(adata, cli.build_parser().parse_args(["demo", "-o", str(tmp_path)]))
-    assert options["lr_schedule"] is True
-    cli._fit(adata, cli.build_parser().parse_args(["demo", "--constant-lr", "-o",
-                                                    str(tmp_path)]))
     assert options["lr_schedule"] is False
+    cli._fit(adata, cli.build_parser().parse_args(["demo", "--lr-schedule", "-o",
+                                                    str(tmp_path)]))
+    assert options["lr_schedule"] is True
 
 
 def test_rate_history_option_reaches_the_model(monkeypatch, tmp_path):

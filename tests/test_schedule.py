@@ -56,15 +56,17 @@ def test_policy_rises_to_the_peak_then_falls_to_the_end():
     assert max(policy.ode(k / 50) for k in range(51)) == 1.0
 
 
-def test_default_epochs_are_the_scheduled_share_of_the_constant_rate_ones():
+def test_scheduled_epochs_are_a_share_of_the_constant_rate_ones():
     policy = EpochPolicy()
-    assert policy.max_epochs(1000, scheduled=False) == 400
-    assert policy.max_epochs(1000) == 160
-    assert policy.max_epochs(50) == 400 and policy.max_epochs(50, scheduled=False) == 1000
-    assert policy.max_epochs(10_000) == 40 and policy.max_epochs(10_000, scheduled=False) == 100
+    assert policy.max_epochs(1000) == 400
+    assert policy.max_epochs(1000, scheduled=True) == 160
+    assert policy.max_epochs(50) == 1000 and policy.max_epochs(50, scheduled=True) == 400
+    assert policy.max_epochs(10_000) == 100
+    assert policy.max_epochs(10_000, scheduled=True) == 40
     # continuous at 100k cells, at least 4 passes beyond
-    assert (policy.max_epochs(100_000), policy.max_epochs(100_001)) == (40, 39)
-    assert policy.max_epochs(10**8) == 4 and policy.max_epochs(10**8, scheduled=False) == 10
+    scheduled = [policy.max_epochs(n, scheduled=True) for n in (100_000, 100_001, 10**8)]
+    assert scheduled == [40, 39, 4]
+    assert policy.max_epochs(10**8) == 10
 
 
 def test_every_stage_follows_the_schedule_from_its_own_epochs(adata):
@@ -73,7 +75,8 @@ def test_every_stage_follows_the_schedule_from_its_own_epochs(adata):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         vae.train(max_epochs=6, warmup_epochs=3, refine_epochs=2, lr=1e-3, lr_ode=2e-2,
-                  early_stopping=False, progress_bar=False, callbacks=[recorder])
+                  early_stopping=False, progress_bar=False, callbacks=[recorder],
+                  lr_schedule=True)
     policy = pv.policies.LEARNING_RATES
     stages = {row[0] for row in recorder.rows}
     assert len(stages) >= 4, stages  # warm-up, basic, full and refinement
@@ -87,14 +90,14 @@ def test_every_stage_follows_the_schedule_from_its_own_epochs(adata):
     assert max(row[6] for row in recorder.rows) == pytest.approx(2e-2)
 
 
-def test_constant_rates_and_longer_epochs_without_the_schedule(adata):
+def test_constant_rates_and_longer_epochs_by_default(adata):
     recorder = RateRecorder()
     vae = pv.VeloVAE(adata, model="basic", **SMALL)
     vae.train(max_epochs=3, warmup_epochs=0, lr=1e-3, lr_ode=2e-2, progress_bar=False,
-              lr_schedule=False, callbacks=[recorder])
+              callbacks=[recorder])
     assert {(row[5], row[6]) for row in recorder.rows} == {(1e-3, 2e-2)}
     plan_epochs = pv.inference.plan.TrainingPlan
-    constant = plan_epochs(**_plan_arguments(lr_schedule=False)).epochs(1000, vae.config)
+    constant = plan_epochs(**_plan_arguments()).epochs(1000, vae.config)
     scheduled = plan_epochs(**_plan_arguments(lr_schedule=True)).epochs(1000, vae.config)
     assert (constant.max_epochs, scheduled.max_epochs) == (400, 160)
     assert (constant.warmup_epochs, scheduled.warmup_epochs) == (40, 20)
@@ -107,7 +110,8 @@ def test_a_resumed_run_continues_the_schedule(adata, tmp_path, monkeypatch):
     uninterrupted one's (the loaded optimiser state holds the last rates used)."""
     # the uninterrupted reference trains one start, as a checkpointed run does
     monkeypatch.setattr(pv.policies, "RESTARTS", pv.policies.RestartPolicy(0))
-    args = dict(max_epochs=6, warmup_epochs=0, progress_bar=False, early_stopping=False)
+    args = dict(max_epochs=6, warmup_epochs=0, progress_bar=False, early_stopping=False,
+                lr_schedule=True)
     whole = RateRecorder()
     pv.VeloVAE(adata, model="basic", **SMALL).train(**args, callbacks=[whole])
     first, second = RateRecorder(), RateRecorder()
