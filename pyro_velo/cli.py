@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "that multiply bfloat16 natively")
         p.add_argument("--lr-schedule", action="store_true",
                        help="faster training: a one-cycle learning-rate schedule in every "
-                            "stage and 0.4 of the default epochs (a slightly less "
-                            "accurate fit)")
+                            "stage and 0.4 of the default epochs (less accurate and "
+                            "less robust: for quick exploration)")
 
     demo = sub.add_parser("demo", help="simulate data, fit, export and plot a summary")
     demo.add_argument("-o", "--out", default="pyro_velo_demo", help="output folder")

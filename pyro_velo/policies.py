@@ -87,9 +87,9 @@ class EpochPolicy:
         return max_epochs // self.refine_divisor
 
     #: the share of the constant-rate epochs a run with the learning-rate schedule
-    #: (:class:`LearningRatePolicy`) trains: on the robustness benchmark's sets 0.4 with
-    #: the schedule kept the time and velocity of the full constant-rate training
-    #: (0.4 without the schedule lost up to 0.06 velocity cosine; benchmarks/RESULTS.md)
+    #: (:class:`LearningRatePolicy`, ``train(lr_schedule=True)``) trains: the speed of
+    #: that option (0.4 without the schedule lost 0.016 velocity cosine in the median
+    #: of 8 robustness-benchmark sets, 0.4 with it +0.001; benchmarks/RESULTS.md)
     scheduled_share: float = 0.4
 
     def max_epochs(self, n_cells: int, scheduled: bool = False) -> int:
@@ -116,16 +116,19 @@ class LearningRatePolicy:
     The networks' rate rises linearly from ``lr`` to ``peak * lr`` over the first
     :attr:`rise` of the stage's epochs, then falls along a half cosine to ``end * lr``
     at its last epoch; the per-gene ODE parameters follow the same curve capped at
-    ``lr_ode`` (their rate is already high: only the fall applies). Measured on the
-    robustness benchmark's sets (800 x 100, one fit each of 8 sets of every simulated
-    family; benchmarks/RESULTS.md): with 0.4 of the constant-rate epochs
-    (:attr:`EpochPolicy.scheduled_share`) the median change in velocity cosine was
-    +0.001 and in time Spearman -0.001, for about half the training time; the same
-    epochs at a constant rate lost 0.016 cosine in the median.
+    ``lr_ode`` (their rate is already high: only the fall applies).
+
+    Used by ``train(lr_schedule=True)`` with 0.4 of the constant-rate epochs
+    (:attr:`EpochPolicy.scheduled_share`). On the robustness benchmark (72 fits,
+    benchmarks/RESULTS.md) that took 58% of the default's time and was less accurate:
+    median velocity cosine on our simulator .690 against .727, worst unflagged
+    regulatory-network fit .337 against .615, one real-fixture fit reversed. Hence an
+    option for quick exploration, not the default.
     """
 
     #: the networks' highest rate, a multiple of ``lr``: the paper's 2e-4 is safe but
-    #: slow; 5x lost velocity on the same sets (median -0.017 cosine)
+    #: slow; 5x lost more velocity on 8 robustness-benchmark sets (median -0.017
+    #: cosine against -0.003 at 3x, both without the ODE rates' fall)
     peak: float = 3.0
     #: the rate at the end of a stage, a multiple of ``lr`` (and ``lr_ode``): a smaller
     #: final step settles the fit the stage hands on

@@ -210,8 +210,8 @@ class TrainingPlan:
       :data:`~pyro_velo.policies.LEARNING_RATES` (a one-cycle schedule around ``lr``
       and ``lr_ode``, :class:`~pyro_velo.inference.callbacks.LearningRateSchedule`) and
       the default epochs are :attr:`~pyro_velo.policies.EpochPolicy.scheduled_share` of
-      the constant-rate ones: about 1.7x faster, with a slightly less accurate fit
-      (see :class:`~pyro_velo.policies.LearningRatePolicy`). False (default): constant
+      the constant-rate ones: about 1.7x faster, with a less accurate and less robust
+      fit (see :class:`~pyro_velo.policies.LearningRatePolicy`). False (default): constant
       rates, as in the paper. A checkpoint records it when on.
     - ``num_threads``: CPU threads while training (torch's count is restored
       afterwards; :func:`~pyro_velo.inference.threads.training_threads`). ``None``: one
