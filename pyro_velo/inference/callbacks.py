@@ -291,7 +291,7 @@ class StopWhen(Callback):
             loop.request_stop()
 
 
-# ---- checkpoints ---------------------------------------------------------------------
+# ---- learning rates ------------------------------------------------------------------
 class LearningRateSchedule(Callback):
     """Sets both learning rates before every minibatch step from the progress through
     the loop's epochs, along ``policy`` (:class:`~pyro_velo.policies.LearningRatePolicy`).
@@ -312,6 +312,7 @@ class LearningRateSchedule(Callback):
         ode["lr"] = loop.lr_ode * self.policy.ode(progress)
 
 
+# ---- checkpoints ---------------------------------------------------------------------
 class CheckpointHook(Callback):
     """Pass the loop's resumable state to ``write`` every ``every`` epochs.
 
