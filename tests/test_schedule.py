@@ -9,6 +9,7 @@ import pytest
 import pyro_velo as pv
 from pyro_velo._checks import InputError
 from pyro_velo.inference.callbacks import Callback
+from pyro_velo.inference.plan import TrainingPlan
 from pyro_velo.policies import EpochPolicy, LearningRatePolicy
 
 SMALL = dict(hidden=(32, 16), latent_dim=3, seed=0)
@@ -96,9 +97,8 @@ def test_constant_rates_and_longer_epochs_by_default(adata):
     vae.train(max_epochs=3, warmup_epochs=0, lr=1e-3, lr_ode=2e-2, progress_bar=False,
               callbacks=[recorder])
     assert {(row[5], row[6]) for row in recorder.rows} == {(1e-3, 2e-2)}
-    plan_epochs = pv.inference.plan.TrainingPlan
-    constant = plan_epochs(**_plan_arguments()).epochs(1000, vae.config)
-    scheduled = plan_epochs(**_plan_arguments(lr_schedule=True)).epochs(1000, vae.config)
+    constant = TrainingPlan(**_plan_arguments()).epochs(1000, vae.config)
+    scheduled = TrainingPlan(**_plan_arguments(lr_schedule=True)).epochs(1000, vae.config)
     assert (constant.max_epochs, scheduled.max_epochs) == (400, 160)
     assert (constant.warmup_epochs, scheduled.warmup_epochs) == (40, 20)
     with pytest.raises(InputError, match="lr_schedule must be True or False"):
