@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -89,3 +90,16 @@ def synthetic_adata() -> AnnData:
 def make_synthetic():
     """Factory fixture: ``make_synthetic(n_obs=..., n_vars=..., seed=..., sparse=...)``."""
     return make_synthetic_counts
+
+
+@pytest.fixture(scope="module")
+def tiny_linear_adata() -> AnnData:
+    """A preprocessed 300-cell x 30-gene linear simulation (one per test module), for
+    tests of exactness and error handling rather than of the fit's quality."""
+    import pyro_velo as pv
+
+    data = pv.datasets.simulate(n_cells=300, n_genes=30, topology="linear", seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pv.pp.preprocess(data, random_state=0, n_neighbors=15)
+    return data

@@ -26,12 +26,8 @@ QUICK = dict(max_epochs=5, warmup_epochs=2, refine_epochs=2, progress_bar=False,
 
 
 @pytest.fixture(scope="module")
-def adata():
-    data = pv.datasets.simulate(n_cells=300, n_genes=30, topology="linear", seed=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pv.pp.preprocess(data, random_state=0, n_neighbors=15)
-    return data
+def adata(tiny_linear_adata):
+    return tiny_linear_adata
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:The direction of latent time")
 
 
 @pytest.fixture(scope="module")
-def adata():
-    data = pv.datasets.simulate(n_cells=300, n_genes=30, topology="linear", seed=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pv.pp.preprocess(data, random_state=0, n_neighbors=15)
-    return data
+def adata(tiny_linear_adata):
+    return tiny_linear_adata
 
 
 class RateRecorder(Callback):
