@@ -402,8 +402,12 @@ class VeloVAE:
         Spearman of the time with the field's potential; ``flow_reproducibility``: that of
         the potentials of two halves of the genes; ``order_corroborated``: the agreement
         lags the reproducibility by at most 0.3 (otherwise check the order against
-        markers); ``given_agreement``: Spearman with the given order (NaN without one).
-        Exported in ``uns['velocity_params']``.
+        markers); ``given_agreement``: Spearman with the given order (NaN without one);
+        ``start_agreement``: where several starts were trained (``n_starts``, or further
+        starts after a doubtful first one), the lowest Spearman of another start's time
+        with the kept one's (NaN after one start): a low value says that other starts
+        reached other orders, and ``config['start_losses']`` whether the ELBO preferred
+        the kept one clearly. Exported in ``uns['velocity_params']``.
         """
         self._check_trained()
         return dict(self.config.get("direction", {}))

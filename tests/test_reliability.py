@@ -8,6 +8,7 @@ and error handling, not the quality of the fit.
 import copy
 import json
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ import pyro_velo as pv
 import pyro_velo.inference.checkpoint as checkpoint_module
 import pyro_velo.train as train_module
 from pyro_velo._checks import InputError, MissingFileError
+from pyro_velo.inference.restarts import _keep
 from pyro_velo.train import DivergenceError
 from pyro_velo.velovae import FORMAT_VERSION
 
@@ -401,8 +403,16 @@ def test_restarts_keep_the_start_with_the_best_validation_elbo(adata, tmp_path, 
     reversed_ = [status == "reversed" for status in starts.config["start_directions"]]
     assert starts.config["start"] == min(range(3), key=lambda k: (reversed_[k], losses[k]))
     assert _validation_loss(starts) == losses[starts.config["start"]]
+    # how far the starts' times agree with the kept one's: itself exactly, the others
+    # as correlations, the lowest of them reported with the direction
+    agreements, kept = starts.config["start_agreements"], starts.config["start"]
+    assert len(agreements) == 3 and agreements[kept] == pytest.approx(1.0)
+    others = [a for k, a in enumerate(agreements) if k != kept]
+    assert all(-1.0 <= a <= 1.0 for a in others)
+    assert starts.direction()["start_agreement"] == min(others)
     # start 0 is the fit one start gives, bit for bit
     assert "start" not in single.config
+    assert np.isnan(single.direction()["start_agreement"])
     assert _validation_loss(single) == losses[0]
     # the kept start's history and records survive saving
     assert starts.history.stages[0] == ("warm-up", 0)
@@ -410,7 +420,25 @@ def test_restarts_keep_the_start_with_the_best_validation_elbo(adata, tmp_path, 
     loaded = pv.VeloVAE.load(tmp_path / "starts", adata)
     assert loaded.config["start_losses"] == losses
     assert loaded.config["start"] == starts.config["start"]
+    assert loaded.config["start_agreements"] == agreements
     assert _equal(loaded.get_latent_time(), starts.get_latent_time())
+
+
+def test_start_agreement_compares_every_start_with_the_kept_one():
+    """A start that orders the cells the other way, or at random, shows as a low
+    agreement, whichever start is kept."""
+    t = np.linspace(0.0, 1.0, 50)
+    scrambled = np.random.default_rng(0).permutation(t)
+    times = [t, t[::-1], scrambled, t ** 2]
+    for kept in (0, 3):
+        vae = SimpleNamespace(config={"direction": {"status": "forward"}})
+        best = (kept, None, None, vae.config, None)
+        _keep(vae, best, 4, [1.0, 2.0, 3.0, 0.5], ["forward"] * 4, times)
+        agreements = vae.config["start_agreements"]
+        assert agreements[0] == agreements[3] == pytest.approx(1.0)  # the same order
+        assert agreements[1] == pytest.approx(-1.0)
+        assert abs(agreements[2]) < 0.3
+        assert vae.config["direction"]["start_agreement"] == pytest.approx(-1.0)
 
 
 def _mark_report(monkeypatch, starts, **fields):

@@ -510,3 +510,5 @@ def record_direction(vae: Trainable, start: StartCells) -> None:
     t = (vae.predictor.encode(data=start.data)["t"].cpu().numpy()
          if evidence is not None or order is not None else None)
     vae.config["direction"] = policies.ORIENTATION.report(evidence, t, given, order)
+    # one start has nothing to agree with; best_of_starts fills it in for several
+    vae.config["direction"]["start_agreement"] = float("nan")

@@ -7,6 +7,10 @@ tell a fit from its time-reversed twin, though: on the 50-cell dentate gyrus fix
 chose a reversed start at 2 of 6 model seeds. So a start whose time runs against the
 data's own flow, or against a given root or capture times
 (``config['direction']['status'] == 'reversed'``), is kept only when every start does.
+
+How far the starts' orders of the cells agree is recorded too: where the data pin the
+order down, starts from different random networks find the same order; where the kept
+order is one of several the data allow equally well, they do not.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import copy
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .._params import set_seed
 from .._settings import settings
+from ..orientation import order_agreement
 from .loop import TrainingHistory, evaluate_loss
 from .stages import selection_split
 
@@ -34,6 +40,9 @@ class Restartable(Protocol):
     is_trained: bool
     device: torch.device
     data: Any
+
+    @property
+    def predictor(self) -> Any: ...
 
     def make_pair(self, kind: str) -> tuple[torch.nn.Module, torch.nn.Module]: ...
 
@@ -54,13 +63,17 @@ def best_of_starts(vae: Restartable, n_starts: int, seed: int,
     whose direction report is ``'reversed'`` ranks after every start whose report is
     not. The kept start's number, every start's loss and every start's direction are
     recorded in ``config['start']``, ``config['start_losses']`` and
-    ``config['start_directions']``. If a start fails or is interrupted, the best finished
-    start is kept before the error propagates.
+    ``config['start_directions']``; ``config['start_agreements']`` holds the Spearman
+    correlation of every start's latent time with the kept start's over all cells,
+    and ``config['direction']['start_agreement']`` the lowest of those of the other
+    starts. If a start fails or is interrupted, the best finished start is kept before
+    the error propagates.
     """
     check = vae.data.indices(selection_split(vae.data))
     config = copy.deepcopy(vae.config if first_done is None else first_done)
     losses: list[float] = []
     directions: list[str] = []
+    times: list[np.ndarray] = []
     best = None
     for k in range(n_starts):
         if k or first_done is None:
@@ -74,14 +87,15 @@ def best_of_starts(vae: Restartable, n_starts: int, seed: int,
                 train_start(seed + k)
             except BaseException:  # e.g. a diverged start or Ctrl-C: keep the best so far
                 if best is not None:
-                    _keep(vae, best, n_starts, losses, directions)
+                    _keep(vae, best, n_starts, losses, directions, times)
                 raise
         set_seed(seed)
         losses.append(evaluate_loss(vae.model, vae.guide, vae.data, check.to(vae.device)))
         directions.append(vae.config.get("direction", {}).get("status", ""))
+        times.append(vae.predictor.encode()["t"].cpu().numpy())
         if best is None or _rank(k, losses, directions) < _rank(best[0], losses, directions):
             best = (k, vae.model, vae.guide, vae.config, vae.history)
-    _keep(vae, best, n_starts, losses, directions)
+    _keep(vae, best, n_starts, losses, directions, times)
     return vae.history
 
 
@@ -91,9 +105,14 @@ def _rank(k: int, losses: list[float], directions: list[str]) -> tuple[bool, flo
 
 
 def _keep(vae: Restartable, best: tuple, n_starts: int, losses: list[float],
-          directions: list[str]) -> None:
+          directions: list[str], times: list[np.ndarray]) -> None:
     """Install a finished start and record the choice."""
     k, vae.model, vae.guide, vae.config, vae.history = best
     vae.is_trained = True
+    agreements = [order_agreement(t, times[k]) for t in times]
+    others = [a for j, a in enumerate(agreements) if j != k]
     vae.config.update(n_starts=n_starts, start=k, start_losses=list(losses),
-                      start_directions=list(directions))
+                      start_directions=list(directions), start_agreements=agreements)
+    if "direction" in vae.config:
+        vae.config["direction"]["start_agreement"] = min(others) if others else float("nan")
+
