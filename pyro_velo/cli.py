@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--skip-preprocess", action="store_true",
                      help="input is already preprocessed (has layers Mu and Ms)")
     fit.add_argument("--n-top-genes", type=_positive_int, default=2000)
-    fit.add_argument("--n-neighbors", type=_positive_int, default=30)
+    fit.add_argument("--n-neighbors", type=_positive_int, default=None,
+                     help="default: 30, or a fifth of the cells on fewer than 150")
     fit.add_argument("--n-pcs", type=_positive_int, default=30)
     fit.add_argument("--min-shared-counts", type=int, default=20)
     fit.add_argument("--save-model", default=None, help="folder to save the fitted model in")

@@ -160,8 +160,8 @@ PREPROCESS_CASES = {
     "inf": (_set("unspliced", 2, 3, np.inf), {}, InputError, "infinite"),
     "negative": (_set("spliced", 1, 1, -1.0), {}, InputError, "negative"),
     "one cell": (lambda a: None, {"_cells": 1}, InputError, "1 cells.*n_neighbors"),
-    "fewer cells than neighbours": (lambda a: None, {"_cells": 20}, InputError,
-                                    "20 cells, but n_neighbors=30"),
+    "fewer cells than neighbours": (lambda a: None, {"_cells": 20, "n_neighbors": 30},
+                                    InputError, "20 cells, but n_neighbors=30"),
     "all counts zero": (_zero_counts, {}, InputError, "No genes left after filtering"),
     "bad parameter": (lambda a: None, {"n_neighbors": 0}, InputError, "n_neighbors"),
 }
@@ -418,7 +418,7 @@ def test_cli_usage_errors(raw_h5ad, tmp_path, capsys):
         cli.main(["fit", str(raw_h5ad), "-o", str(tmp_path / "o.h5ad"), "--max-epochs", "0"])
     assert exit_info.value.code == cli.EXIT_USAGE
     assert "must be at least 1" in capsys.readouterr().err
-    code = cli.main(["demo", "-o", str(tmp_path / "demo"), "--n-cells", "12", "--quiet"])
+    code = cli.main(["demo", "-o", str(tmp_path / "demo"), "--n-cells", "2", "--quiet"])
     assert code == cli.EXIT_USAGE and "n_neighbors" in capsys.readouterr().err
     assert not (tmp_path / "o.h5ad").exists()
 

@@ -212,6 +212,14 @@ def test_velocity_stream_renders_and_writes_graph(adata, tmp_path):
     assert isinstance(fig, Figure)
 
 
+def test_velocity_stream_draws_fewer_than_50_cells(adata, tmp_path):
+    # scVelo smooths its grid over n_obs // 50 neighbours, which scikit-learn refuses
+    # when it is 0
+    small = adata[:30].copy()
+    pv.pl.velocity_stream(small, basis="pca", show=False, save=tmp_path / "small.png")
+    assert_png(tmp_path / "small.png")
+
+
 def test_summary_still_works(adata, history, tmp_path):
     fig = pv.pl.summary(adata, history, true_time_key="true_t", show=False,
                         save=tmp_path / "summary.png")

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 import scvelo as scv
 from anndata import AnnData, read_h5ad
 
-from pyro_velo import pp
+from pyro_velo import policies, pp
 from pyro_velo._checks import (
     InputError,
     MissingLayerError,
@@ -109,7 +109,8 @@ def test_real_fixture_defaults(real_pair):
     )
     assert res.obsm["X_pca"].shape == (n_obs, 30)
     assert res.obsp["connectivities"].shape == (n_obs, n_obs)
-    assert res.uns["neighbors"]["params"]["n_neighbors"] == 30
+    # 50 cells: a neighbourhood of a fifth of them, not scVelo's 30
+    assert res.uns["neighbors"]["params"]["n_neighbors"] == 10 == record["n_neighbors"]
 
     # Raw counts kept: sparse, integer, equal to the input restricted to the kept genes.
     for raw_key, layer in (("raw_spliced", "spliced"), ("raw_unspliced", "unspliced")):
@@ -123,14 +124,16 @@ def test_real_fixture_defaults(real_pair):
 
 
 def test_real_fixture_matches_plain_scvelo_pipeline(real_pair):
-    """Same numbers as the textbook scVelo/scanpy calls, incl. scv.pp.moments."""
+    """Same numbers as the textbook scVelo/scanpy calls, incl. scv.pp.moments, with the
+    neighbourhood preprocess chose."""
     raw, res = real_pair
+    n_neighbors = res.uns["pyro_velo"]["preprocess"]["n_neighbors"]
     ref = raw.copy()
     scv.pp.filter_and_normalize(ref, min_shared_counts=20)
     sc.pp.log1p(ref)
     sc.pp.highly_variable_genes(ref, n_top_genes=2000, flavor="seurat", subset=True)
     sc.pp.pca(ref, n_comps=30, random_state=0)
-    sc.pp.neighbors(ref, n_neighbors=30, n_pcs=30, random_state=0)
+    sc.pp.neighbors(ref, n_neighbors=n_neighbors, n_pcs=30, random_state=0)
     scv.pp.moments(ref, n_pcs=None, n_neighbors=None)
     assert list(ref.var_names) == list(res.var_names)
     np.testing.assert_allclose(res.layers["Ms"], ref.layers["Ms"], rtol=1e-6, atol=1e-6)
@@ -418,7 +421,27 @@ def test_bad_input_raises_and_leaves_input_unchanged(synthetic_adata, case, copy
 def test_too_few_cells_suggests_smaller_n_neighbors(synthetic_adata):
     small = synthetic_adata[:20].copy()
     with pytest.raises(InputError, match=r"20 cells.*n_neighbors \+ 1 = 31.*n_neighbors=19"):
-        pp.preprocess(small)
+        pp.preprocess(small, n_neighbors=30)
+
+
+@pytest.mark.parametrize(("n_cells", "expected"), [
+    (200, 30), (150, 30), (149, 29), (100, 20), (50, 10), (20, 5), (4, 3), (1, 2)])
+def test_default_neighbourhood_is_at_most_a_fifth_of_a_small_data_set(n_cells, expected):
+    assert policies.NEIGHBOURS.n_neighbors(n_cells) == expected
+
+
+def test_small_data_get_a_smaller_neighbourhood_by_default(synthetic_adata):
+    """The default neighbourhood is recorded, used for the graph and the moments, and an
+    explicit n_neighbors is kept whatever the size."""
+    small = synthetic_adata[:50].copy()
+    out = pp.preprocess(small, random_state=0, copy=True)
+    assert out.uns["pyro_velo"]["preprocess"]["n_neighbors"] == 10
+    assert out.uns["neighbors"]["params"]["n_neighbors"] == 10
+    distances = out.obsp["distances"]
+    assert np.asarray((distances > 0).sum(axis=1)).max() == 9  # itself stored as 0
+    explicit = pp.preprocess(small, n_neighbors=30, random_state=0, copy=True)
+    assert explicit.uns["pyro_velo"]["preprocess"]["n_neighbors"] == 30
+    assert not np.allclose(explicit.layers["Ms"], out.layers["Ms"])
 
 
 def test_missing_layer_error_is_also_a_key_error(synthetic_adata):

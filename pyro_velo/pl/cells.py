@@ -236,6 +236,9 @@ def velocity_stream(
         kwargs.setdefault("color_map", "viridis")
     kwargs.setdefault("size", _point_size(adata.n_obs) * 4)
     kwargs.setdefault("alpha", 0.6)
+    # scVelo smooths the grid over n_obs // 50 neighbours: none below 50 cells, which
+    # scikit-learn refuses; one neighbour there
+    kwargs.setdefault("n_neighbors", max(1, adata.n_obs // 50))
     if not {"X", "V", "X_grid", "V_grid", "components", "groups"} & kwargs.keys():
         # scVelo lays its grid out with np.linspace over the embedding's range; from a
         # float32 embedding numpy >= 2 returns a float32 grid, whose rounded spacing can
