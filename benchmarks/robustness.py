@@ -2,8 +2,9 @@
 
 Usage::
 
-    python benchmarks/robustness.py [--families ode scvelo grn real] [--draws 6]
-        [--n-cells 800] [--n-genes 100] [--methods pyro_velo scvelo-stochastic ...]
+    python benchmarks/robustness.py [--families ode scvelo grn small real]
+        [--draws 6] [--n-cells 800] [--n-genes 100] [--n-neighbors K]
+        [--methods pyro_velo scvelo-stochastic ...]
         [--csv benchmarks/robustness.csv] [--table]
 
 Families and configurations (each drawn ``--draws`` times, draw ``d`` = data seed ``d``):
@@ -16,13 +17,18 @@ Families and configurations (each drawn ``--draws`` times, draw ``d`` = data see
   binomial capture noise. Target: the depth of each cell's type in the type graph
   (cells of one type sit near one steady state, so their order within a type is noise);
   the Spearman with ``true_t`` is reported too.
+- ``small``: 100-cell sets (:data:`SMALL_CELLS`, ``--n-genes`` genes) of the three
+  simulators, where a kNN neighbourhood holds a large share of the cells:
+  ``ode-bifurcation2``, ``scvelo-linear``, ``grn-chain``, ``grn-fork+capture``; targets as in
+  their families.
 - ``real``: the 50-cell fixtures of ``../shared/data`` (pancreas, dentate gyrus), one
   data set each, ``--draws`` model seeds. Target: the stage of each cell read from
   known markers (:data:`MARKER_STAGES`; cells without a neuronal/endocrine stage marker
   are left out).
 
 Methods, each on its own copy of the once-preprocessed data
-(``pv.pp.preprocess(adata, random_state=0)``), in this process, one after another:
+(``pv.pp.preprocess(adata, random_state=0)``, with ``n_neighbors`` where
+``--n-neighbors`` is given), in this process, one after another:
 
 - ``pyro_velo``: the default workflow, ``VeloVAE(adata, seed=d).train(seed=d)``,
   ``export_to_anndata``; time ``obs['latent_time']``.
@@ -67,8 +73,11 @@ CONFIGS = {
     "ode": ["linear", "bifurcation2", "bifurcation3"],
     "scvelo": ["linear"],
     "grn": ["chain", "fork", "tree", "chain+capture", "fork+capture", "tree+capture"],
+    "small": ["ode-bifurcation2", "scvelo-linear", "grn-chain", "grn-fork+capture"],
     "real": ["pancreas", "dentategyrus"],
 }
+#: cells of the ``small`` family's sets
+SMALL_CELLS = 100
 METHODS = ("pyro_velo", "scvelo-stochastic", "scvelo-dynamical")
 #: further methods, run only when named in ``--methods``
 EXTRA_METHODS = ("pyro_velo-3starts", "pyro_velo-lrschedule")
@@ -116,6 +125,9 @@ def marker_stage(adata, name: str) -> np.ndarray:
 
 def dataset(family: str, config: str, draw: int, n_cells: int, n_genes: int):
     """The raw data set and its target (per-cell depth or time) for one row."""
+    if family == "small":  # a simulator's set at SMALL_CELLS cells
+        family, _, config = config.partition("-")
+        n_cells = SMALL_CELLS
     if family == "ode":
         kwargs = ({"topology": "linear"} if config == "linear" else
                   {"topology": "bifurcation", "n_branches": int(config[-1])})
@@ -204,7 +216,7 @@ def run(args) -> None:
                     data_seed = 0 if family == "real" else draw
                     raw, target = dataset(family, config, data_seed, args.n_cells,
                                           args.n_genes)
-                    pv.pp.preprocess(raw, random_state=0)
+                    pv.pp.preprocess(raw, random_state=0, n_neighbors=args.n_neighbors)
                     for method in todo:
                         adata = raw.copy()
                         row = {"family": family, "config": config, "draw": draw,
@@ -280,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draws", type=int, default=6)
     parser.add_argument("--n-cells", type=int, default=800)
     parser.add_argument("--n-genes", type=int, default=100)
+    parser.add_argument("--n-neighbors", type=int, default=None,
+                        help="pp.preprocess's n_neighbors (default: its own default)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS),
                         choices=[*METHODS, *EXTRA_METHODS])
     parser.add_argument("--csv", default=str(REPO / "benchmarks" / "robustness.csv"))
