@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import kinetics
+from . import kinetics, policies
 
 #: cells per block of the grid search in :func:`time_informed_init`
 GRID_BLOCK_CELLS = 128
@@ -417,18 +417,22 @@ def direction_score(
     return float(corr.mean())
 
 
-def knn_graph(x: np.ndarray, n_neighbors: int = 30, n_pcs: int = 30, seed: int = 0):
+def knn_graph(x: np.ndarray, n_neighbors: int | None = None, n_pcs: int = 30,
+              seed: int = 0):
     """Symmetric binary kNN graph of the rows of ``x`` in their leading principal components.
 
     The stand-in for ``adata.obsp['connectivities']`` when there is none (e.g. for cells
     streamed from a file): ``x`` holds the per-gene scaled ``[u | s]`` of the cells.
-    Returns an ``(N, N)`` scipy CSR matrix.
+    ``n_neighbors``: None, as ``pp.preprocess`` (30, at most a fifth of a small data set;
+    :class:`~pyro_velo.policies.NeighbourPolicy`). Returns an ``(N, N)`` scipy CSR matrix.
     """
     import scipy.sparse as sp
     from sklearn.decomposition import PCA
     from sklearn.neighbors import NearestNeighbors
 
     n = x.shape[0]
+    if n_neighbors is None:
+        n_neighbors = policies.NEIGHBOURS.n_neighbors(n)
     n_pcs = max(1, min(n_pcs, n - 1, x.shape[1]))
     pcs = PCA(n_components=n_pcs, random_state=seed).fit_transform(x)
     k = max(1, min(n_neighbors, n - 1))

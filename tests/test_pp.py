@@ -430,6 +430,19 @@ def test_default_neighbourhood_is_at_most_a_fifth_of_a_small_data_set(n_cells, e
     assert policies.NEIGHBOURS.n_neighbors(n_cells) == expected
 
 
+def test_stand_in_graph_follows_the_same_neighbourhood():
+    """Where there is no kNN graph (e.g. cells read from a file) training builds its own
+    with the neighbourhood preprocess would use."""
+    from pyro_velo.initialize import knn_graph
+
+    x = np.random.default_rng(0).random((50, 20))
+    graph = knn_graph(x)
+    assert graph.shape == (50, 50) and (graph != graph.T).nnz == 0
+    # each cell links to its 10 nearest other cells and to the cells that chose it
+    assert np.asarray(graph.sum(1)).min() == 10
+    assert np.asarray(knn_graph(x, n_neighbors=30).sum(1)).min() == 30
+
+
 def test_small_data_get_a_smaller_neighbourhood_by_default(synthetic_adata):
     """The default neighbourhood is recorded, used for the graph and the moments, and an
     explicit n_neighbors is kept whatever the size."""
