@@ -115,4 +115,3 @@ def _keep(vae: Restartable, best: tuple, n_starts: int, losses: list[float],
                       start_directions=list(directions), start_agreements=agreements)
     if "direction" in vae.config:
         vae.config["direction"]["start_agreement"] = min(others) if others else float("nan")
-
