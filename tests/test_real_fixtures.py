@@ -2,7 +2,8 @@
 
 Real counts have what simulations lack (27,998 / 13,913 genes, most of them nearly empty,
 unspliced counts far sparser than spliced, no ground truth). These tests check that the
-default workflow runs through on them and that what it exports is complete and finite.
+default workflow runs through on them, that what it exports is complete and finite, and
+that its time follows the stages the cells' markers give.
 """
 
 import warnings
@@ -49,7 +50,7 @@ def test_fit_explains_more_than_the_gene_means(fitted):
     _, vae, _ = fitted
     metrics = vae.evaluate()
     # on per-gene standardised abundances, predicting each gene's mean scores about 1
-    assert metrics.loc["train", "mse"] < 0.8  # measured 0.50 and 0.49 (seed 0)
+    assert metrics.loc["train", "mse"] < 0.8  # measured 0.47 and 0.45 (seed 0)
     assert np.isfinite(metrics.to_numpy()).all()
 
 
@@ -57,7 +58,7 @@ def test_the_flow_corroborates_the_order_of_the_marker_stages(fitted):
     """With a neighbourhood of a fifth of the 50 cells (the default of ``pp.preprocess``
     here) the data's own flow corroborates the fitted order, one start suffices, and the
     time follows the marker stages (robustness benchmark, six model seeds: dentate gyrus
-    0.50-0.62, pancreas 0.87-0.93)."""
+    0.50-0.62, pancreas 0.915-0.926; this fit 0.64 and 0.92)."""
     adata, vae, stage = fitted
     assert adata.uns["pyro_velo"]["preprocess"]["n_neighbors"] == 10
     report = vae.direction()
