@@ -74,9 +74,10 @@ class NeighbourPolicy:
     scVelo's 30, except on small data sets, where 30 neighbours would make every cell's
     moments an average over a large share of all cells: then a fifth of the cells.
     Measured (2026-12-07, benchmarks/RESULTS.md): on the 50-cell real fixtures 30
-    neighbours ordered the marker stages at 0.36-0.47 (dentate gyrus) and 0.79-0.81
-    (pancreas) over six model seeds, a fifth of the cells at 0.50-0.62 and 0.915-0.926
-    (5 to 20 neighbours were alike); on the benchmark's 100-cell sets (four
+    neighbours ordered the marker stages at 0.62-0.70 (dentate gyrus) and 0.79-0.81
+    (pancreas) over six model seeds, flagging every fit, a fifth of the cells at
+    0.78-0.79 (all but perfect) and 0.915-0.926 (5 to 20 neighbours were alike); on the
+    benchmark's 100-cell sets (four
     configurations, six draws) 30 neighbours ran three of 24 fits backwards, a fifth of
     the cells none; at 200 cells 30 neighbours ran none backwards and 14 had the worse
     worst case.

@@ -58,14 +58,15 @@ def test_the_flow_corroborates_the_order_of_the_marker_stages(fitted):
     """With a neighbourhood of a fifth of the 50 cells (the default of ``pp.preprocess``
     here) the data's own flow corroborates the fitted order, one start suffices, and the
     time follows the marker stages (robustness benchmark, six model seeds: dentate gyrus
-    0.50-0.62, pancreas 0.915-0.926; this fit 0.64 and 0.92)."""
+    0.78-0.79, where a perfect separation of its two stages scores 0.79, pancreas
+    0.915-0.926; with 30 neighbours 0.62-0.70 and 0.79-0.81; this fit 0.79 and 0.92)."""
     adata, vae, stage = fitted
     assert adata.uns["pyro_velo"]["preprocess"]["n_neighbors"] == 10
     report = vae.direction()
     assert report["status"] == "forward" and report["order_corroborated"]
     assert "start_directions" not in vae.config  # no further starts were needed
     known = np.isfinite(stage)
-    assert spearmanr(adata.obs["latent_time"].to_numpy()[known], stage[known])[0] > 0.45
+    assert spearmanr(adata.obs["latent_time"].to_numpy()[known], stage[known])[0] > 0.7
 
 
 def test_the_report_says_when_the_data_cannot_vouch_for_the_order(shared_data_dir):
