@@ -86,3 +86,23 @@ def test_the_report_says_when_the_data_cannot_vouch_for_the_order(shared_data_di
     assert lag > pv.policies.ORIENTATION.max_lag
     assert vae.config["n_starts"] == 1 + pv.policies.RESTARTS.extra_starts
     assert vae.config["start_directions"][vae.config["start"]] == "forward"
+
+
+def test_a_single_marker_molecule_stages_no_cell():
+    """The benchmark's stages (the target of the test above) need at least two molecules
+    of the stage's markers: one Sox4 molecule is no neuroblast."""
+    import scipy.sparse as sp
+    from anndata import AnnData
+
+    genes = ["Sox4", "Dcx", "Calb1", "Actb"]
+    counts = np.array([[1, 0, 0, 50],    # one neuroblast molecule: left out
+                       [2, 1, 0, 50],    # three: a neuroblast
+                       [0, 0, 1, 50],    # one granule molecule: left out
+                       [0, 0, 4, 50],    # a mature granule cell
+                       [0, 0, 0, 50]])   # no marker at all: left out
+    adata = AnnData(sp.csr_matrix(counts.astype(np.float32)),
+                    layers={"spliced": sp.csr_matrix(counts.astype(np.float32))})
+    adata.var_names = genes
+    stage = robustness.marker_stage(adata, "dentategyrus")
+    np.testing.assert_array_equal(stage, [np.nan, 0, np.nan, 1, np.nan])
+    assert robustness.MIN_MARKER_COUNTS == 2
