@@ -387,6 +387,15 @@ def _fit_starts(adata, n_starts, history="constant"):
     return vae
 
 
+def _kept_start(config) -> int:
+    """The start ``best_of_starts`` keeps: not reversed, then corroborated by the flow,
+    then the lowest validation loss."""
+    losses, statuses = config["start_losses"], config["start_directions"]
+    corroborated = config["start_corroborated"]
+    return min(range(len(losses)),
+               key=lambda k: (statuses[k] == "reversed", not corroborated[k], losses[k]))
+
+
 def _validation_loss(vae):
     """The validation loss as ``best_of_starts`` scores a start (same guide draws)."""
     train_module.set_seed(QUICK["seed"])
@@ -400,8 +409,8 @@ def test_restarts_keep_the_start_with_the_best_validation_elbo(adata, tmp_path, 
     losses = starts.config["start_losses"]
     assert starts.config["n_starts"] == 3 and len(losses) == 3
     assert len(set(losses)) == 3  # different starts, different fits
-    reversed_ = [status == "reversed" for status in starts.config["start_directions"]]
-    assert starts.config["start"] == min(range(3), key=lambda k: (reversed_[k], losses[k]))
+    assert len(starts.config["start_corroborated"]) == 3
+    assert starts.config["start"] == _kept_start(starts.config)
     assert _validation_loss(starts) == losses[starts.config["start"]]
     # how far the starts' times agree with the kept one's: itself exactly, the others
     # as correlations, the lowest of them reported with the direction
@@ -421,6 +430,7 @@ def test_restarts_keep_the_start_with_the_best_validation_elbo(adata, tmp_path, 
     assert loaded.config["start_losses"] == losses
     assert loaded.config["start"] == starts.config["start"]
     assert loaded.config["start_agreements"] == agreements
+    assert loaded.config["start_corroborated"] == starts.config["start_corroborated"]
     assert _equal(loaded.get_latent_time(), starts.get_latent_time())
 
 
@@ -433,7 +443,7 @@ def test_start_agreement_compares_every_start_with_the_kept_one():
     for kept in (0, 3):
         vae = SimpleNamespace(config={"direction": {"status": "forward"}})
         best = (kept, None, None, vae.config, None)
-        _keep(vae, best, 4, [1.0, 2.0, 3.0, 0.5], ["forward"] * 4, times)
+        _keep(vae, best, 4, ([1.0, 2.0, 3.0, 0.5], ["forward"] * 4, [True] * 4), times)
         agreements = vae.config["start_agreements"]
         assert agreements[0] == agreements[3] == pytest.approx(1.0)  # the same order
         assert agreements[1] == pytest.approx(-1.0)
@@ -471,7 +481,7 @@ def test_a_reversed_start_is_kept_only_when_every_start_is_reversed(adata, monke
         assert vae.config["start_losses"] == losses  # the same fits, bit for bit
         reversed_ = [k in marked or statuses[k] == "reversed" for k in range(3)]
         assert [s == "reversed" for s in vae.config["start_directions"]] == reversed_
-        kept = min(range(3), key=lambda k: (reversed_[k], losses[k]))
+        kept = _kept_start(vae.config)
         assert vae.config["start"] == kept
         assert (vae.config["direction"]["status"] == "reversed") == all(reversed_)
         if marked == {best} and not all(reversed_):
@@ -490,8 +500,8 @@ def test_a_reversed_single_fit_is_trained_from_more_starts(adata, monkeypatch, t
     assert vae.config["n_starts"] == 1 + extra
     assert vae.config["start_directions"][0] == "reversed"
     assert vae.config["start_losses"][0] == _validation_loss(single)  # start 0: the fit
-    losses, statuses = vae.config["start_losses"], vae.config["start_directions"]
-    kept = min(range(1 + extra), key=lambda k: (statuses[k] == "reversed", losses[k]))
+    statuses = vae.config["start_directions"]
+    kept = _kept_start(vae.config)
     assert vae.config["start"] == kept != 0
     assert vae.config["direction"]["status"] == statuses[kept] != "reversed"
     # only the kept fit's report can warn, and it does not run against the flow
@@ -511,17 +521,36 @@ def test_a_reversed_single_fit_is_trained_from_more_starts(adata, monkeypatch, t
 def test_a_forward_fit_the_flow_does_not_corroborate_is_trained_from_more_starts(
         adata, monkeypatch):
     """A fit whose order lags a reproducible flow may sit in a worse optimum of the
-    ELBO: more starts compete, and the ELBO picks among those that run forward."""
+    ELBO: more starts compete, and the ELBO picks among those that run forward, a start
+    the flow corroborates first."""
     single = _fit_starts(adata, 1)
     _mark_report(monkeypatch, {0}, status="forward", order_corroborated=False)
     vae = _fit_starts(adata, 1)
     extra = pv.policies.RESTARTS.extra_starts
     assert vae.config["n_starts"] == 1 + extra
-    losses, statuses = vae.config["start_losses"], vae.config["start_directions"]
+    losses = vae.config["start_losses"]
     assert losses[0] == _validation_loss(single)  # start 0: the single fit
-    assert vae.config["start"] == min(range(1 + extra),
-                                      key=lambda k: (statuses[k] == "reversed", losses[k]))
+    assert vae.config["start_corroborated"][0] is False
+    assert vae.config["start"] == _kept_start(vae.config)
     assert _validation_loss(vae) == losses[vae.config["start"]]
+
+
+def test_a_start_the_flow_corroborates_goes_before_a_better_elbo(adata, monkeypatch):
+    """The ELBO kept starts whose order lags the data's flow (the dentate gyrus
+    fixture, three starts: Spearman with its marker stages 0.25); among starts that run
+    forward, one the flow corroborates is kept whatever the others' ELBO."""
+    plain = _fit_starts(adata, 3)
+    losses = plain.config["start_losses"]
+    best = int(np.argmin(losses))
+    others = set(range(3)) - {best}
+    _mark_report(monkeypatch, {best}, status="forward", order_corroborated=False)
+    _mark_report(monkeypatch, others, status="forward", order_corroborated=True)
+    vae = _fit_starts(adata, 3)
+    assert vae.config["start_losses"] == losses  # the same fits, bit for bit
+    assert vae.config["start_corroborated"] == [k != best for k in range(3)]
+    kept = vae.config["start"]
+    assert kept != best and kept == min(others, key=lambda k: losses[k])
+    assert vae.direction()["order_corroborated"]
 
 
 def _fail_second_start(monkeypatch):
