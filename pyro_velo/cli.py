@@ -63,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--n-starts", type=_positive_int, default=1,
                        help="train from this many random starts and keep the one with "
                             "the best validation ELBO, one whose time runs against the "
-                            "data's flow only if all do and one whose order the flow "
-                            "does not corroborate only if no other start's it does "
-                            "(costs that many trainings)")
+                            "data's flow only if all do, and starts whose order the "
+                            "flow corroborates before the others (costs that many "
+                            "trainings)")
         p.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--threads", type=_threads, default=None,

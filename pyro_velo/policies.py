@@ -77,10 +77,9 @@ class NeighbourPolicy:
     neighbours ordered the marker stages at 0.62-0.70 (dentate gyrus) and 0.79-0.81
     (pancreas) over six model seeds, flagging every fit, a fifth of the cells at
     0.78-0.79 (all but perfect) and 0.915-0.926 (5 to 20 neighbours were alike); on the
-    benchmark's 100-cell sets (four
-    configurations, six draws) 30 neighbours ran three of 24 fits backwards, a fifth of
-    the cells none; at 200 cells 30 neighbours ran none backwards and 14 had the worse
-    worst case.
+    benchmark's 100-cell sets (four configurations, six draws) 30 neighbours ran three
+    of 24 fits backwards, a fifth of the cells none; at 200 cells 30 neighbours ran none
+    backwards and 14 had the worse worst case.
     """
 
     #: scVelo's default, used from ``n_cells / max_share`` cells on

@@ -354,8 +354,8 @@ class VeloVAE:
             gene-wide layers on CPU (None: when the work is large enough).
         n_starts
             Trainings from different random starts; the highest validation ELBO is kept,
-            a start whose time runs against the data's flow only if all do, one whose
-            order the flow does not corroborate only if no start's order it does.
+            a start whose time runs against the data's flow only if all do, and starts
+            whose order the flow corroborates before the others.
         callbacks
             Further :class:`~pyro_velo.inference.callbacks.Callback` s of every stage.
         root_key, root
