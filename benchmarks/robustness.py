@@ -121,19 +121,19 @@ def marker_stage(adata, name: str) -> np.ndarray:
         return np.asarray(counts[:, [adata.var_names.get_loc(g) for g in present]].todense(),
                           dtype=float)
 
-    def score(genes: list[str]) -> np.ndarray:
-        x = np.log1p(molecules(genes) / total[:, None] * 1e4)
+    def score(x: np.ndarray) -> np.ndarray:
+        x = np.log1p(x / total[:, None] * 1e4)
         scale = x.std(0)
         return np.where(x.sum(1) > 0, (x / np.where(scale > 0, scale, 1)).mean(1), -np.inf)
 
-    stages = MARKER_STAGES[name]
-    scores = np.stack([score(genes) for genes in stages], axis=1)
+    markers = [molecules(genes) for genes in MARKER_STAGES[name]]
+    scores = np.stack([score(x) for x in markers], axis=1)
     stage = np.argmax(scores, axis=1)
-    evidence = np.stack([molecules(genes).sum(1) for genes in stages], axis=1)
+    evidence = np.stack([x.sum(1) for x in markers], axis=1)
     enough = evidence[np.arange(len(stage)), stage] >= MIN_MARKER_COUNTS
     stage = np.where(enough & np.isfinite(scores.max(1)), stage, np.nan)
     if name == "dentategyrus":
-        stage[score(GLIAL_MARKERS) > scores.max(1)] = np.nan
+        stage[score(molecules(GLIAL_MARKERS)) > scores.max(1)] = np.nan
     return stage
 
 
