@@ -63,6 +63,16 @@ def edge_flows(graph: sp.spmatrix, velocity: np.ndarray, x: np.ndarray,
     The displacements ``x_j - x_i`` are gathered once per block of edges and shared by
     every gene set, so the flows of a few gene subsets cost little more than one.
     Each flow is ``edge_flow(graph, velocity[:, genes], x[:, genes])``.
+
+    Parameters
+    ----------
+    graph
+        ``(N, N)`` kNN graph of the cells; symmetrised, its diagonal ignored.
+    velocity, x
+        ``(N, G)`` velocities and positions of the cells.
+    gene_sets
+        Column selections of ``velocity`` and ``x`` (index arrays, or ``slice(None)``
+        for all genes), one flow each.
     """
     graph = sp.csr_matrix(graph)
     graph = (graph + graph.T).tocoo()
