@@ -60,9 +60,12 @@ def edge_flows(graph: sp.spmatrix, velocity: np.ndarray, x: np.ndarray,
                gene_sets: Sequence[np.ndarray | slice]) -> list[sp.csr_matrix]:
     """:func:`edge_flow` of ``graph`` for each set of genes (columns), in one pass.
 
-    The displacements ``x_j - x_i`` are gathered once per block of edges and shared by
-    every gene set, so the flows of a few gene subsets cost little more than one.
-    Each flow is ``edge_flow(graph, velocity[:, genes], x[:, genes])``.
+    The displacements ``x_j - x_i`` are gathered once per block of edges, and each gene
+    set's sums over them (the dot product with ``v_i`` and the squared length) are one
+    product with the sets' 0/1 membership matrix, so the flows of a few gene subsets
+    cost little more than one. Each flow equals ``edge_flow(graph, velocity[:, genes],
+    x[:, genes])`` up to the order of summation (a gene listed twice in a set counts
+    once).
 
     Parameters
     ----------
@@ -79,19 +82,28 @@ def edge_flows(graph: sp.spmatrix, velocity: np.ndarray, x: np.ndarray,
     rows, cols = graph.row, graph.col
     keep = rows != cols
     rows, cols = rows[keep], cols[keep]
-    cosines = [np.empty(len(rows)) for _ in gene_sets]
+    # rows of a column-major array are gathered by strided reads (the old per-set code
+    # took 12.2 s against 8.5 s for C-ordered arrays at 3,700 x 2,000)
+    velocity = np.ascontiguousarray(velocity, dtype=np.float64)
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    member = np.zeros((x.shape[1], len(gene_sets)))
+    for k, genes in enumerate(gene_sets):
+        member[genes, k] = 1.0
     block = max(1, EDGE_BLOCK_ENTRIES // max(x.shape[1], 1))
+    speed = np.empty((len(x), len(gene_sets)))  # |v_i| over each set
+    for first in range(0, len(x), block):
+        cells = slice(first, first + block)
+        speed[cells] = np.sqrt(np.square(velocity[cells]) @ member)
+    cosines = np.empty((len(rows), len(gene_sets)))
     for first in range(0, len(rows), block):
         edges = slice(first, first + block)
         origin = rows[edges]
-        all_steps, all_v = x[cols[edges]] - x[origin], velocity[origin]
-        for genes, cos in zip(gene_sets, cosines, strict=True):
-            step, v = all_steps[:, genes], all_v[:, genes]
-            norm = np.linalg.norm(step, axis=1) * np.linalg.norm(v, axis=1)
-            cos[edges] = np.where(
-                norm > 0, np.einsum("ij,ij->i", step, v) / np.where(norm > 0, norm, 1), 0.0)
+        step = x[cols[edges]] - x[origin]
+        dot = (step * velocity[origin]) @ member
+        norm = np.sqrt(np.square(step, out=step) @ member) * speed[origin]
+        cosines[edges] = np.where(norm > 0, dot / np.where(norm > 0, norm, 1), 0.0)
     flows = []
-    for cos in cosines:
+    for cos in cosines.T:
         forward = sp.csr_matrix((cos, (rows, cols)), shape=graph.shape)
         flows.append(((forward - forward.T) / 2).tocsr())
     return flows
@@ -184,7 +196,8 @@ def flow_evidence(u: np.ndarray, s: np.ndarray, graph: sp.spmatrix, n_splits: in
     s = np.asarray(s, dtype=np.float64)
     u = np.asarray(u, dtype=np.float64)
     genes = np.flatnonzero(s.std(0) > 0)
-    u, s = u[:, genes], s[:, genes]
+    # take, not u[:, genes]: that is column-major, and edge_flows gathers rows
+    u, s = np.take(u, genes, axis=1), np.take(s, genes, axis=1)
     # per-gene quantities, so a subset of genes takes its columns of them
     scale = s.std(0)
     scale = np.where(scale > 0, scale, 1.0)
