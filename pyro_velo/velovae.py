@@ -307,7 +307,8 @@ class VeloVAE:
 
         The stages (``history.stages``, :meth:`schedule`): ``warm-up``, ``basic``, and for
         the full model ``full`` (the mixture of ODEs) and ``refine``
-        (:meth:`refine_initial_conditions`), or ``ancestors`` with
+        (:meth:`refine_initial_conditions`; kept only where it raises the validation
+        log-likelihood, ``config['refined']``), or ``ancestors`` with
         ``rate_history='ancestors'``. The direction of time is checked against the data's
         own flow (:meth:`direction`). Every argument in detail:
         :class:`~pyro_velo.inference.plan.TrainingPlan`.

@@ -253,3 +253,28 @@ def test_refinement_that_lowers_the_likelihood_is_rejected_unless_told_to_keep_i
     assert vae.config["refined"] is True and vae.model.has_initial_conditions
     assert len(vae.history.train) - n_before == 3
     assert vae.evaluate().loc["test", "log_likelihood"] < first
+
+
+def test_a_refinement_not_kept_by_training_is_a_progress_line_not_a_warning(
+        linear_adata, capsys, recwarn):
+    """As the schedule's last stage (where most fits do not keep it) a rejected
+    refinement is said beside the stage summaries; a direct call warns (test above)."""
+    from pyro_velo.inference.refine import Refine
+    from pyro_velo.inference.stages import Run
+
+    vae = pv.VeloVAE(linear_adata, model="full", hidden=(32, 16), latent_dim=3, seed=0)
+    vae.train(max_epochs=4, warmup_epochs=2, refine_epochs=0, progress_bar=False)
+    stage = Refine(vae.model, vae.guide, vae.data, epochs=3)
+    wreck = dict(lr=0.01, lr_ode=2.0)
+    for progress_bar in (True, False):
+        capsys.readouterr()
+        stage.train(Run(vae.history, vae.config, {**wreck, "progress_bar": progress_bar},
+                        early_stopping=False))
+        assert vae.config["refined"] is False and not vae.model.has_initial_conditions
+        said = [line for line in capsys.readouterr().err.splitlines() if "not kept" in line]
+        assert len(said) == progress_bar
+        if progress_bar:
+            assert said[0].startswith(f"{Refine.description}: not kept, it lowered the "
+                                      "validation log-likelihood (")
+            assert said[0].endswith("; kept the model without it")
+    assert not [w for w in recwarn if "refinement" in str(w.message)]

@@ -350,6 +350,16 @@ def interactive(stream=None) -> bool:
     return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
 
+def say(line: str, requested: bool = True) -> None:
+    """Write one line of progress output to standard error, as the stage summaries are.
+
+    Silent where output is off: ``requested`` False (a method's ``progress_bar=False``)
+    or :attr:`pyro_velo.settings.verbosity` 0.
+    """
+    if requested and settings.verbosity > 0:
+        tqdm.write(line, file=sys.stderr)
+
+
 def progress_enabled(requested: bool) -> bool:
     """Whether live progress bars are shown: asked for, verbosity 2, interactive output."""
     return bool(requested) and settings.verbosity >= 2 and interactive()

@@ -45,12 +45,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .. import policies
 from .._checks import InputError, check_int
 from .._params import set_seed
-from .._settings import settings
 from .._threads import cpu_threads
 from ..components import ancestral
 from ..data import VelocityData
@@ -63,7 +61,7 @@ from ..orientation import (
     root_mask,
     warn_if_unidentified,
 )
-from .callbacks import Callback
+from .callbacks import Callback, say
 from .checkpoint import Checkpointer
 from .loop import TrainingHistory, check_training_arguments
 from .refine import Refine
@@ -376,9 +374,8 @@ class TrainingPlan:
             restarts = policies.RESTARTS
             if (restarts.wants_more_starts(vae.config["direction"])
                     and before is not None and self._restartable()):
-                if self.progress_bar and settings.verbosity > 0:
-                    tqdm.write(f"The fitted order is not supported by the data: training "
-                               f"from {restarts.extra_starts} more starts")
+                say(f"The fitted order is not supported by the data: training from "
+                    f"{restarts.extra_starts} more starts", self.progress_bar)
                 try:
                     best_of_starts(vae, 1 + restarts.extra_starts, self.seed,
                                    self._start_trainer(vae, start), self.progress_bar,

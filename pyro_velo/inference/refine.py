@@ -24,6 +24,7 @@ from ..components import ancestral
 from ..guides import CombinedGuide, FixedLatentGuide
 from ..initialize import window_table
 from ..predict import Predictor
+from .callbacks import say
 from .loop import TrainingHistory, fit
 from .stages import Run, Stage, selection_split
 
@@ -46,13 +47,20 @@ class Refine(Stage):
         pass
 
     def train(self, run: Run, **_: Any) -> None:
+        # not kept is a normal outcome of the schedule's last stage: said in the progress
+        # output beside the stage's summary, not warned about
         refine(run, self.model, self.guide, self.data, self.epochs,
-               early_stopping=run.early_stopping)
+               early_stopping=run.early_stopping,
+               on_rejected=lambda reason: say(
+                   f"{self.description}: not kept, {reason}",
+                   run.fit_options.get("progress_bar", True)))
 
 
 def refine(run: Run, model, guide, data, epochs: int, delta1: float | None = None,
            delta2: float | None = None, n_clusters: int = 10, source: str = "fitted",
-           require_improvement: bool = True, **fit_options: Any) -> TrainingHistory:
+           require_improvement: bool = True,
+           on_rejected: Callable[[str], None] | None = None,
+           **fit_options: Any) -> TrainingHistory:
     """Refine the initial conditions of the full ``model`` fitted with ``guide`` on ``data``
     (:meth:`pyro_velo.VeloVAE.refine_initial_conditions`).
 
@@ -70,8 +78,9 @@ def refine(run: Run, model, guide, data, epochs: int, delta1: float | None = Non
     With ``require_improvement`` the refinement is kept only if it raises the
     reconstruction log-likelihood of the validation cells
     (:meth:`~pyro_velo.predict.Predictor.reconstruction`); otherwise the model and the
-    guide are restored to their state before the call, with a warning (noisy or sparse
-    data can make the window means a worse start than the first-stage model). While the
+    guide are restored to their state before the call, and ``on_rejected`` is told why
+    (noisy or sparse data can make the window means a worse start than the first-stage
+    model). While the
     fine-tuning runs, that log-likelihood is checked every few epochs and the
     fine-tuning ends once the refinement cannot catch up with the first stage by its
     last epoch (:class:`RefinementCutoff`): rejected refinements cost a fraction of
@@ -107,6 +116,10 @@ def refine(run: Run, model, guide, data, epochs: int, delta1: float | None = Non
         kept by force lowered the held-out log-likelihood by 4-13 nats per cell at all 6
         seeds, yet raised the velocity cosine at 5 of them (mean +0.035); on 3 branches
         they lowered both the log-likelihood and the cosine (-0.01 to -0.10).
+    on_rejected
+        Called with the reason when the refinement is not kept; default: a
+        ``UserWarning``. As the last stage of :meth:`~pyro_velo.VeloVAE.train`, where
+        most fits do not keep it, the reason is a line of progress output instead.
     fit_options
         Override the run's settings of :func:`~pyro_velo.inference.loop.fit`.
 
@@ -190,10 +203,12 @@ def refine(run: Run, model, guide, data, epochs: int, delta1: float | None = Non
         guide.load_state_dict(saved_guide)
         ended = (f" (stopped after {hopeless.epochs_done} of {epochs} epochs: it "
                  "could not catch up)" if hopeless.gave_up else "")
-        warnings.warn(
-            f"initial-condition refinement lowered the {check_split} log-likelihood "
-            f"({before:.3f} -> {after:.3f}){ended}; kept the model without it",
-            stacklevel=3)
+        reason = (f"it lowered the {check_split} log-likelihood ({before:.3f} -> "
+                  f"{after:.3f}){ended}; kept the model without it")
+        if on_rejected is None:
+            warnings.warn(f"initial-condition refinement not kept: {reason}", stacklevel=3)
+        else:
+            on_rejected(reason)
     return history
 
 

@@ -26,11 +26,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .._params import set_seed
-from .._settings import settings
 from ..orientation import order_agreement
+from .callbacks import say
 from .loop import TrainingHistory, evaluate_loss
 from .stages import selection_split
 
@@ -86,8 +85,7 @@ def best_of_starts(vae: Restartable, n_starts: int, seed: int,
     best = None
     for k in range(n_starts):
         if k or first_done is None:
-            if progress_bar and settings.verbosity > 0:
-                tqdm.write(f"Start {k + 1} of {n_starts}")
+            say(f"Start {k + 1} of {n_starts}", progress_bar)
             if k:
                 set_seed(config["seed"] + k)
                 vae.model, vae.guide = vae.make_pair(config["model"])
