@@ -80,10 +80,9 @@ def refine(run: Run, model, guide, data, epochs: int, delta1: float | None = Non
     (:meth:`~pyro_velo.predict.Predictor.reconstruction`); otherwise the model and the
     guide are restored to their state before the call, and ``on_rejected`` is told why
     (noisy or sparse data can make the window means a worse start than the first-stage
-    model). While the
-    fine-tuning runs, that log-likelihood is checked every few epochs and the
-    fine-tuning ends once the refinement cannot catch up with the first stage by its
-    last epoch (:class:`RefinementCutoff`): rejected refinements cost a fraction of
+    model). While the fine-tuning runs, that log-likelihood is checked every few epochs
+    and the fine-tuning ends once the refinement cannot catch up with the first stage by
+    its last epoch (:class:`RefinementCutoff`): rejected refinements cost a fraction of
     ``epochs``.
 
     Parameters
