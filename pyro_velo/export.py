@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import velocity_genes
+from . import tl, velocity_genes
 from ._checks import InputError
 from ._settings import settings
 from .predict import Predictor
@@ -55,10 +55,13 @@ class Annotations:
     uns: dict[str, dict] = field(default_factory=dict)
 
 
-def annotations(vae: Fitted, latent: dict[str, torch.Tensor]) -> Annotations:
+def annotations(vae: Fitted, latent: dict[str, torch.Tensor], graph: Any = None
+                ) -> Annotations:
     """The ``obs``, ``obsm``, ``var`` and ``uns`` entries of a fitted model.
 
-    ``latent``: :meth:`Predictor.encode` of all fitted cells.
+    ``latent``: :meth:`Predictor.encode` of all fitted cells; ``graph``: their kNN graph
+    (:func:`neighbour_graph`), from which ``obs['pyro_velo_time_resolution']`` is
+    computed (left out without one).
     """
     from . import __version__
 
@@ -67,6 +70,8 @@ def annotations(vae: Fitted, latent: dict[str, torch.Tensor]) -> Annotations:
     out.obs["latent_time"] = (t_loc - t_loc.min()) / max(t_loc.max() - t_loc.min(), 1e-12)
     out.obs[PREFIX + "time"] = t_loc
     out.obs[PREFIX + "time_std"] = latent["t_std"].cpu().numpy().astype(np.float64)
+    if graph is not None:
+        out.obs[PREFIX + "time_resolution"] = tl.neighbourhood_spread(graph, t_loc)
     out.obs[PREFIX + "split"] = vae.get_split().values
     if vae.uncertainty is not None:
         for name in ("time_cv", "state_cv", "rho_cv", "velocity_cv"):
@@ -111,6 +116,16 @@ def check_same_cells(vae: Fitted, obs_names, var_names, what: str) -> None:
         raise InputError(f"{what}'s genes (var_names) differ from the data the model was fit on")
 
 
+def neighbour_graph(obsp: Any) -> Any:
+    """The kNN graph of an AnnData's (or an open file's) ``obsp``, for the time
+    resolution: ``connectivities`` (which scVelo's moments average over), else
+    ``distances``; None where there is neither."""
+    for key in ("connectivities", "distances"):
+        if obsp is not None and key in obsp:
+            return obsp[key]
+    return None
+
+
 def write_h5ad(vae: Fitted, path: str | Path, rho: bool | None = None,
                batch_size: int = 4096, progress_bar: bool = True) -> None:
     """Write the export of ``vae`` into the existing ``.h5ad`` file ``path``, in chunks.
@@ -128,10 +143,12 @@ def write_h5ad(vae: Fitted, path: str | Path, rho: bool | None = None,
     path = Path(path)
     with open_h5ad(path) as file:
         obs, var = read_elem(file["obs"]), read_elem(file["var"])
-    check_same_cells(vae, obs.index, var.index, str(path))
+        check_same_cells(vae, obs.index, var.index, str(path))
+        graph = neighbour_graph(file.get("obsp"))
+        graph = None if graph is None else read_elem(graph)
     predictor = vae.predictor
     latent = predictor.encode()
-    notes = annotations(vae, latent)
+    notes = annotations(vae, latent, graph)
     layers = dict(LAYERS)
     if export_rho(vae, rho):
         layers[PREFIX + "rho"] = "rho"
@@ -201,10 +218,11 @@ def write_anndata(vae: Fitted, adata, rho: bool | None = None) -> None:
     not fitted), ``layers['velocity_u']`` (du/dt on the ``Mu`` scale),
     ``var['velocity_genes']`` and ``uns['velocity_params']`` (``mode='pyro_velo'``). Our
     own keys: ``obs['pyro_velo_time']`` (raw posterior mean), ``obs['pyro_velo_time_std']``,
-    ``obs['pyro_velo_split']``, ``layers['pyro_velo_u']`` / ``layers['pyro_velo_s']``
-    (fitted abundances) and ``var['pyro_velo_<rate>']`` for each column of
-    :meth:`~pyro_velo.VeloVAE.get_rates`; after
-    :meth:`~pyro_velo.VeloVAE.get_uncertainty` also ``obs['pyro_velo_time_cv']``,
+    ``obs['pyro_velo_time_resolution']`` (where ``adata`` has a kNN graph:
+    :func:`pyro_velo.tl.time_resolution`), ``obs['pyro_velo_split']``,
+    ``layers['pyro_velo_u']`` / ``layers['pyro_velo_s']`` (fitted abundances) and
+    ``var['pyro_velo_<rate>']`` for each column of :meth:`~pyro_velo.VeloVAE.get_rates`;
+    after :meth:`~pyro_velo.VeloVAE.get_uncertainty` also ``obs['pyro_velo_time_cv']``,
     ``obs['pyro_velo_state_cv']``, ``obs['pyro_velo_rho_cv']``,
     ``obs['pyro_velo_velocity_cv']``. Full model also: ``obsm['pyro_velo_cell_state']``
     (posterior mean c) and ``layers['pyro_velo_rho']`` (rho; with ``rho=None`` only when
@@ -214,7 +232,7 @@ def write_anndata(vae: Fitted, adata, rho: bool | None = None) -> None:
     check_same_cells(vae, adata.obs_names, adata.var_names, "adata")
     predictor = vae.predictor
     latent = predictor.encode()
-    notes = annotations(vae, latent)
+    notes = annotations(vae, latent, neighbour_graph(adata.obsp))
     layers = dict(zip(LAYERS, predictor.expected_arrays(tuple(LAYERS.values()),
                                                         encoded=latent), strict=True))
     if export_rho(vae, rho):

@@ -1,0 +1,145 @@
+"""How often an interval around a cell's fitted time holds its true time.
+
+Usage::
+
+    python benchmarks/time_calibration.py [--families ode scvelo] [--draws 6]
+        [--sizes 800 100] [--csv benchmarks/time_calibration.csv] [--table]
+
+Data: the robustness benchmark's simulations with a true time per cell
+(``robustness.dataset``: our simulator's ``linear``, ``bifurcation2`` and
+``bifurcation3``, scVelo's simulator), 100 genes, at each of ``--sizes`` cells, draws
+0 to ``--draws - 1``; ``pp.preprocess(random_state=0)`` and the default fit
+``VeloVAE(adata, seed=draw).train(seed=draw)``, then ``export_to_anndata``.
+
+The fitted time is identified up to a monotone map of the true time (its origin and
+unit are the model's), so each cell's error is its residual from a map of the true
+time fitted over all cells: an affine map (what a fit of the right ODE gives) and a
+degree-5 polynomial (which also takes out a smooth warp of the time axis). The
+columns ``cover_<sd>_<map>`` give the share of cells whose residual lies within
+1.645 standard deviations (a 90% interval for a normal error) for two standard
+deviations: ``std``, the posterior's (``obs['pyro_velo_time_std']``), and
+``combined``, ``sqrt(time_std**2 + time_resolution**2)`` with the spread of the
+fitted time over the cell's neighbourhood (``obs['pyro_velo_time_resolution']``,
+:func:`pyro_velo.tl.time_resolution`).
+
+Rows go to ``--csv`` (appended; a row already there is skipped). ``--table`` prints the
+median and worst share per family and size from the CSV without fitting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from robustness import dataset  # noqa: E402
+
+import pyro_velo as pv  # noqa: E402
+
+CONFIGS = {"ode": ("linear", "bifurcation2", "bifurcation3"), "scvelo": ("linear",)}
+#: half-width of a central 90% interval of a normal error, in standard deviations
+Z90 = 1.645
+FIELDS = ["family", "config", "cells", "draw", "spearman", "median_time_std",
+          "median_resolution", "median_error_affine", "median_error_smooth",
+          "cover_std_affine", "cover_std_smooth", "cover_combined_affine",
+          "cover_combined_smooth", "seconds"]
+
+
+def residuals(t: np.ndarray, true_t: np.ndarray) -> dict[str, np.ndarray]:
+    """The fitted time's residual from an affine and from a degree-5 polynomial map of
+    the true time (least squares over all cells)."""
+    return {"affine": t - np.polyval(np.polyfit(true_t, t, 1), true_t),
+            "smooth": t - np.polyval(np.polyfit(true_t, t, 5), true_t)}
+
+
+def calibration_row(adata) -> dict[str, float]:
+    """The coverage columns of one exported fit."""
+    t = adata.obs["pyro_velo_time"].to_numpy(dtype=float)
+    true_t = adata.obs["true_t"].to_numpy(dtype=float)
+    std = adata.obs["pyro_velo_time_std"].to_numpy(dtype=float)
+    resolution = adata.obs["pyro_velo_time_resolution"].to_numpy(dtype=float)
+    combined = np.hypot(std, resolution)
+    row = {"spearman": float(spearmanr(t, true_t)[0]), "median_time_std": np.median(std),
+           "median_resolution": np.median(resolution)}
+    for name, error in residuals(t, true_t).items():
+        row[f"median_error_{name}"] = float(np.median(np.abs(error)))
+        row[f"cover_std_{name}"] = float(np.mean(np.abs(error) <= Z90 * std))
+        row[f"cover_combined_{name}"] = float(np.mean(np.abs(error) <= Z90 * combined))
+    return row
+
+
+def run(args: argparse.Namespace) -> None:
+    path = Path(args.csv)
+    done = set()
+    if path.exists():
+        table = pd.read_csv(path)
+        done = {(r.family, r.config, int(r.cells), int(r.draw)) for r in table.itertuples()}
+    new_file = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, FIELDS, lineterminator="\n")
+        if new_file:
+            writer.writeheader()
+        for draw in range(args.draws):
+            for cells in args.sizes:
+                for family in args.families:
+                    for config in CONFIGS[family]:
+                        if (family, config, cells, draw) in done:
+                            continue
+                        adata, _ = dataset(family, config, draw, cells, 100)
+                        pv.pp.preprocess(adata, random_state=0)
+                        start = time.perf_counter()
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            vae = pv.VeloVAE(adata, seed=draw)
+                            vae.train(seed=draw, progress_bar=False)
+                            vae.export_to_anndata(adata)
+                        row = {"family": family, "config": config, "cells": cells,
+                               "draw": draw, **calibration_row(adata),
+                               "seconds": time.perf_counter() - start}
+                        print(f"{family}/{config} {cells} cells draw {draw}: 90% interval "
+                              f"holds the true time of {row['cover_std_affine']:.0%} / "
+                              f"{row['cover_combined_affine']:.0%} of cells (posterior / "
+                              "with resolution, affine map)", file=sys.stderr, flush=True)
+                        writer.writerow(row)
+                        handle.flush()
+
+
+def summary(path: Path) -> str:
+    """Markdown table: median (worst) share per family and size."""
+    table = pd.read_csv(path)
+    columns = ["cover_std_affine", "cover_combined_affine", "cover_std_smooth",
+               "cover_combined_smooth"]
+    lines = ["| family | cells | fits | median time_std | median resolution | median "
+             "error (affine) | posterior, affine | with resolution, affine | posterior, "
+             "smooth | with resolution, smooth |", "|" + "---|" * 10]
+    for (family, cells), rows in table.groupby(["family", "cells"], sort=False):
+        cover = " | ".join(f"{rows[c].median():.0%} ({rows[c].min():.0%})" for c in columns)
+        lines.append(f"| {family} | {cells} | {len(rows)} | {rows.median_time_std.median():.3f}"
+                     f" | {rows.median_resolution.median():.3f} | "
+                     f"{rows.median_error_affine.median():.3f} | {cover} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--families", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--draws", type=int, default=6)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[800, 100])
+    parser.add_argument("--csv", default=str(Path(__file__).with_name("time_calibration.csv")))
+    parser.add_argument("--table", action="store_true", help="print the table, fit nothing")
+    args = parser.parse_args(argv)
+    if not args.table:
+        run(args)
+    print(summary(Path(args.csv)))
+
+
+if __name__ == "__main__":
+    main()
