@@ -253,7 +253,8 @@ def test_export_to_h5ad_writes_what_export_to_anndata_writes(streamed, adata, h5
     for name in ("velocity", "velocity_u", "pyro_velo_u", "pyro_velo_s", "pyro_velo_rho"):
         np.testing.assert_allclose(written.layers[name], expected.layers[name], rtol=1e-5,
                                    atol=1e-6)
-    for column in ("latent_time", "pyro_velo_time", "pyro_velo_time_std"):
+    for column in ("latent_time", "pyro_velo_time", "pyro_velo_time_std",
+                   "pyro_velo_time_resolution"):  # the file's kNN graph read for the last
         np.testing.assert_allclose(written.obs[column], expected.obs[column], rtol=1e-6)
     assert (written.obs["pyro_velo_split"].astype(str)
             == expected.obs["pyro_velo_split"].astype(str)).all()

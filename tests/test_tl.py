@@ -347,5 +347,41 @@ def test_transition_time_score_errors():
         tl.transition_time_score(adata, "cell_type", [])
 
 
+def test_time_resolution_is_the_spread_over_the_moment_neighbourhood():
+    # a path 0 - 1 - 2 plus cell 3 hanging on cell 1 (NaN time) and cell 4 alone
+    graph = sp.csr_matrix(np.array([[0, 1, 0, 0, 0], [1, 0, 1, 1, 0], [0, 1, 0, 0, 0],
+                                    [0, 1, 0, 0, 0], [0, 0, 0, 0, 0]]) * 0.3)
+    adata = AnnData(np.zeros((5, 1)))
+    adata.obs["pyro_velo_time"] = [10.0, 11.0, 13.0, np.nan, 7.0]
+    adata.obsp["connectivities"] = graph
+    before = adata.obs.copy()
+    got = tl.time_resolution(adata)
+    # cell 0: {10, 11}; cell 1: {10, 11, 13} (the NaN neighbour left out); cell 2:
+    # {11, 13}; cell 3: NaN; cell 4: only itself
+    expected = [np.std([10, 11]), np.std([10, 11, 13]), np.std([11, 13]), np.nan, 0.0]
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    pd.testing.assert_frame_equal(adata.obs, before)  # nothing written
+    # the weights of the graph do not matter, a stored diagonal does not count twice
+    np.testing.assert_allclose(
+        tl.neighbourhood_spread((graph > 0) * 7.0 + sp.identity(5), adata.obs["pyro_velo_time"]),
+        expected, rtol=1e-12)
+    # far from zero the spread is kept to its size (no cancellation of large squares)
+    far = tl.neighbourhood_spread(graph, np.array([1e8, 1e8 + 1, 1e8 + 3, np.nan, 1e8]))
+    np.testing.assert_allclose(far, expected, rtol=1e-9)
+
+
+def test_time_resolution_errors():
+    adata = AnnData(np.zeros((3, 1)))
+    adata.obs["pyro_velo_time"] = [0.0, 1.0, 2.0]
+    with pytest.raises(InputError, match="No neighbour graph"):
+        tl.time_resolution(adata)
+    adata.obsp["distances"] = sp.csr_matrix(np.ones((3, 3)))
+    with pytest.raises(InputError, match="'latent' not found in adata.obs"):
+        tl.time_resolution(adata, time_key="latent")
+    with pytest.raises(InputError, match="shape"):
+        tl.neighbourhood_spread(sp.csr_matrix(np.ones((2, 2))), np.zeros(3))
+    np.testing.assert_allclose(tl.time_resolution(adata), np.std([0.0, 1.0, 2.0]))
+
+
 def test_tl_is_exported():
     assert pv.tl is tl

@@ -82,6 +82,25 @@ def test_export_contract_and_scvelo_consumers(fitted, linear_adata, tmp_path):
 
 
 @pytest.mark.slow
+def test_time_interval_with_the_resolution_holds_the_true_time(fitted, linear_adata):
+    # the posterior standard deviation takes each cell's moments as its own abundances;
+    # with the spread of the time over the neighbourhood they average, a 90% interval
+    # should hold about 90% of the true times (the fitted time is the true time up to
+    # an affine map for data from the model's own ODE)
+    adata = linear_adata.copy()
+    fitted.export_to_anndata(adata)
+    t = adata.obs["pyro_velo_time"].to_numpy()
+    true_t = adata.obs["true_t"].to_numpy()
+    error = np.abs(t - np.polyval(np.polyfit(true_t, t, 1), true_t))
+    std = adata.obs["pyro_velo_time_std"].to_numpy()
+    resolution = adata.obs["pyro_velo_time_resolution"].to_numpy()
+    np.testing.assert_array_equal(resolution, pv.tl.time_resolution(adata))
+    alone = np.mean(error <= 1.645 * std)
+    combined = np.mean(error <= 1.645 * np.hypot(std, resolution))
+    assert combined >= 0.75 and combined > alone, (alone, combined)
+
+
+@pytest.mark.slow
 def test_rates_table(fitted, linear_adata):
     rates = fitted.get_rates()
     assert list(rates.index) == list(linear_adata.var_names)
@@ -203,6 +222,23 @@ def test_export_refuses_other_cells_and_writes_nothing(linear_adata):
     with pytest.raises(InputError, match="obs_names"):
         vae.export_to_anndata(other)
     assert (set(other.obs.columns), set(other.layers.keys())) == keys
+
+
+def test_time_resolution_is_exported_where_the_data_have_a_neighbour_graph(linear_adata):
+    vae = pv.VeloVAE(linear_adata, hidden=(8,))
+    vae.train(max_epochs=1, warmup_epochs=0, progress_bar=False)
+    with_graph = linear_adata.copy()
+    vae.export_to_anndata(with_graph)
+    np.testing.assert_array_equal(with_graph.obs["pyro_velo_time_resolution"],
+                                  pv.tl.time_resolution(with_graph))
+    assert np.isfinite(with_graph.obs["pyro_velo_time_resolution"]).all()
+    without = linear_adata.copy()
+    for key in list(without.obsp.keys()):
+        del without.obsp[key]
+    vae.export_to_anndata(without)
+    assert "pyro_velo_time_resolution" not in without.obs
+    np.testing.assert_array_equal(without.obs["pyro_velo_time"],
+                                  with_graph.obs["pyro_velo_time"])
 
 
 def test_divergence_is_reported(linear_adata):
