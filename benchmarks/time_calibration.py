@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/time_calibration.py [--families ode scvelo] [--draws 6]
         [--sizes 800 100] [--csv benchmarks/time_calibration.csv] [--table]
+    python benchmarks/time_calibration.py --exact-posterior [--sizes 800]
 
 Data: the robustness benchmark's simulations with a true time per cell
 (``robustness.dataset``: our simulator's ``linear``, ``bifurcation2`` and
@@ -24,6 +25,12 @@ fitted time over the cell's neighbourhood (``obs['pyro_velo_time_resolution']``,
 
 Rows go to ``--csv`` (appended; a row already there is skipped). ``--table`` prints the
 median and worst share per family and size from the CSV without fitting.
+
+``--exact-posterior`` checks the amortized guide instead: on our simulator's linear set
+(draw 0, the first of ``--sizes``) it compares the guide's standard deviation of t with
+that of the exact posterior of t given each cell's moments and its posterior-mean cell
+state, on a grid of 401 times within 2 time units of the guide's mean, for every 40th
+cell.
 """
 
 from __future__ import annotations
@@ -37,12 +44,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from pyro import poutine
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from robustness import dataset  # noqa: E402
 
 import pyro_velo as pv  # noqa: E402
+from pyro_velo.train import local_params  # noqa: E402
 
 CONFIGS = {"ode": ("linear", "bifurcation2", "bifurcation3"), "scvelo": ("linear",)}
 #: half-width of a central 90% interval of a normal error, in standard deviations
@@ -74,6 +84,48 @@ def calibration_row(adata) -> dict[str, float]:
         row[f"cover_std_{name}"] = float(np.mean(np.abs(error) <= Z90 * std))
         row[f"cover_combined_{name}"] = float(np.mean(np.abs(error) <= Z90 * combined))
     return row
+
+
+def exact_time_posterior(vae, cell: int, t_mean: float, c: torch.Tensor,
+                         half_width: float = 2.0, points: int = 401) -> tuple[float, float]:
+    """Mean and standard deviation of the model's posterior of t for one cell, its cell
+    state held at ``c``, from the unnormalised log density on a grid around ``t_mean``."""
+    grid = torch.linspace(t_mean - half_width, t_mean + half_width, points)
+    idx = torch.full((points,), cell)
+    args, kwargs = vae.data.model_inputs(idx, points)
+    latent = {"t": grid} if c is None else {"t": grid, "c": c.expand(points, -1)}
+    with torch.no_grad(), local_params():
+        trace = poutine.trace(poutine.condition(vae.model, data=latent)).get_trace(
+            *args, **kwargs)
+    log_density = torch.zeros(points, dtype=torch.float64)
+    for name in ("u", "s", "t"):
+        site = trace.nodes[name]
+        log_prob = site["fn"].log_prob(site["value"]).double()
+        log_density += log_prob.sum(-1) if log_prob.dim() > 1 else log_prob
+    weight = torch.softmax(log_density, 0)
+    mean = (weight * grid.double()).sum()
+    return float(mean), float((weight * (grid.double() - mean) ** 2).sum().sqrt())
+
+
+def check_guide(cells: int) -> None:
+    """Print the guide's and the exact posterior's standard deviation of t (see
+    ``--exact-posterior``)."""
+    adata, _ = dataset("ode", "linear", 0, cells, 100)
+    pv.pp.preprocess(adata, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vae = pv.VeloVAE(adata, seed=0)
+        vae.train(seed=0, progress_bar=False)
+    vae.model.eval()
+    encoded = vae.predictor.encode()
+    guide_std, exact_std = [], []
+    for cell in range(0, adata.n_obs, 40):
+        c = encoded["c"][cell] if "c" in encoded else None
+        _, std = exact_time_posterior(vae, cell, float(encoded["t"][cell]), c)
+        guide_std.append(float(encoded["t_std"][cell]))
+        exact_std.append(std)
+    print(f"{len(exact_std)} cells: median standard deviation of t, guide "
+          f"{np.median(guide_std):.3f}, exact posterior {np.median(exact_std):.3f}")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -135,7 +187,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[800, 100])
     parser.add_argument("--csv", default=str(Path(__file__).with_name("time_calibration.csv")))
     parser.add_argument("--table", action="store_true", help="print the table, fit nothing")
+    parser.add_argument("--exact-posterior", action="store_true",
+                        help="compare the guide with the exact posterior of t instead")
     args = parser.parse_args(argv)
+    if args.exact_posterior:
+        check_guide(args.sizes[0])
+        return
     if not args.table:
         run(args)
     print(summary(Path(args.csv)))
