@@ -1,9 +1,11 @@
-"""Velocity-evaluation metrics (``pv.tl``), in the style of scanpy / scVelo tools.
+"""Velocity-evaluation metrics and per-cell summaries (``pv.tl``), in the style of scanpy /
+scVelo tools.
 
-Every function reads an :class:`~anndata.AnnData` and *returns* its result; none of them
-writes into ``adata``. Neighbours come from the kNN graph stored by scanpy / scVelo in
-``adata.obsp`` (only its non-zero pattern is used), and all per-cell work is done on the
-edge lists of that sparse graph, so no Python loop runs over cells.
+Every function reads an :class:`~anndata.AnnData` (:func:`neighbourhood_spread`: a graph
+and values) and *returns* its result; none of them writes into ``adata``. Neighbours
+come from the kNN graph stored by scanpy / scVelo in ``adata.obsp`` (only its non-zero
+pattern is used), and all per-cell work is done on the edge lists of that sparse graph,
+so no Python loop runs over cells.
 
 Functions
 ---------
