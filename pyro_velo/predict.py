@@ -285,7 +285,11 @@ class Predictor:
         Columns:
 
         - ``time_mean``, ``time_std``; ``time_cv`` = ``time_std / |time_mean|`` (time on
-          the model's axis ``[0, t_max]``);
+          the model's axis ``[0, t_max]``). The posterior reads each cell's moments as its
+          own abundances and leaves out the spread of time over the neighbourhood they
+          average (:func:`pyro_velo.tl.time_resolution`, exported as
+          ``obs['pyro_velo_time_resolution']``), in the median 6 to 29 times larger on
+          the simulations of ``benchmarks/time_calibration.py``;
         - ``state_cv`` (full model): the multivariate coefficient of variation of c (Van
           Valen 1974), ``sqrt(trace Cov(c) / |E c|^2)``. c has no natural origin (its
           N(0, I) prior places the origin where cells are dense), so this ratio also

@@ -256,7 +256,8 @@ class VeloVAE:
         ``time_mean``, ``time_std``, ``time_cv``, ``state_cv`` and ``rho_cv`` (full
         model), ``velocity_cv`` (:meth:`~pyro_velo.predict.Predictor.uncertainty`), over
         ``n_samples`` draws as :meth:`sample_posterior` (memory never samples x cells x
-        genes). Also kept in ``self.uncertainty`` and exported."""
+        genes). Also kept in ``self.uncertainty`` and exported. For an interval of a
+        cell's time combine ``time_std`` with :func:`pyro_velo.tl.time_resolution`."""
         self.uncertainty = self._fitted().uncertainty(n_samples, batch_size, seed,
                                                       progress_bar)
         return self.uncertainty
