@@ -86,10 +86,11 @@ def calibration_row(adata) -> dict[str, float]:
     return row
 
 
-def exact_time_posterior(vae, cell: int, t_mean: float, c: torch.Tensor,
+def exact_time_posterior(vae, cell: int, t_mean: float, c: torch.Tensor | None,
                          half_width: float = 2.0, points: int = 401) -> tuple[float, float]:
     """Mean and standard deviation of the model's posterior of t for one cell, its cell
-    state held at ``c``, from the unnormalised log density on a grid around ``t_mean``."""
+    state held at ``c`` (None: the basic model), from the unnormalised log density on a
+    grid around ``t_mean``."""
     grid = torch.linspace(t_mean - half_width, t_mean + half_width, points)
     idx = torch.full((points,), cell)
     args, kwargs = vae.data.model_inputs(idx, points)
