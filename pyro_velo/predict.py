@@ -299,7 +299,9 @@ class Predictor:
           expression, independent of how c is parametrised and relative to a real zero
           (no transcription);
         - ``velocity_cv``: the same for the velocity vector ds/dt over the fitted genes
-          (on the ``Ms`` scale): total posterior spread relative to the mean velocity.
+          (on the ``Ms`` scale): total posterior spread relative to the mean velocity. A
+          spread, not an error bar: on simulations the error of the velocity's direction
+          was about ten times the posterior's (``benchmarks/time_calibration.py --velocity``).
         """
         _check_draws(n_samples, batch_size)
         set_seed(seed)
