@@ -173,7 +173,7 @@ def test_cbdir_gene_space_matches_naive_loop(monkeypatch, sparse_ms):
     adata.layers["velocity"] = v
     adata.obsp["connectivities"] = graph
     # tiny chunks so that the edge loop runs over many chunks
-    monkeypatch.setattr(tl, "_CHUNK_VALUES", 10)
+    monkeypatch.setattr(tl.metrics, "_CHUNK_VALUES", 10)
     transitions = [("A", "B"), ("B", "C"), ("C", "A")]
     scores, mean = tl.cross_boundary_correctness(adata, "cluster", transitions)
     keep = np.arange(g) != 3

@@ -1,28 +1,10 @@
-"""Velocity-evaluation metrics and per-cell summaries (``pv.tl``), in the style of scanpy /
-scVelo tools.
+"""The velocity-evaluation metrics of ``pv.tl``, and the helpers the package's tools
+share: reading ``adata.obs`` columns and the kNN graph with clear errors.
 
-Every function reads an :class:`~anndata.AnnData` (:func:`neighbourhood_spread`: a graph
-and values) and *returns* its result; none of them writes into ``adata``. Neighbours
-come from the kNN graph stored by scanpy / scVelo in ``adata.obsp`` (only its non-zero
-pattern is used), and all per-cell work is done on the edge lists of that sparse graph,
-so no Python loop runs over cells.
-
-Functions
----------
-time_correlation
-    Rank correlation between an inferred time and a reference time.
-cross_boundary_correctness
-    CBDir of the VeloVAE / UniTVelo papers: does velocity point to the next cell type?
-in_cluster_coherence
-    ICCoh: mean cosine between a cell's velocity and those of same-cluster neighbours.
-velocity_consistency
-    scVelo's velocity confidence: per-cell mean correlation with neighbour velocities.
-transition_time_score
-    Fraction of (A, B) cell pairs of a transition A -> B ordered correctly in time.
-time_resolution
-    Per cell, the spread of a time over the neighbourhood its moments average.
-neighbourhood_spread
-    The same for any per-cell values and a given graph.
+Every metric reads an :class:`~anndata.AnnData` and *returns* its result; none writes
+into ``adata``. Neighbours come from the kNN graph stored by scanpy / scVelo in
+``adata.obsp`` (only its non-zero pattern is used), and all per-cell work is done on
+the edge lists of that sparse graph, so no Python loop runs over cells.
 """
 
 from __future__ import annotations
@@ -36,15 +18,13 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import stats
 
-from ._checks import InputError, check_finite, check_layers
-from .capture import parse_capture_times
+from .._checks import InputError, check_finite, check_layers
+from ..capture import parse_capture_times
 
 __all__ = [
     "cross_boundary_correctness",
     "in_cluster_coherence",
-    "neighbourhood_spread",
     "time_correlation",
-    "time_resolution",
     "transition_time_score",
     "velocity_consistency",
 ]
@@ -556,69 +536,3 @@ def transition_time_score(
         scores[(a, b)] = float(u_b / (t_a.size * t_b.size))
     return scores, _mean_of_scores(scores, "transition(s)")
 
-
-def time_resolution(
-    adata: Any, time_key: str = "pyro_velo_time", neighbors: str | sp.spmatrix | None = None,
-) -> np.ndarray:
-    """Per cell, the standard deviation of a time over the cell and its neighbours.
-
-    The moments ``Mu`` / ``Ms`` a model is fitted to are each cell's average over the same
-    neighbourhood (scVelo's moments: the kNN graph's non-zero pattern plus the cell,
-    equal weights), so a cell's fitted time stands for that neighbourhood, whose cells
-    lie at different true times. The posterior standard deviation
-    (``obs['pyro_velo_time_std']``) treats the averaged abundances as the cell's own and
-    leaves that spread out; this function measures it from the fitted times of the
-    neighbourhood. ``sqrt(time_std**2 + time_resolution**2)`` is the standard deviation
-    to put on a cell's time (measured coverage: ``benchmarks/time_calibration.py``).
-
-    Parameters
-    ----------
-    adata
-        Annotated data with a neighbour graph; not modified.
-    time_key
-        Numeric time column of ``adata.obs`` (default: pyro_velo's time on the model's
-        scale, the scale of ``pyro_velo_time_std``). Cells with NaN time are left out of
-        their neighbours' spread and get NaN.
-    neighbors
-        An ``adata.obsp`` key or an (n_obs, n_obs) sparse matrix (only its non-zero
-        pattern is used); None: ``obsp['connectivities']``, else ``obsp['distances']``.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(n_obs,)`` float64, in the units of ``time_key``; 0 for a cell without
-        neighbours.
-
-    Raises
-    ------
-    InputError
-        If ``time_key`` is missing or non-numeric, or the graph is missing or has the
-        wrong shape.
-    """
-    return neighbourhood_spread(_neighbor_graph(adata, neighbors),
-                                _numeric_obs(adata, time_key))
-
-
-def neighbourhood_spread(graph: sp.spmatrix | np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Per cell, the standard deviation of ``values`` over the cell and its neighbours.
-
-    ``graph``: (n, n), only its off-diagonal non-zero pattern is used (each cell is
-    counted once, with equal weight, as in scVelo's moments). Cells with a NaN value
-    are left out of their neighbours' spread and get NaN. The computation behind
-    :func:`time_resolution`, for callers that hold the graph and the values.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    n = values.shape[0]
-    pattern = sp.csr_matrix(graph, dtype=bool, copy=True)
-    if pattern.shape != (n, n):
-        raise InputError(f"The neighbour graph has shape {pattern.shape}, expected {(n, n)}.")
-    pattern.setdiag(True)  # the neighbourhood holds the cell itself
-    finite = np.isfinite(values)
-    members = pattern.astype(np.float64) @ sp.diags(finite.astype(np.float64))
-    # moments about the overall mean: the sums of squares stay of the spread's size
-    centre = np.where(finite, values - (values[finite].mean() if finite.any() else 0.0), 0.0)
-    count = np.asarray(members.sum(axis=1)).ravel()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = members @ centre / count
-        variance = np.maximum(members @ (centre * centre) / count - mean * mean, 0.0)
-    return np.where(finite, np.sqrt(variance), np.nan)
