@@ -51,11 +51,14 @@ among the fits it does not flag) from the CSV without fitting anything.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import anndata
 import numpy as np
@@ -210,14 +213,22 @@ def done_rows(path: Path) -> set[tuple]:
     return {(r.family, r.config, int(r.draw), r.method) for r in table.itertuples()}
 
 
+@contextlib.contextmanager
+def appended_rows(path: Path, fields: list[str]) -> Iterator[tuple[csv.DictWriter, IO]]:
+    """A CSV writer appending to ``path`` (with the header where the file is new) and its
+    file, which the caller flushes after each row so that an interrupted run keeps them."""
+    new_file = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fields, lineterminator="\n")
+        if new_file:
+            writer.writeheader()
+        yield writer, handle
+
+
 def run(args) -> None:
     path = Path(args.csv)
     done = done_rows(path)
-    new_file = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, FIELDS, lineterminator="\n")
-        if new_file:
-            writer.writeheader()
+    with appended_rows(path, FIELDS) as (writer, handle):
         # draw-major, so that an interrupted run has covered every configuration
         for draw in range(args.draws):
             for family in args.families:

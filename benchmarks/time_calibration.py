@@ -43,7 +43,6 @@ mean, against the angle between that mean and the true velocity; and the same wi
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 import warnings
@@ -57,7 +56,7 @@ from pyro import poutine
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from robustness import dataset  # noqa: E402
+from robustness import appended_rows, dataset  # noqa: E402
 
 import pyro_velo as pv  # noqa: E402
 from pyro_velo.train import local_params  # noqa: E402
@@ -183,11 +182,7 @@ def run(args: argparse.Namespace) -> None:
     if path.exists():
         table = pd.read_csv(path)
         done = {(r.family, r.config, int(r.cells), int(r.draw)) for r in table.itertuples()}
-    new_file = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, FIELDS, lineterminator="\n")
-        if new_file:
-            writer.writeheader()
+    with appended_rows(path, FIELDS) as (writer, handle):
         for draw in range(args.draws):
             for cells in args.sizes:
                 for family in args.families:
