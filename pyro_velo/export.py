@@ -117,13 +117,10 @@ def check_same_cells(vae: Fitted, obs_names, var_names, what: str) -> None:
 
 
 def neighbour_graph(obsp: Any) -> Any:
-    """The kNN graph of an AnnData's (or an open file's) ``obsp``, for the time
-    resolution: ``connectivities`` (which scVelo's moments average over), else
-    ``distances``; None where there is neither."""
-    for key in ("connectivities", "distances"):
-        if obsp is not None and key in obsp:
-            return obsp[key]
-    return None
+    """The kNN graph of an AnnData's (or an open file's) ``obsp`` that the time
+    resolution is computed on (:func:`pyro_velo.tl.metrics.default_graph_key`), or None."""
+    key = tl.metrics.default_graph_key(obsp)
+    return None if key is None else obsp[key]
 
 
 def write_h5ad(vae: Fitted, path: str | Path, rho: bool | None = None,

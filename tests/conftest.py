@@ -103,3 +103,22 @@ def tiny_linear_adata() -> AnnData:
         warnings.simplefilter("ignore")
         pv.pp.preprocess(data, random_state=0, n_neighbors=15)
     return data
+
+
+@pytest.fixture(scope="session")
+def time_interval_coverage():
+    """:func:`interval_coverage`, for tests of the exported time interval."""
+    return interval_coverage
+
+
+def interval_coverage(adata: AnnData) -> tuple[float, float]:
+    """Shares of cells whose 90% interval of the exported time holds the true time, from
+    the posterior standard deviation alone and combined with the time resolution; the
+    error is the residual from an affine map of the true time (the model's own origin
+    and unit)."""
+    t = adata.obs["pyro_velo_time"].to_numpy()
+    true_t = adata.obs["true_t"].to_numpy()
+    error = np.abs(t - np.polyval(np.polyfit(true_t, t, 1), true_t))
+    std = adata.obs["pyro_velo_time_std"].to_numpy()
+    combined = np.hypot(std, adata.obs["pyro_velo_time_resolution"].to_numpy())
+    return float(np.mean(error <= 1.645 * std)), float(np.mean(error <= 1.645 * combined))

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def coverages():
+def coverages(time_interval_coverage):
     shares = []
     for draw in (0, 1, 2):
         adata = pv.datasets.simulate(100, 100, topology="linear", seed=draw)
@@ -28,12 +28,7 @@ def coverages():
             warnings.simplefilter("ignore")
             vae.train(seed=draw, progress_bar=False)
         vae.export_to_anndata(adata)
-        t = adata.obs["pyro_velo_time"].to_numpy()
-        true_t = adata.obs["true_t"].to_numpy()
-        error = np.abs(t - np.polyval(np.polyfit(true_t, t, 1), true_t))
-        std = adata.obs["pyro_velo_time_std"].to_numpy()
-        combined = np.hypot(std, adata.obs["pyro_velo_time_resolution"].to_numpy())
-        shares.append((np.mean(error <= 1.645 * std), np.mean(error <= 1.645 * combined)))
+        shares.append(time_interval_coverage(adata))
     return np.array(shares)
 
 

@@ -103,6 +103,14 @@ def _check_transitions(
     return checked
 
 
+def default_graph_key(obsp: Any) -> str | None:
+    """The kNN graph the tools read from an AnnData's (or an open file's) ``obsp``:
+    ``'connectivities'`` (which scVelo's moments average over), else ``'distances'``;
+    None where there is neither."""
+    return next((key for key in ("connectivities", "distances")
+                 if obsp is not None and key in obsp), None)
+
+
 def _neighbor_graph(adata: Any, neighbors: str | sp.spmatrix | None) -> sp.csr_matrix:
     """Boolean CSR kNN graph without self-loops: row i holds the neighbours of cell i.
 
@@ -110,11 +118,8 @@ def _neighbor_graph(adata: Any, neighbors: str | sp.spmatrix | None) -> sp.csr_m
     ``obsp['connectivities']`` (falling back to ``obsp['distances']``).
     """
     if neighbors is None:
-        for key in ("connectivities", "distances"):
-            if key in adata.obsp:
-                neighbors = key
-                break
-        else:
+        neighbors = default_graph_key(adata.obsp)
+        if neighbors is None:
             raise InputError(
                 "No neighbour graph: adata.obsp has neither 'connectivities' nor 'distances'. "
                 "Run pv.pp.preprocess, sc.pp.neighbors or scv.pp.neighbors first."
