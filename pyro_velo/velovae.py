@@ -403,7 +403,8 @@ class VeloVAE:
         given root or capture times) or ``'not identified'`` (then give a root,
         ``train(root_key=..., root=...)``, or capture times). ``flow_agreement``:
         Spearman of the time with the field's potential; ``flow_reproducibility``: that of
-        the potentials of two halves of the genes; ``order_corroborated``: the agreement
+        the potentials of two halves of the genes (low: a weak velocity signal in the
+        data, see benchmarks/RESULTS.md); ``order_corroborated``: the agreement
         lags the reproducibility by at most 0.3 (otherwise check the order against
         markers); ``given_agreement``: Spearman with the given order (NaN without one);
         ``start_agreement``: where several starts were trained (``n_starts``, or further
