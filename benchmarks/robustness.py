@@ -39,6 +39,8 @@ Methods, each on its own copy of the once-preprocessed data
 - ``pyro_velo-3starts`` (only when named): as ``pyro_velo`` with ``train(n_starts=3)``.
 - ``pyro_velo-lrschedule`` (only when named): as ``pyro_velo`` with
   ``train(lr_schedule=True)`` (the faster one-cycle schedule).
+- ``pyro_velo-50epochs`` (only when named): as ``pyro_velo`` with
+  ``train(max_epochs=50)`` (50 epochs per stage whatever the size).
 
 Each finished row is appended to ``--csv`` at once and skipped when the command is run
 again, so an interrupted run resumes. ``--table`` prints the per-family summary
@@ -83,7 +85,7 @@ CONFIGS = {
 SMALL_CELLS = 100
 METHODS = ("pyro_velo", "scvelo-stochastic", "scvelo-dynamical")
 #: further methods, run only when named in ``--methods``
-EXTRA_METHODS = ("pyro_velo-3starts", "pyro_velo-lrschedule")
+EXTRA_METHODS = ("pyro_velo-3starts", "pyro_velo-lrschedule", "pyro_velo-50epochs")
 #: Marker genes of the stages of each real fixture, earliest first: pancreas, ductal ->
 #: Ngn3+ progenitors -> Fev+ pre-endocrine -> hormone-producing; dentate gyrus, the
 #: granule lineage, neuroblast -> mature granule cell. A cell takes the stage whose
@@ -171,7 +173,8 @@ def run_method(method: str, adata, draw: int) -> tuple[str, dict]:
         vae = pv.VeloVAE(adata, seed=draw)
         vae.train(seed=draw, progress_bar=False,
                   n_starts=3 if method == "pyro_velo-3starts" else 1,
-                  lr_schedule=method == "pyro_velo-lrschedule")
+                  lr_schedule=method == "pyro_velo-lrschedule",
+                  **({"max_epochs": 50} if method == "pyro_velo-50epochs" else {}))
         vae.export_to_anndata(adata)
         report = vae.direction()
         extra.update(direction=report["status"], flow_agreement=report["flow_agreement"],
