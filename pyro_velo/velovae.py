@@ -327,7 +327,7 @@ class VeloVAE:
             Faster training: within every stage the networks' rate rises to 3 ``lr`` and
             falls along a cosine to 0.3 ``lr``, the ODE parameters' from ``lr_ode`` to
             0.3 ``lr_ode`` (:class:`~pyro_velo.policies.LearningRatePolicy`), for 0.4 of
-            the default epochs: about 1.7x faster, for quick exploration; less accurate
+            the default epochs: about 2x faster, for quick exploration; less accurate
             and less robust (on simulations velocity cosine 0.02-0.04 lower, worse worst
             cases). False (default): constant rates, as in the paper.
         seed, device
