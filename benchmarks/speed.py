@@ -27,7 +27,7 @@ random_state=0)``, the same for both):
   ``train(lr_schedule=True)``;
 - ``pyro_velo-50epochs`` (only when named): as ``pyro_velo`` with
   ``train(max_epochs=50)`` (constant rates, 50 epochs per stage whatever the size: the
-  way to scVelo's speed on small sets, at some accuracy).
+  way to scVelo's speed on small sets, at a cost in accuracy).
 
 The methods first run once on a 300-cell set, untimed, so that imports and
 just-in-time compilation are not charged to the first data set (as in a notebook that

@@ -319,7 +319,8 @@ class VeloVAE:
         max_epochs
             Bound on each stage after the warm-up (default
             :meth:`~pyro_velo.policies.EpochPolicy.max_epochs`: 400 at 1,000 cells, 160
-            with ``lr_schedule``).
+            with ``lr_schedule``). 50 is about scVelo's speed at 1,000-2,000 cells, with
+            a less accurate velocity (benchmarks/RESULTS.md, speed section).
         batch_size, lr, lr_ode
             Minibatch size; learning rates of the networks (paper: 2e-4) and of the
             per-gene ODE parameters.
