@@ -105,7 +105,7 @@ def tiny_linear_adata() -> AnnData:
     return data
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def time_interval_coverage():
     """:func:`interval_coverage`, for tests of the exported time interval."""
     return interval_coverage
