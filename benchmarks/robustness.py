@@ -41,6 +41,9 @@ Methods, each on its own copy of the once-preprocessed data
   ``train(lr_schedule=True)`` (the faster one-cycle schedule).
 - ``pyro_velo-50epochs`` (only when named): as ``pyro_velo`` with
   ``train(max_epochs=50)`` (50 epochs per stage whatever the size).
+- ``pyro_velo-unsettled`` (only when named): as ``pyro_velo`` with the mixture of ODEs
+  trained until early stopping or its last epoch whatever its velocity does
+  (``policies.SETTLING`` without a threshold): the default before the settling stop.
 
 Each finished row is appended to ``--csv`` at once and skipped when the command is run
 again, so an interrupted run resumes. ``--table`` prints the per-family summary
@@ -85,7 +88,8 @@ CONFIGS = {
 SMALL_CELLS = 100
 METHODS = ("pyro_velo", "scvelo-stochastic", "scvelo-dynamical")
 #: further methods, run only when named in ``--methods``
-EXTRA_METHODS = ("pyro_velo-3starts", "pyro_velo-lrschedule", "pyro_velo-50epochs")
+EXTRA_METHODS = ("pyro_velo-3starts", "pyro_velo-lrschedule", "pyro_velo-50epochs",
+                 "pyro_velo-unsettled")
 #: Marker genes of the stages of each real fixture, earliest first: pancreas, ductal ->
 #: Ngn3+ progenitors -> Fev+ pre-endocrine -> hormone-producing; dentate gyrus, the
 #: granule lineage, neuroblast -> mature granule cell. A cell takes the stage whose
@@ -171,17 +175,21 @@ def run_method(method: str, adata, draw: int) -> tuple[str, dict]:
     extra = {}
     if method.startswith("pyro_velo"):
         vae = pv.VeloVAE(adata, seed=draw)
-        vae.train(seed=draw, progress_bar=False,
-                  n_starts=3 if method == "pyro_velo-3starts" else 1,
-                  lr_schedule=method == "pyro_velo-lrschedule",
-                  **({"max_epochs": 50} if method == "pyro_velo-50epochs" else {}))
+        settling = (pv.policies.SettlingPolicy(min_cosine=None)
+                    if method == "pyro_velo-unsettled" else pv.policies.SETTLING)
+        with policy_replaced("SETTLING", settling):
+            vae.train(seed=draw, progress_bar=False,
+                      n_starts=3 if method == "pyro_velo-3starts" else 1,
+                      lr_schedule=method == "pyro_velo-lrschedule",
+                      **({"max_epochs": 50} if method == "pyro_velo-50epochs" else {}))
         vae.export_to_anndata(adata)
         report = vae.direction()
         extra.update(direction=report["status"], flow_agreement=report["flow_agreement"],
                      flow_reproducibility=report["flow_reproducibility"],
                      order_corroborated=report["order_corroborated"],
                      warm_start=vae.config.get("warm_start", ""),
-                     time_held=bool(vae.config.get("time_held", False)))
+                     time_held=bool(vae.config.get("time_held", False)),
+                     settled=vae.config.get("settled_epochs", {}))
         stages = vae.config.get("stage_flow_agreement", {})
         extra.update(basic_agreement=stages.get("basic"), full_agreement=stages.get("full"))
         return "latent_time", extra
@@ -194,6 +202,17 @@ def run_method(method: str, adata, draw: int) -> tuple[str, dict]:
     scv.tl.velocity(adata, mode="dynamical")
     scv.tl.latent_time(adata)
     return "latent_time", extra
+
+
+@contextlib.contextmanager
+def policy_replaced(name: str, policy) -> Iterator[None]:
+    """``pv.policies.<name>`` is ``policy`` within the block."""
+    saved = getattr(pv.policies, name)
+    setattr(pv.policies, name, policy)
+    try:
+        yield
+    finally:
+        setattr(pv.policies, name, saved)
 
 
 def score_row(adata, time_key: str, target: str) -> dict:
@@ -263,7 +282,8 @@ def run(args) -> None:
                         log(f"{family}/{config} draw {draw} {method}: "
                             f"rho={row.get('spearman', np.nan):.3f} "
                             f"cos={row.get('velocity_cosine', np.nan):.3f} "
-                            f"{row['seconds']:.1f}s {row.get('direction', '')}")
+                            f"{row['seconds']:.1f}s {row.get('direction', '')} "
+                            f"{row.pop('settled', '')}")  # the epochs go to the log only
                         writer.writerow(row)
                         handle.flush()
 

@@ -32,7 +32,7 @@ CONFIG_FILE = "config.json"
 TRAINING_RECORDS = ("refine_delta1", "refine_delta2", "refined", "warm_start", "n_starts",
                     "start", "start_losses", "start_directions", "start_corroborated",
                     "start_agreements", "warm_start_scores", "stage_flow_agreement",
-                    "time_held", "direction")
+                    "time_held", "settled_epochs", "direction")
 
 
 def save(vae, path: str | Path, overwrite: bool = False) -> None:

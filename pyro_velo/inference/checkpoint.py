@@ -111,7 +111,8 @@ class Checkpointer:
 
     #: config keys written by training itself (warm-up start, refinement): not matched
     _RUN_CONFIG_KEYS = ("refine_delta1", "refine_delta2", "refined", "warm_start",
-                        "warm_start_scores", "stage_flow_agreement", "time_held", "direction")
+                        "warm_start_scores", "stage_flow_agreement", "time_held",
+                        "settled_epochs", "direction")
 
     def __init__(
         self,

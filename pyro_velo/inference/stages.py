@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .. import distributed as dist_
 from .. import policies
 from ..guides import CombinedGuide
 from ..nn import WideLinear
 from ..orientation import FlowEvidence
-from ..policies import OrientationPolicy
+from ..policies import OrientationPolicy, SettlingPolicy
 from ..predict import Predictor
 from .callbacks import Callback, SVILoop
 from .loop import TrainingHistory, fit
@@ -103,10 +104,17 @@ class Stage:
         """Prepare the stage and mark its start (skipped when resuming inside it)."""
         run.history.stages.append((self.name, len(run.history.train)))
 
+    def stop_rules(self, run: Run, description: str) -> list[Callback]:
+        """Callbacks that may end the stage's fit labelled ``description`` before its
+        last epoch, besides early stopping (none here)."""
+        return []
+
     def train(self, run: Run, **checkpoint_options: Any) -> None:
         """Train the stage (``checkpoint_options``: see ``Checkpointer.fit_options``)."""
         run.fit(self.model, self.guide, self.data, self.epochs, self.description,
-                early_stopping=run.early_stopping, **checkpoint_options)
+                early_stopping=run.early_stopping,
+                callbacks=[*run.callbacks, *self.stop_rules(run, self.description)],
+                **checkpoint_options)
 
 
 class OrderKeepingStage(Stage):
@@ -152,9 +160,11 @@ class OrderKeepingStage(Stage):
 
     def fit_once(self, run: Run, callbacks: Sequence[Callback] = (),
                  **checkpoint_options: Any) -> None:
-        """Train the stage once (the run's callbacks and ``callbacks``)."""
+        """Train the stage once (the run's callbacks, ``callbacks`` and its stop rules)."""
         run.fit(self.model, self.guide, self.data, self.epochs, self.description,
-                early_stopping=run.early_stopping, callbacks=[*run.callbacks, *callbacks],
+                early_stopping=run.early_stopping,
+                callbacks=[*run.callbacks, *callbacks,
+                           *self.stop_rules(run, self.description)],
                 **checkpoint_options)
 
     def train(self, run: Run, **checkpoint_options: Any) -> None:
@@ -170,10 +180,11 @@ class OrderKeepingStage(Stage):
             {self.handed_by: before, self.name: after})
         if watch.lost or policy.lost_order(before, after, self.evidence):
             self.restart()
+            description = f"{self.description} (time held)"
             with time_encoder_frozen(self.guide.encoder):
-                run.fit(self.model, self.guide, self.data, self.epochs,
-                        f"{self.description} (time held)",
-                        early_stopping=run.early_stopping)
+                run.fit(self.model, self.guide, self.data, self.epochs, description,
+                        early_stopping=run.early_stopping,
+                        callbacks=[*run.callbacks, *self.stop_rules(run, description)])
             run.config["time_held"] = [*(run.config.get("time_held") or []), self.name]
 
 
@@ -193,6 +204,11 @@ class FullStage(OrderKeepingStage):
     a rate per cell state, the cell states can explain steady-state cell types on their
     own and the time then loses it; the stage then starts again from the basic fit with
     the encoder's time held fixed.
+
+    With early stopping on, each fit of the stage also ends once its velocity field has
+    settled (:class:`VelocitySettled`, :data:`~pyro_velo.policies.SETTLING`):
+    ``run.config['settled_epochs']`` maps the label of each fit that ended so (``'Mixture
+    of ODEs'``, ``'Mixture of ODEs (time held)'``) to the epoch it ended after.
     """
 
     name, description = "full", "Mixture of ODEs"
@@ -226,6 +242,13 @@ class FullStage(OrderKeepingStage):
 
     def restart(self) -> None:
         self.start_from_basic()
+
+    def stop_rules(self, run: Run, description: str) -> list[Callback]:
+        policy = policies.SETTLING
+        if not run.early_stopping or policy.min_cosine is None:
+            return []
+        return [VelocitySettled(policy, run.config.setdefault("settled_epochs", {}),
+                                description)]
 
     def starting_agreement(self) -> float | None:
         """The basic fit's agreement (the stage's own pair starts from it)."""
@@ -263,6 +286,68 @@ class OrderWatch(Callback):
         if self.policy.lost_order(self.before, now, self.stage.evidence):
             self.lost = True
             loop.request_stop()
+
+
+class VelocitySettled(Callback):
+    """End a stage once its velocity field has settled
+    (:class:`~pyro_velo.policies.SettlingPolicy`).
+
+    Every ``policy.check_every`` epochs (counted from the stage's first epoch, so a run
+    resumed inside the stage checks at the same epochs) the velocity ``ds/dt`` of up to
+    ``policy.max_cells`` validation cells (the training cells where there are none) is
+    computed at their posterior mean time; once its mean cosine, cell by cell, with the
+    field ``policy.lag`` epochs earlier reaches ``policy.min_cosine``, training stops
+    there as early stopping would (the best validation ELBO's parameters are kept).
+    The fields of the last ``lag`` epochs are part of the loop's resumable state.
+    The epoch it stopped after is written to ``record[key]``.
+    """
+
+    def __init__(self, policy: SettlingPolicy, record: dict[str, int], key: str) -> None:
+        self.policy, self.record, self.key = policy, record, key
+        self.fields: dict[int, torch.Tensor] = {}
+
+    def velocity(self, loop: SVILoop) -> torch.Tensor:
+        """``ds/dt`` of the compared cells, ``(cells, fitted genes)``, on the CPU."""
+        held = getattr(loop.data, "validation_cells", None)
+        data, idx = held() if held is not None else (
+            loop.data, loop.data.indices("validation"))
+        if len(idx) == 0:
+            data, idx = loop.data, loop.data.indices("train")
+        idx = idx[:self.policy.max_cells]
+        ds = Predictor(loop.model, loop.guide, data).expected(idx=idx)["ds"]
+        loop.model.train()  # prediction switched the pair to evaluation mode
+        loop.guide.train()
+        return ds.detach().float().cpu()
+
+    def on_epoch_end(self, loop: SVILoop) -> None:
+        done = loop.epoch + 1
+        if self.policy.min_cosine is None or done % self.policy.check_every or loop.stop:
+            return
+        now = self.velocity(loop)
+        self.fields[done] = now
+        before = self.fields.pop(done - self.policy.lag, None)
+        settled = before is not None and self.policy.settled(mean_row_cosine(now, before))
+        if loop.group is not None:  # every rank stops where rank 0 does
+            settled = bool(dist_.broadcast_int(int(settled), loop.device))
+        if settled:
+            self.record[self.key] = done
+            loop.request_stop()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"settling_fields": dict(self.fields)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.fields = dict(state.get("settling_fields", {}))
+
+
+def mean_row_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over rows of the cosine of ``a``'s and ``b``'s rows (rows where either is
+    zero left out; 0 when none is left, which never counts as settled)."""
+    norms = a.norm(dim=1) * b.norm(dim=1)
+    valid = norms > 0
+    if not bool(valid.any()):
+        return 0.0
+    return float(((a * b).sum(dim=1)[valid] / norms[valid]).mean())
 
 
 class AncestorsStage(Stage):
