@@ -155,3 +155,27 @@ def test_the_basic_model_alone_has_no_settling_stage(tiny_linear_adata, quick_se
     vae.train(max_epochs=20, warmup_epochs=5, progress_bar=False, early_stopping=True,
               callbacks=[epochs])
     assert "settled_epochs" not in vae.config
+
+
+def test_a_run_resumed_inside_the_stage_settles_where_an_uninterrupted_one_does(
+        tiny_linear_adata, quick_settling, tmp_path):
+    """The checkpoint holds the compared fields: resumed after epoch 7 of the stage, the
+    fit still compares epoch 10 with epoch 5 and stops there."""
+    args = dict(max_epochs=20, warmup_epochs=5, refine_epochs=0, progress_bar=False)
+    reference = pv.VeloVAE(tiny_linear_adata, **SMALL)
+    reference.train(**args)
+
+    class Interrupt(Callback):
+        def on_epoch_end(self, loop) -> None:
+            if loop.description == "Mixture of ODEs" and loop.epoch == 7:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pv.VeloVAE(tiny_linear_adata, **SMALL).train(
+            **args, checkpoint_dir=tmp_path, checkpoint_every=1, callbacks=[Interrupt()])
+    resumed = pv.VeloVAE(tiny_linear_adata, **SMALL)
+    resumed.train(**args, checkpoint_dir=tmp_path, checkpoint_every=1, resume=True)
+    assert resumed.config["settled_epochs"] == reference.config["settled_epochs"] == {
+        "Mixture of ODEs": 10}
+    assert resumed.history == reference.history
+    np.testing.assert_array_equal(resumed.get_latent_time(), reference.get_latent_time())

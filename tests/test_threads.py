@@ -189,3 +189,13 @@ def test_the_watch_ignores_an_untrusted_flow():
     watch = OrderWatch(stage, before=0.8, policy=OrientationPolicy(watch_every=10))
     assert _run(watch, _loop(), 50) == 50 and not watch.lost
 
+
+
+def test_a_resumed_watch_remembers_a_lost_order():
+    """The loss is part of the checkpoint, so a run resumed after the stop still refits
+    the stage with the time held."""
+    watch = OrderWatch(FakeStage([0.5]), before=0.8, policy=OrientationPolicy(watch_every=5))
+    assert _run(watch, _loop(), 100) == 5 and watch.lost
+    resumed = OrderWatch(FakeStage([]), before=0.8, policy=OrientationPolicy(watch_every=5))
+    resumed.load_state_dict(watch.state_dict())
+    assert resumed.lost

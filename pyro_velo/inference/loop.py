@@ -137,6 +137,7 @@ def fit(
     distributed: bool | None = None,
     divergence_check_every: int | None = None,
     stop_when: Callable[[TrainingHistory], bool] | None = None,
+    stop_rules: Sequence[Callback] = (),
     callbacks: Sequence[Callback] = (),
     lr_schedule: LearningRatePolicy | None = None,
 ) -> TrainingHistory:
@@ -194,6 +195,11 @@ def fit(
     stop_when
         Called with the history after every epoch (after the early-stopping
         bookkeeping); returning True ends training there, as early stopping does.
+    stop_rules
+        Callbacks that may end training (e.g. the stages'
+        :class:`~pyro_velo.inference.stages.VelocitySettled`), called before the
+        checkpoint is written at the end of an epoch, so that it holds their decision
+        and their state.
     callbacks
         Further :class:`~pyro_velo.inference.callbacks.Callback` s, called after the
         built-in ones at every hook.
@@ -229,6 +235,7 @@ def fit(
     builtin: list[Callback] = [DivergenceCheck(divergence_check_every), early]
     if stop_when is not None:
         builtin.append(StopWhen(stop_when))
+    builtin.extend(stop_rules)
     if checkpoint is not None:
         builtin.append(CheckpointHook(checkpoint, checkpoint_every))
     if lr_schedule is not None:

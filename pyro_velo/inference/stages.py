@@ -106,15 +106,15 @@ class Stage:
 
     def stop_rules(self, run: Run, description: str) -> list[Callback]:
         """Callbacks that may end the stage's fit labelled ``description`` before its
-        last epoch, besides early stopping (none here)."""
+        last epoch, besides early stopping (none here): ``fit``'s ``stop_rules``, which
+        run before the epoch's checkpoint is written."""
         return []
 
     def train(self, run: Run, **checkpoint_options: Any) -> None:
         """Train the stage (``checkpoint_options``: see ``Checkpointer.fit_options``)."""
         run.fit(self.model, self.guide, self.data, self.epochs, self.description,
                 early_stopping=run.early_stopping,
-                callbacks=[*run.callbacks, *self.stop_rules(run, self.description)],
-                **checkpoint_options)
+                stop_rules=self.stop_rules(run, self.description), **checkpoint_options)
 
 
 class OrderKeepingStage(Stage):
@@ -158,13 +158,12 @@ class OrderKeepingStage(Stage):
         """Go back to the state the stage started from."""
         raise NotImplementedError
 
-    def fit_once(self, run: Run, callbacks: Sequence[Callback] = (),
+    def fit_once(self, run: Run, stop_rules: Sequence[Callback] = (),
                  **checkpoint_options: Any) -> None:
-        """Train the stage once (the run's callbacks, ``callbacks`` and its stop rules)."""
+        """Train the stage once (with ``stop_rules`` and the stage's own)."""
         run.fit(self.model, self.guide, self.data, self.epochs, self.description,
                 early_stopping=run.early_stopping,
-                callbacks=[*run.callbacks, *callbacks,
-                           *self.stop_rules(run, self.description)],
+                stop_rules=[*stop_rules, *self.stop_rules(run, self.description)],
                 **checkpoint_options)
 
     def train(self, run: Run, **checkpoint_options: Any) -> None:
@@ -184,7 +183,7 @@ class OrderKeepingStage(Stage):
             with time_encoder_frozen(self.guide.encoder):
                 run.fit(self.model, self.guide, self.data, self.epochs, description,
                         early_stopping=run.early_stopping,
-                        callbacks=[*run.callbacks, *self.stop_rules(run, description)])
+                        stop_rules=self.stop_rules(run, description))
             run.config["time_held"] = [*(run.config.get("time_held") or []), self.name]
 
 
@@ -275,6 +274,13 @@ class OrderWatch(Callback):
                  policy: OrientationPolicy) -> None:
         self.stage, self.before, self.policy = stage, before, policy
         self.lost = False
+
+    def state_dict(self) -> dict[str, Any]:
+        # a run resumed after the stop must still refit the stage with the time held
+        return {"order_lost": self.lost}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lost = bool(state.get("order_lost", False))
 
     def on_epoch_end(self, loop: SVILoop) -> None:
         done = loop.epoch + 1 - loop.first_epoch
