@@ -179,3 +179,13 @@ def test_a_run_resumed_inside_the_stage_settles_where_an_uninterrupted_one_does(
         "Mixture of ODEs": 10}
     assert resumed.history == reference.history
     np.testing.assert_array_equal(resumed.get_latent_time(), reference.get_latent_time())
+
+
+def test_a_scheduled_run_keeps_its_stage_length(tiny_linear_adata, quick_settling):
+    """The one-cycle schedule ends each stage at a small rate by design: no cut."""
+    epochs = StageEpochs()
+    vae = pv.VeloVAE(tiny_linear_adata, **SMALL)
+    vae.train(max_epochs=20, warmup_epochs=5, refine_epochs=0, progress_bar=False,
+              lr_schedule=True, patience=100, callbacks=[epochs])
+    assert epochs.epochs["Mixture of ODEs"] == 20
+    assert "settled_epochs" not in vae.config

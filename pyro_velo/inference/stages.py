@@ -204,8 +204,9 @@ class FullStage(OrderKeepingStage):
     own and the time then loses it; the stage then starts again from the basic fit with
     the encoder's time held fixed.
 
-    With early stopping on, each fit of the stage also ends once its velocity field has
-    settled (:class:`VelocitySettled`, :data:`~pyro_velo.policies.SETTLING`):
+    With early stopping on and constant learning rates (no ``lr_schedule``), each fit
+    of the stage also ends once its velocity field has settled
+    (:class:`VelocitySettled`, :data:`~pyro_velo.policies.SETTLING`):
     ``run.config['settled_epochs']`` maps the label of each fit that ended so (``'Mixture
     of ODEs'``, ``'Mixture of ODEs (time held)'``) to the epoch it ended after.
     """
@@ -244,7 +245,9 @@ class FullStage(OrderKeepingStage):
 
     def stop_rules(self, run: Run, description: str) -> list[Callback]:
         policy = policies.SETTLING
-        if not run.early_stopping or policy.min_cosine is None:
+        # a one-cycle schedule ends the stage at a small rate by design: not cut there
+        scheduled = run.fit_options.get("lr_schedule") is not None
+        if not run.early_stopping or scheduled or policy.min_cosine is None:
             return []
         return [VelocitySettled(policy, run.config.setdefault("settled_epochs", {}),
                                 description)]
