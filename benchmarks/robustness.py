@@ -177,7 +177,7 @@ def run_method(method: str, adata, draw: int) -> tuple[str, dict]:
         vae = pv.VeloVAE(adata, seed=draw)
         settling = (pv.policies.SettlingPolicy(min_cosine=None)
                     if method == "pyro_velo-unsettled" else pv.policies.SETTLING)
-        with policy_replaced("SETTLING", settling):
+        with pv.policies.replaced("SETTLING", settling):
             vae.train(seed=draw, progress_bar=False,
                       n_starts=3 if method == "pyro_velo-3starts" else 1,
                       lr_schedule=method == "pyro_velo-lrschedule",
@@ -202,17 +202,6 @@ def run_method(method: str, adata, draw: int) -> tuple[str, dict]:
     scv.tl.velocity(adata, mode="dynamical")
     scv.tl.latent_time(adata)
     return "latent_time", extra
-
-
-@contextlib.contextmanager
-def policy_replaced(name: str, policy) -> Iterator[None]:
-    """``pv.policies.<name>`` is ``policy`` within the block."""
-    saved = getattr(pv.policies, name)
-    setattr(pv.policies, name, policy)
-    try:
-        yield
-    finally:
-        setattr(pv.policies, name, saved)
 
 
 def score_row(adata, time_key: str, target: str) -> dict:

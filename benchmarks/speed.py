@@ -3,7 +3,8 @@
 Usage::
 
     python benchmarks/speed.py [--sets small medium pancreas grn] [--device cpu]
-        [--methods pyro_velo scvelo-dynamical pyro_velo-lrschedule pyro_velo-50epochs]
+        [--methods pyro_velo scvelo-dynamical pyro_velo-lrschedule pyro_velo-50epochs
+                   pyro_velo-unsettled]
         [--csv benchmarks/speed.csv] [--again] [--table]
 
 Data sets (simulated, seed 0; the raw counts are made before the clock starts):
@@ -27,7 +28,10 @@ random_state=0)``, the same for both):
   ``train(lr_schedule=True)``;
 - ``pyro_velo-50epochs`` (only when named): as ``pyro_velo`` with
   ``train(max_epochs=50)`` (constant rates, 50 epochs per stage whatever the size: the
-  way to scVelo's speed on small sets, at a cost in accuracy).
+  way to scVelo's speed on small sets, at a cost in accuracy);
+- ``pyro_velo-unsettled`` (only when named): as ``pyro_velo`` without the settling
+  stop of the mixture of ODEs (``policies.SettlingPolicy(min_cosine=None)``): the
+  default before it.
 
 The methods first run once on a 300-cell set, untimed, so that imports and
 just-in-time compilation are not charged to the first data set (as in a notebook that
@@ -72,11 +76,14 @@ SETS = {
 }
 METHODS = ("pyro_velo", "scvelo-dynamical")
 #: further methods, run only when named in ``--methods``
-EXTRA_METHODS = ("pyro_velo-lrschedule", "pyro_velo-50epochs")
+EXTRA_METHODS = ("pyro_velo-lrschedule", "pyro_velo-50epochs", "pyro_velo-unsettled")
 #: each pyro_velo method's arguments of ``train()`` and its name in the table
 TRAINING = {"pyro_velo": ({}, "default"),
             "pyro_velo-lrschedule": ({"lr_schedule": True}, "lr_schedule"),
-            "pyro_velo-50epochs": ({"max_epochs": 50}, "max_epochs=50")}
+            "pyro_velo-50epochs": ({"max_epochs": 50}, "max_epochs=50"),
+            "pyro_velo-unsettled": ({}, "without the settling stop")}
+#: methods that train with a policy replaced (``pv.policies.replaced``)
+POLICIES = {"pyro_velo-unsettled": ("SETTLING", pv.policies.SettlingPolicy(min_cosine=None))}
 FIELDS = ["set", "method", "device", "cells", "genes", "seconds", "preprocess_seconds",
           "spearman", "velocity_cosine", "epochs", "load_before", "machine", "error"]
 
@@ -89,8 +96,10 @@ def run_method(method: str, adata, device: str) -> tuple[str, int | None]:
     """Fit ``method`` on preprocessed ``adata`` in place; its time key and epochs."""
     if method.startswith("pyro_velo"):
         vae = pv.VeloVAE(adata, seed=0)
-        history = vae.train(seed=0, device=device, progress_bar=False,
-                            **TRAINING[method][0])
+        name, policy = POLICIES.get(method, ("SETTLING", pv.policies.SETTLING))
+        with pv.policies.replaced(name, policy):
+            history = vae.train(seed=0, device=device, progress_bar=False,
+                                **TRAINING[method][0])
         vae.export_to_anndata(adata)
         return "latent_time", len(history.train)
     import scvelo as scv

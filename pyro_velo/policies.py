@@ -13,6 +13,8 @@ follows. Every threshold states what it guards against and what it was measured 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -471,3 +473,27 @@ ORIENTATION = OrientationPolicy()
 SETTLING = SettlingPolicy()
 THREADS = ThreadPolicy()
 RESTARTS = RestartPolicy()
+
+
+@contextlib.contextmanager
+def replaced(name: str, policy: object) -> Iterator[None]:
+    """Within the block, the module-level policy ``name`` is ``policy``; afterwards the
+    one it replaced, e.g. the mixture of ODEs trained without the settling stop::
+
+        with pv.policies.replaced("SETTLING", pv.policies.SettlingPolicy(min_cosine=None)):
+            vae.train()
+
+    Raises
+    ------
+    ValueError
+        ``name`` is not one of this module's policy instances.
+    """
+    current = globals().get(name)
+    if not name.isupper() or current is None or not hasattr(type(current),
+                                                            "__dataclass_fields__"):
+        raise ValueError(f"{name!r} is not a policy of pyro_velo.policies")
+    globals()[name] = policy
+    try:
+        yield
+    finally:
+        globals()[name] = current

@@ -189,3 +189,16 @@ def test_a_scheduled_run_keeps_its_stage_length(tiny_linear_adata, quick_settlin
               lr_schedule=True, patience=100, callbacks=[epochs])
     assert epochs.epochs["Mixture of ODEs"] == 20
     assert "settled_epochs" not in vae.config
+
+
+def test_a_policy_is_replaced_within_the_block_only():
+    before = pv.policies.SETTLING
+    with pytest.raises(RuntimeError):
+        with pv.policies.replaced("SETTLING", SettlingPolicy(min_cosine=None)):
+            assert pv.policies.SETTLING.min_cosine is None
+            raise RuntimeError
+    assert pv.policies.SETTLING is before
+    for name in ("settling", "REPLACED", "NO_SUCH_POLICY"):
+        with pytest.raises(ValueError, match="is not a policy of pyro_velo.policies"):
+            with pv.policies.replaced(name, before):
+                pass
