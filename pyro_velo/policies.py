@@ -156,10 +156,10 @@ class LearningRatePolicy:
 
     Used by ``train(lr_schedule=True)`` with 0.4 of the constant-rate epochs
     (:attr:`EpochPolicy.scheduled_share`). On the robustness benchmark (72 fits,
-    benchmarks/RESULTS.md) that took 58% of the default's time and was less accurate:
-    median velocity cosine on our simulator .690 against .727, worst unflagged
-    regulatory-network fit .337 against .615. Hence an option for quick exploration,
-    not the default.
+    benchmarks/RESULTS.md) that took 58% of the time of the default of that day (before
+    the settling stop, :class:`SettlingPolicy`) and was less accurate: median velocity
+    cosine on our simulator .690 against .727, worst unflagged regulatory-network fit
+    .337 against .615. Hence an option for quick exploration, not the default.
     """
 
     #: the networks' highest rate, a multiple of ``lr``: the paper's 2e-4 is safe but
