@@ -41,9 +41,8 @@ Methods, each on its own copy of the once-preprocessed data
   ``train(lr_schedule=True)`` (the faster one-cycle schedule).
 - ``pyro_velo-50epochs`` (only when named): as ``pyro_velo`` with
   ``train(max_epochs=50)`` (50 epochs per stage whatever the size).
-- ``pyro_velo-unsettled`` (only when named): as ``pyro_velo`` with the mixture of ODEs
-  trained until early stopping or its last epoch whatever its velocity does
-  (``policies.SETTLING`` without a threshold): the default before the settling stop.
+- ``pyro_velo-settled`` (only when named): as ``pyro_velo`` with the settling stop of
+  the mixture of ODEs turned on (``policies.SettlingPolicy(min_cosine=0.99)``).
 
 Each finished row is appended to ``--csv`` at once and skipped when the command is run
 again, so an interrupted run resumes. ``--table`` prints the per-family summary
@@ -89,7 +88,7 @@ SMALL_CELLS = 100
 METHODS = ("pyro_velo", "scvelo-stochastic", "scvelo-dynamical")
 #: further methods, run only when named in ``--methods``
 EXTRA_METHODS = ("pyro_velo-3starts", "pyro_velo-lrschedule", "pyro_velo-50epochs",
-                 "pyro_velo-unsettled")
+                 "pyro_velo-settled")
 #: Marker genes of the stages of each real fixture, earliest first: pancreas, ductal ->
 #: Ngn3+ progenitors -> Fev+ pre-endocrine -> hormone-producing; dentate gyrus, the
 #: granule lineage, neuroblast -> mature granule cell. A cell takes the stage whose
@@ -175,8 +174,8 @@ def run_method(method: str, adata, draw: int) -> tuple[str, dict]:
     extra = {}
     if method.startswith("pyro_velo"):
         vae = pv.VeloVAE(adata, seed=draw)
-        settling = (pv.policies.SettlingPolicy(min_cosine=None)
-                    if method == "pyro_velo-unsettled" else pv.policies.SETTLING)
+        settling = (pv.policies.SettlingPolicy(min_cosine=0.99)
+                    if method == "pyro_velo-settled" else pv.policies.SETTLING)
         with pv.policies.replaced("SETTLING", settling):
             vae.train(seed=draw, progress_bar=False,
                       n_starts=3 if method == "pyro_velo-3starts" else 1,

@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/training_curves.py ode:bifurcation3:2 scvelo:linear:1 ...
-        [--n-cells 1000] [--n-genes 200] [--json F] [--unsettled] [--summary]
+        [--n-cells 1000] [--n-genes 200] [--json F] [--summary]
 
 Each set is ``family:config:draw`` as in ``benchmarks/robustness.py`` (the same data
 and preprocessing). A default fit, ``VeloVAE(adata, seed=draw).train(seed=draw)``, is
@@ -14,11 +14,6 @@ moved: the mean cosine of its rows with those 10 and 50 epochs earlier in the sa
 stage (``stab10``, ``stab50``). The callback leaves the networks in training mode, so
 the fit is the default's (the same final accuracy as the ``pyro_velo`` rows of the
 robustness benchmark at the same size).
-
-``--unsettled`` watches the mixture of ODEs trained without the settling stop
-(``policies.SETTLING`` without a threshold: until early stopping or its last epoch), as
-the default trained before that stop; ``benchmarks/training_curves*.json`` were
-recorded so, which is how the stop was chosen.
 
 ``--summary`` prints, for velocity-stability thresholds, the epoch at which each
 stage's ``stab50`` first reaches the threshold and the cosine there against the
@@ -85,20 +80,15 @@ class VelocityCurve(Callback):
         self.rows.append(row)
 
 
-def curve(spec: str, n_cells: int, n_genes: int, unsettled: bool = False
-          ) -> tuple[list[dict], dict]:
-    """The records of one default fit of ``family:config:draw`` and its final scores
-    (``unsettled``: without the settling stop)."""
+def curve(spec: str, n_cells: int, n_genes: int) -> tuple[list[dict], dict]:
+    """The records of one default fit of ``family:config:draw`` and its final scores."""
     family, config, draw = spec.split(":")
     adata, target = robustness.dataset(family, config, int(draw), n_cells, n_genes)
     pv.pp.preprocess(adata, random_state=0)
     vae = pv.VeloVAE(adata, seed=int(draw))
     watch = VelocityCurve(vae, np.asarray(adata.layers["true_velocity"], dtype=float),
                           adata.obs[target].to_numpy(dtype=float))
-    settling = (pv.policies.SettlingPolicy(min_cosine=None) if unsettled
-                else pv.policies.SETTLING)
-    with pv.policies.replaced("SETTLING", settling):
-        vae.train(seed=int(draw), progress_bar=False, callbacks=[watch])
+    vae.train(seed=int(draw), progress_bar=False, callbacks=[watch])
     vae.export_to_anndata(adata)
     for row in watch.rows:
         row["set"] = spec
@@ -131,8 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-cells", type=int, default=1000)
     parser.add_argument("--n-genes", type=int, default=200)
     parser.add_argument("--json", default="training_curves.json")
-    parser.add_argument("--unsettled", action="store_true",
-                        help="train the mixture of ODEs without the settling stop")
     parser.add_argument("--summary", action="store_true",
                         help="only summarise the records in --json")
     args = parser.parse_args(argv)
@@ -142,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         for spec in args.sets:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                rows, final = curve(spec, args.n_cells, args.n_genes, args.unsettled)
+                rows, final = curve(spec, args.n_cells, args.n_genes)
             print(spec, {k: round(v, 3) for k, v in final.items()}, flush=True)
             records += rows
             path.write_text(json.dumps(records))

@@ -1,4 +1,5 @@
-"""The mixture of ODEs ends once its velocity field settles (policies.SETTLING)."""
+"""The optional end of the mixture of ODEs once its velocity field settles
+(policies.SETTLING)."""
 
 from types import SimpleNamespace
 
@@ -139,6 +140,18 @@ def test_the_record_survives_save_and_load(tiny_linear_adata, quick_settling, tm
         "Mixture of ODEs": 10}
 
 
+def test_the_default_trains_the_stage_until_early_stopping(tiny_linear_adata, monkeypatch):
+    """Off by default: the stage runs as long as early stopping lets it."""
+    monkeypatch.setattr(pv.policies, "RESTARTS", pv.policies.RestartPolicy(0))
+    assert pv.policies.SETTLING.min_cosine is None
+    epochs = StageEpochs()
+    vae = pv.VeloVAE(tiny_linear_adata, **SMALL)
+    vae.train(max_epochs=20, warmup_epochs=5, refine_epochs=0, progress_bar=False,
+              patience=100, callbacks=[epochs])
+    assert epochs.epochs["Mixture of ODEs"] == 20
+    assert "settled_epochs" not in vae.config
+
+
 def test_without_early_stopping_every_stage_runs_its_epochs(tiny_linear_adata,
                                                             quick_settling):
     epochs = StageEpochs()
@@ -194,8 +207,8 @@ def test_a_scheduled_run_keeps_its_stage_length(tiny_linear_adata, quick_settlin
 def test_a_policy_is_replaced_within_the_block_only():
     before = pv.policies.SETTLING
     with pytest.raises(RuntimeError):
-        with pv.policies.replaced("SETTLING", SettlingPolicy(min_cosine=None)):
-            assert pv.policies.SETTLING.min_cosine is None
+        with pv.policies.replaced("SETTLING", SettlingPolicy(min_cosine=0.5)):
+            assert pv.policies.SETTLING.min_cosine == 0.5
             raise RuntimeError
     assert pv.policies.SETTLING is before
     for name in ("settling", "REPLACED", "NO_SUCH_POLICY"):

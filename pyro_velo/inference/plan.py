@@ -20,9 +20,9 @@ to :func:`~pyro_velo.inference.restarts.best_of_starts`. The stages, recorded in
 2. ``basic``: the basic model until the validation ELBO stops improving.
 3. ``full`` (full model only): the mixture of ODEs, initialised from the basic fit (same
    rates and time encoder, ``rho`` near 1), trained jointly with c until the validation
-   ELBO stops improving or the velocity field has settled
-   (:class:`~pyro_velo.policies.SettlingPolicy`). With ``rate_history='ancestors'``
-   too: the paper's one rate per cell.
+   ELBO stops improving (or, where :class:`~pyro_velo.policies.SettlingPolicy` is
+   turned on, the velocity field has settled). With ``rate_history='ancestors'`` too:
+   the paper's one rate per cell.
 4. ``refine`` (full model only, ``refine_epochs > 0``): initial-condition refinement
    (:mod:`~pyro_velo.inference.refine`). With ``rate_history='ancestors'`` instead
    ``ancestors``: the fit continues, every parameter trained, with the ancestors' rates

@@ -204,9 +204,9 @@ class FullStage(OrderKeepingStage):
     own and the time then loses it; the stage then starts again from the basic fit with
     the encoder's time held fixed.
 
-    With early stopping on and constant learning rates (no ``lr_schedule``), each fit
-    of the stage also ends once its velocity field has settled
-    (:class:`VelocitySettled`, :data:`~pyro_velo.policies.SETTLING`):
+    Where :data:`~pyro_velo.policies.SETTLING` has a threshold (off by default), early
+    stopping is on and the learning rates are constant (no ``lr_schedule``), each fit
+    of the stage also ends once its velocity field has settled (:class:`VelocitySettled`):
     ``run.config['settled_epochs']`` maps the label of each fit that ended so (``'Mixture
     of ODEs'``, ``'Mixture of ODEs (time held)'``) to the epoch it ended after.
     """
