@@ -174,9 +174,9 @@ def run_method(method: str, adata, draw: int) -> tuple[str, dict]:
     extra = {}
     if method.startswith("pyro_velo"):
         vae = pv.VeloVAE(adata, seed=draw)
-        settling = (pv.policies.SettlingPolicy(min_cosine=0.99)
-                    if method == "pyro_velo-settled" else pv.policies.SETTLING)
-        with pv.policies.replaced("SETTLING", settling):
+        settled = pv.policies.SettlingPolicy(min_cosine=0.99)
+        with (pv.policies.replaced("SETTLING", settled) if method == "pyro_velo-settled"
+              else contextlib.nullcontext()):
             vae.train(seed=draw, progress_bar=False,
                       n_starts=3 if method == "pyro_velo-3starts" else 1,
                       lr_schedule=method == "pyro_velo-lrschedule",

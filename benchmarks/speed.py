@@ -45,6 +45,7 @@ ratio table from the CSV without fitting.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import os
@@ -95,8 +96,8 @@ def run_method(method: str, adata, device: str) -> tuple[str, int | None]:
     """Fit ``method`` on preprocessed ``adata`` in place; its time key and epochs."""
     if method.startswith("pyro_velo"):
         vae = pv.VeloVAE(adata, seed=0)
-        name, policy = POLICIES.get(method, ("SETTLING", pv.policies.SETTLING))
-        with pv.policies.replaced(name, policy):
+        swap = POLICIES.get(method)
+        with pv.policies.replaced(*swap) if swap else contextlib.nullcontext():
             history = vae.train(seed=0, device=device, progress_bar=False,
                                 **TRAINING[method][0])
         vae.export_to_anndata(adata)
