@@ -48,6 +48,7 @@ class SVILoop(Protocol):
     steps_per_epoch: int
     monitored: float
     has_validation: bool
+    validation_cells: tuple[Any, Tensor]
     description: str
     stop: bool
 

@@ -255,7 +255,8 @@ class SVILoop:
     group or None), ``is_main`` (rank 0 or alone), ``epoch`` (0-based, of this call),
     ``max_epochs``, ``steps_per_epoch`` (minibatches of a full epoch), ``monitored``
     (the loss early stopping watches, after each epoch), ``has_validation``,
-    ``description``; a callback ends training with :meth:`request_stop`.
+    ``validation_cells`` (``(data, idx)`` of the validation loss), ``description``; a
+    callback ends training with :meth:`request_stop`.
     """
 
     def __init__(self, model: torch.nn.Module, guide: torch.nn.Module,
@@ -316,6 +317,7 @@ class SVILoop:
         held = getattr(self.data, "validation_cells", None)  # else validate in place
         val_data, val_idx = held() if held is not None else (
             self.data, self.data.indices("validation"))
+        self.validation_cells = (val_data, val_idx)
         self.has_validation = len(val_idx) > 0
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         if self.group is not None:  # the same minibatch order on every rank

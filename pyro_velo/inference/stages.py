@@ -317,9 +317,7 @@ class VelocitySettled(Callback):
 
     def velocity(self, loop: SVILoop) -> torch.Tensor:
         """``ds/dt`` of the compared cells, ``(cells, fitted genes)``, on the CPU."""
-        held = getattr(loop.data, "validation_cells", None)
-        data, idx = held() if held is not None else (
-            loop.data, loop.data.indices("validation"))
+        data, idx = loop.validation_cells
         if len(idx) == 0:
             data, idx = loop.data, loop.data.indices("train")
         idx = idx[:self.policy.max_cells]
