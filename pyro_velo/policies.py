@@ -280,7 +280,8 @@ class RestartPolicy:
     :meth:`OrientationPolicy.report`) is ``'reversed'``, or ``'forward'`` with an order
     the flow does not corroborate (``order_corroborated`` False), is therefore trained
     from :attr:`extra_starts` more starts; the best start by validation ELBO that does
-    not run backwards is kept, one whose order the flow corroborates first
+    not run backwards is kept, one that runs forward before one whose direction the
+    flow leaves not identified, and one whose order the flow corroborates first
     (:func:`~pyro_velo.inference.restarts.best_of_starts`). A direction the flow leaves
     ``'not identified'`` is reported instead (on the regulatory fork draw 2 of the
     robustness benchmark, the one first start left so, three starts kept the same fit).

@@ -276,8 +276,9 @@ class TrainingPlan:
       clocks); on simulations the fits in such an optimum had the lower validation
       ELBO, while among the other fits the ELBO did not rank the velocity. The ELBO
       cannot tell a fit from its time-reversed twin, so a start whose time runs
-      backwards (direction ``'reversed'``) is kept only when every start does, and
-      among the others one whose order the flow corroborates
+      backwards (direction ``'reversed'``) is kept only when every start does, one
+      whose direction the flow leaves ``'not identified'`` goes after every start
+      that runs forward, and among the others one whose order the flow corroborates
       (``order_corroborated``) goes before one whose order lags it. If a
       start fails or is interrupted, the best finished start is kept before the error
       propagates. Not combined with ``checkpoint_dir`` or distributed training, and
