@@ -4,6 +4,12 @@ The 1000 x 100 2-branch simulation with data seed 3 has few root cells (9%). Wit
 neighbourhood size factors, single fits put its branches on different clocks at model
 seeds 0 and 2 of seeds 0-5 (Spearman 0.82 and 0.79 against 0.94-0.97), and those fits
 have the lower validation ELBO (``benchmarks/restarts.py``).
+
+Among the fits on one clock the ELBO does not rank the velocity, and their velocity
+depends on the processor's rounding: on an AMD EPYC, model seeds 0-3 give cosines 0.51
+and 0.50 for the two that split the clocks and 0.78 and 0.88 for the two that do not,
+and the ELBO keeps the 0.78 (0.83 on a Xeon). The velocity bar therefore separates the
+two kinds of fit instead of ranking fits of one kind.
 """
 
 import warnings
@@ -39,4 +45,4 @@ def test_restarts_keep_a_fit_with_the_branches_on_one_clock():
     truth = adata.layers["true_velocity"][:, genes]
     cosine = (velocity * truth).sum(1) / (np.linalg.norm(velocity, axis=1)
                                           * np.linalg.norm(truth, axis=1) + 1e-12)
-    assert cosine.mean() >= 0.8, cosine.mean()
+    assert cosine.mean() >= 0.7, cosine.mean()  # clocks split: 0.50-0.51
