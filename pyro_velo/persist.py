@@ -21,18 +21,13 @@ from ._checks import InputError, MissingFileError
 from .components import COMPONENTS, CUSTOM
 from .data import VelocityData
 from .disk import DiskVelocityData, read_annotations
-from .inference.loop import TrainingHistory
+from .inference.history import TRAINING_RECORDS, TrainingHistory
 
 #: Version of the layout :func:`save` writes (``config.json['format_version']``);
 #: :func:`load` reads this version only.
 FORMAT_VERSION = 2
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.json"
-#: what :meth:`VeloVAE.train` records in ``config`` (not constructor arguments)
-TRAINING_RECORDS = ("refine_delta1", "refine_delta2", "refined", "warm_start", "n_starts",
-                    "start", "start_losses", "start_directions", "start_corroborated",
-                    "start_agreements", "warm_start_scores", "stage_flow_agreement",
-                    "time_held", "settled_epochs", "direction")
 
 
 def save(vae, path: str | Path, overwrite: bool = False) -> None:
@@ -47,7 +42,8 @@ def save(vae, path: str | Path, overwrite: bool = False) -> None:
       initial condition), the train/validation/test split, cell and gene names, the
       fitted-gene mask, the per-gene scales the data were divided by, the training
       history and whether the model is trained;
-    - ``config.json``: the constructor arguments (and the :data:`TRAINING_RECORDS`), the
+    - ``config.json``: the constructor arguments (and the
+      :data:`~pyro_velo.inference.history.TRAINING_RECORDS`), the
       package version and ``format_version`` (:data:`FORMAT_VERSION`).
 
     The data themselves are not saved. Parameters are saved on the CPU. ``overwrite``

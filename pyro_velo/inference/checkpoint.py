@@ -20,7 +20,7 @@ import torch
 
 from .. import distributed as dist_
 from .._checks import InputError, MissingFileError, check_int
-from .history import TrainingHistory
+from .history import TRAINING_RECORDS, TrainingHistory
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -109,11 +109,6 @@ class Checkpointer:
         write its own.
     """
 
-    #: config keys written by training itself (warm-up start, refinement): not matched
-    _RUN_CONFIG_KEYS = ("refine_delta1", "refine_delta2", "refined", "warm_start",
-                        "warm_start_scores", "stage_flow_agreement", "time_held",
-                        "settled_epochs", "direction")
-
     def __init__(
         self,
         folder: str | Path | None,
@@ -166,7 +161,7 @@ class Checkpointer:
                 f"pyro_velo reads format {CHECKPOINT_FORMAT_VERSION}: it cannot be resumed")
 
         def strip(config: dict[str, Any]) -> dict[str, Any]:
-            return {k: v for k, v in config.items() if k not in self._RUN_CONFIG_KEYS}
+            return {k: v for k, v in config.items() if k not in TRAINING_RECORDS}
 
         if strip(saved["header"]["config"]) != strip(self.header["config"]):
             diff = sorted(k for k in set(strip(saved["header"]["config"]))
