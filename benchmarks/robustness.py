@@ -71,6 +71,7 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import mean_cosine, patch_scvelo_numpy2  # noqa: E402
+from variants import VARIANTS  # noqa: E402
 
 import pyro_velo as pv  # noqa: E402
 
@@ -86,9 +87,8 @@ CONFIGS = {
 #: cells of the ``small`` family's sets
 SMALL_CELLS = 100
 METHODS = ("pyro_velo", "scvelo-stochastic", "scvelo-dynamical")
-#: further methods, run only when named in ``--methods``
-EXTRA_METHODS = ("pyro_velo-3starts", "pyro_velo-lrschedule", "pyro_velo-50epochs",
-                 "pyro_velo-settled")
+#: further methods, run only when named in ``--methods``: the other training variants
+EXTRA_METHODS = tuple(name for name in VARIANTS if name not in METHODS)
 #: Marker genes of the stages of each real fixture, earliest first: pancreas, ductal ->
 #: Ngn3+ progenitors -> Fev+ pre-endocrine -> hormone-producing; dentate gyrus, the
 #: granule lineage, neuroblast -> mature granule cell. A cell takes the stage whose
@@ -174,13 +174,7 @@ def run_method(method: str, adata, draw: int) -> tuple[str, dict]:
     extra = {}
     if method.startswith("pyro_velo"):
         vae = pv.VeloVAE(adata, seed=draw)
-        settled = pv.policies.SettlingPolicy(min_cosine=0.99)
-        with (pv.policies.replaced("SETTLING", settled) if method == "pyro_velo-settled"
-              else contextlib.nullcontext()):
-            vae.train(seed=draw, progress_bar=False,
-                      n_starts=3 if method == "pyro_velo-3starts" else 1,
-                      lr_schedule=method == "pyro_velo-lrschedule",
-                      **({"max_epochs": 50} if method == "pyro_velo-50epochs" else {}))
+        VARIANTS[method].train(vae, seed=draw, progress_bar=False)
         vae.export_to_anndata(adata)
         report = vae.direction()
         extra.update(direction=report["status"], flow_agreement=report["flow_agreement"],

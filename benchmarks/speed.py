@@ -45,7 +45,6 @@ ratio table from the CSV without fitting.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import gc
 import os
@@ -61,6 +60,7 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import mean_cosine, patch_scvelo_numpy2  # noqa: E402
+from variants import VARIANTS  # noqa: E402
 
 import pyro_velo as pv  # noqa: E402
 
@@ -77,13 +77,6 @@ SETS = {
 METHODS = ("pyro_velo", "scvelo-dynamical")
 #: further methods, run only when named in ``--methods``
 EXTRA_METHODS = ("pyro_velo-lrschedule", "pyro_velo-50epochs", "pyro_velo-settled")
-#: each pyro_velo method's arguments of ``train()`` and its name in the table
-TRAINING = {"pyro_velo": ({}, "default"),
-            "pyro_velo-lrschedule": ({"lr_schedule": True}, "lr_schedule"),
-            "pyro_velo-50epochs": ({"max_epochs": 50}, "max_epochs=50"),
-            "pyro_velo-settled": ({}, "settling stop")}
-#: methods that train with a policy replaced (``pv.policies.replaced``)
-POLICIES = {"pyro_velo-settled": ("SETTLING", pv.policies.SettlingPolicy(min_cosine=0.99))}
 FIELDS = ["set", "method", "device", "cells", "genes", "seconds", "preprocess_seconds",
           "spearman", "velocity_cosine", "epochs", "load_before", "machine", "error"]
 
@@ -96,10 +89,7 @@ def run_method(method: str, adata, device: str) -> tuple[str, int | None]:
     """Fit ``method`` on preprocessed ``adata`` in place; its time key and epochs."""
     if method.startswith("pyro_velo"):
         vae = pv.VeloVAE(adata, seed=0)
-        swap = POLICIES.get(method)
-        with pv.policies.replaced(*swap) if swap else contextlib.nullcontext():
-            history = vae.train(seed=0, device=device, progress_bar=False,
-                                **TRAINING[method][0])
+        history = VARIANTS[method].train(vae, seed=0, device=device, progress_bar=False)
         vae.export_to_anndata(adata)
         return "latent_time", len(history.train)
     import scvelo as scv
@@ -201,7 +191,7 @@ def summary(path: Path) -> str:
     ours = ours.sort_values(["set", "method"], key=lambda column: column.map(
         {name: k for k, name in enumerate([*SETS, *METHODS, *EXTRA_METHODS])}))
     for row in ours.itertuples():
-        training = TRAINING[row.method][1]
+        training = VARIANTS[row.method].label
         scvelo = table[(table.set == row.set) & (table.method == "scvelo-dynamical")]
         other = scvelo.iloc[-1] if len(scvelo) else None
         ratio = f"{row.seconds / other.seconds:.2f}x" if other is not None else "-"
