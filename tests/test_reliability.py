@@ -536,18 +536,28 @@ def test_a_forward_fit_the_flow_does_not_corroborate_is_trained_from_more_starts
     assert _validation_loss(vae) == losses[vae.config["start"]]
 
 
+def _refit_with_reports(adata, monkeypatch, best_report, others_report, losses=None):
+    """Three starts trained again with the direction report of the ELBO's best start
+    overridden by ``best_report`` and the others' by ``others_report``: the fit, the
+    starts' losses (from a plain fit unless given), the best start and the others."""
+    if losses is None:
+        losses = _fit_starts(adata, 3).config["start_losses"]
+    best = int(np.argmin(losses))
+    others = set(range(3)) - {best}
+    _mark_report(monkeypatch, {best}, **best_report)
+    _mark_report(monkeypatch, others, **others_report)
+    vae = _fit_starts(adata, 3)
+    assert vae.config["start_losses"] == losses  # the same fits, bit for bit
+    return vae, losses, best, others
+
+
 def test_a_start_the_flow_corroborates_goes_before_a_better_elbo(adata, monkeypatch):
     """The ELBO kept starts whose order lags the data's flow (the dentate gyrus
     fixture, three starts: Spearman with its marker stages 0.25); among starts that run
     forward, one the flow corroborates is kept whatever the others' ELBO."""
-    plain = _fit_starts(adata, 3)
-    losses = plain.config["start_losses"]
-    best = int(np.argmin(losses))
-    others = set(range(3)) - {best}
-    _mark_report(monkeypatch, {best}, status="forward", order_corroborated=False)
-    _mark_report(monkeypatch, others, status="forward", order_corroborated=True)
-    vae = _fit_starts(adata, 3)
-    assert vae.config["start_losses"] == losses  # the same fits, bit for bit
+    vae, losses, best, others = _refit_with_reports(
+        adata, monkeypatch, {"status": "forward", "order_corroborated": False},
+        {"status": "forward", "order_corroborated": True})
     assert vae.config["start_corroborated"] == [k != best for k in range(3)]
     kept = vae.config["start"]
     assert kept != best and kept == min(others, key=lambda k: losses[k])
@@ -558,22 +568,18 @@ def test_a_start_that_runs_forward_goes_before_one_with_no_direction(adata, monk
     """Further starts answer a first fit that lagged the flow: one that ends with a
     direction the flow does not identify loses to one that runs forward, whatever its
     ELBO (regulatory fork, 300 x 40, draw 1: the ELBO's choice ran backwards)."""
-    plain = _fit_starts(adata, 3)
-    losses = plain.config["start_losses"]
-    best = int(np.argmin(losses))
-    others = set(range(3)) - {best}
-    _mark_report(monkeypatch, {best}, status="not identified", order_corroborated=False)
-    _mark_report(monkeypatch, others, status="forward", order_corroborated=False)
-    vae = _fit_starts(adata, 3)
-    assert vae.config["start_losses"] == losses  # the same fits, bit for bit
+    unidentified = {"status": "not identified", "order_corroborated": False}
+    vae, losses, best, others = _refit_with_reports(
+        adata, monkeypatch, unidentified, {"status": "forward", "order_corroborated": False})
     kept = vae.config["start"]
     assert kept != best and kept == min(others, key=lambda k: losses[k])
     assert vae.config["direction"]["status"] == "forward"
     # with no start running forward, the ELBO decides among those not reversed
     monkeypatch.undo()
-    _mark_report(monkeypatch, {best}, status="not identified", order_corroborated=False)
-    _mark_report(monkeypatch, others, status="reversed", order_corroborated=False)
-    assert _fit_starts(adata, 3).config["start"] == best
+    vae, *_ = _refit_with_reports(adata, monkeypatch, unidentified,
+                                  {"status": "reversed", "order_corroborated": False},
+                                  losses=losses)
+    assert vae.config["start"] == best
 
 
 def _fail_second_start(monkeypatch):
