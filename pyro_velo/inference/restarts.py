@@ -116,12 +116,12 @@ def _rank(k: int, losses: list[float], directions: list[str],
     flow leaves not identified, then starts whose order the flow does not corroborate,
     then by validation loss.
 
-    Both flags are thresholds on the same agreement with the same flow, so the order
-    they give never contradicts itself. Further starts are trained because a first fit
-    lagged the flow; a start that ends with no direction at all answers that worse than
-    one that runs forward (regulatory fork, 300 x 40, draw 1: the ELBO kept a start with
-    flow agreement -0.08 and Spearman with the type depth -0.07 over the first start,
-    agreement 0.21 and Spearman 0.36).
+    The flow is the one evidence on the direction that the ELBO lacks, and a start it
+    leaves without a direction has less of it than one that runs forward (regulatory
+    fork, 300 x 40, draw 1: by ELBO alone a start with flow agreement -0.08 and
+    Spearman with the type depth -0.07 was kept over the first start, agreement 0.21
+    and Spearman 0.36). Both flags are thresholds on the same agreement with the same
+    flow, so the order they give never contradicts itself.
     """
     return (directions[k] == "reversed", directions[k] == "not identified",
             not corroborated[k], losses[k])
