@@ -155,11 +155,12 @@ class LearningRatePolicy:
     ``lr_ode`` (their rate is already high: only the fall applies).
 
     Used by ``train(lr_schedule=True)`` with 0.4 of the constant-rate epochs
-    (:attr:`EpochPolicy.scheduled_share`). On the robustness benchmark (72 fits,
-    benchmarks/RESULTS.md) that took 58% of the time of the default of that day (before
-    the settling stop, :class:`SettlingPolicy`) and was less accurate: median velocity
-    cosine on our simulator .690 against .727, worst unflagged regulatory-network fit
-    .337 against .615. Hence an option for quick exploration, not the default.
+    (:attr:`EpochPolicy.scheduled_share`). On the robustness benchmark (72 fits against
+    the default on one machine, benchmarks/RESULTS.md) that took 60% of the default's
+    time and was less accurate: velocity cosine 0.020 lower in the paired median on our
+    simulator and 0.014 on the regulatory network, and worse worst draws (2 branches
+    draw 3: Spearman .769 against .957). Hence an option for quick exploration, not the
+    default.
     """
 
     #: the networks' highest rate, a multiple of ``lr``: the paper's 2e-4 is safe but
@@ -490,9 +491,9 @@ RESTARTS = RestartPolicy()
 @contextlib.contextmanager
 def replaced(name: str, policy: object) -> Iterator[None]:
     """Within the block, the module-level policy ``name`` is ``policy``; afterwards the
-    one it replaced, e.g. the mixture of ODEs trained without the settling stop::
+    one it replaced, e.g. the mixture of ODEs trained with the settling stop on::
 
-        with pv.policies.replaced("SETTLING", pv.policies.SettlingPolicy(min_cosine=None)):
+        with pv.policies.replaced("SETTLING", pv.policies.SettlingPolicy(min_cosine=0.99)):
             vae.train()
 
     Raises
