@@ -1,0 +1,131 @@
+"""Which of several starts to keep: every start's score, and what each rule would keep.
+
+``train(n_starts=k)`` fits the whole schedule from ``k`` random starts and keeps one
+(:mod:`pyro_velo.inference.restarts`). This benchmark trains the robustness benchmark's
+sets (``robustness.dataset``, model seed = draw) with ``k`` starts and records, for every
+start, its validation loss, its direction report (status, agreement of its time with the
+data's flow, corroboration) and its Spearman correlation with the benchmark's target
+(true time, type depth or marker stage). The summary then compares the rules a choice
+could follow, on the same starts:
+
+- ``first``: the first start (what one start gives);
+- ``elbo``: the package's ranking (reversed last, then not identified, then not
+  corroborated, then the validation ELBO);
+- ``flow``: the start whose time agrees best with the data's flow, reversed ones last;
+- ``best``: the best start by the target, which no rule can know (the ceiling).
+
+Usage::
+
+    python benchmarks/start_selection.py --families small real --jsonl F
+    python benchmarks/start_selection.py --jsonl F --summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from robustness import CONFIGS, dataset
+from scipy.stats import spearmanr
+
+import pyro_velo as pv
+from pyro_velo.inference import restarts
+
+RULES = {
+    "elbo": lambda s: (s["status"] == "reversed", s["status"] == "not identified",
+                       not s["corroborated"], s["loss"]),
+    "flow": lambda s: (s["status"] == "reversed", -s["agreement"]),
+}
+
+
+def starts_of(adata, target: str, draw: int, n_starts: int) -> tuple[list[dict], int]:
+    """Train ``n_starts`` starts on preprocessed ``adata``; every start's record and the
+    kept start's number. Each start is read right after its training, where the
+    restarts evaluate its validation loss."""
+    y = adata.obs[target].to_numpy(dtype=float)
+    known = np.isfinite(y)
+    vae = pv.VeloVAE(adata, seed=draw)
+    records: list[dict] = []
+    evaluate = restarts.evaluate_loss
+
+    def evaluate_and_record(*args, **kwargs):
+        loss = evaluate(*args, **kwargs)
+        t = vae.predictor.encode()["t"].cpu().numpy()
+        report = vae.config.get("direction", {})
+        records.append({"loss": loss, "status": report.get("status", ""),
+                        "agreement": report.get("flow_agreement", np.nan),
+                        "corroborated": bool(report.get("order_corroborated", False)),
+                        "spearman": float(spearmanr(t[known], y[known])[0])})
+        return loss
+
+    restarts.evaluate_loss = evaluate_and_record
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            vae.train(progress_bar=False, seed=draw, n_starts=n_starts)
+    finally:
+        restarts.evaluate_loss = evaluate
+    return records, int(vae.config["start"])
+
+
+def summary(path: Path) -> str:
+    """Median and worst Spearman per family for each rule (markdown)."""
+    rows = []
+    for line in path.read_text().splitlines():
+        fit = json.loads(line)
+        starts = fit["starts"]
+        row = {"family": fit["family"], "first": starts[0]["spearman"],
+               "best": max(s["spearman"] for s in starts)}
+        for name, key in RULES.items():
+            row[name] = starts[min(range(len(starts)), key=lambda k: key(starts[k]))][
+                "spearman"]
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    rules = ["first", *RULES, "best"]
+    lines = ["| family | n | " + " | ".join(f"{r}: median / worst" for r in rules) + " |",
+             "|---|---|" + "---|" * len(rules)]
+    for family, group in table.groupby("family", sort=False):
+        cells = [f"{group[r].median():.3f} / {group[r].min():.3f}" for r in rules]
+        lines.append(f"| {family} | {len(group)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--families", nargs="+", default=["small", "real"],
+                        choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=None)
+    parser.add_argument("--draws", type=int, default=6)
+    parser.add_argument("--n-starts", type=int, default=3)
+    parser.add_argument("--jsonl", required=True, help="one line per fit, appended")
+    parser.add_argument("--summary", action="store_true", help="only print the summary")
+    args = parser.parse_args(argv)
+    path = Path(args.jsonl)
+    if not args.summary:
+        with path.open("a") as handle:
+            for draw in range(args.draws):
+                for family in args.families:
+                    for config in args.configs or CONFIGS[family]:
+                        if config not in CONFIGS[family]:
+                            continue
+                        adata, target = dataset(family, config, 0 if family == "real"
+                                                else draw, 800, 100)
+                        pv.pp.preprocess(adata, random_state=0)
+                        starts, kept = starts_of(adata, target, draw, args.n_starts)
+                        handle.write(json.dumps({"family": family, "config": config,
+                                                 "draw": draw, "kept": kept,
+                                                 "starts": starts}) + "\n")
+                        handle.flush()
+                        print(f"{family}/{config} draw {draw}: " + ", ".join(
+                            f"{s['spearman']:.3f}" for s in starts), flush=True)
+    print(summary(path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
