@@ -280,10 +280,11 @@ class RestartPolicy:
     support. A single fit (``n_starts=1``) whose direction report (see
     :meth:`OrientationPolicy.report`) is ``'reversed'``, or ``'forward'`` with an order
     the flow does not corroborate (``order_corroborated`` False), is therefore trained
-    from :attr:`extra_starts` more starts; the best start by validation ELBO that does
-    not run backwards is kept, one that runs forward before one whose direction the
-    flow leaves not identified, and one whose order the flow corroborates first
-    (:func:`~pyro_velo.inference.restarts.best_of_starts`). A direction the flow leaves
+    from :attr:`extra_starts` more starts; a start that does not run backwards is kept,
+    one that runs forward before one whose direction the flow leaves not identified,
+    and one whose order the flow corroborates first, then the best by
+    :attr:`rank_by` (:func:`~pyro_velo.inference.restarts.best_of_starts`; the same
+    choice among the starts of ``train(n_starts=k)``). A direction the flow leaves
     ``'not identified'`` is reported instead (on the regulatory fork draw 2 of the
     robustness benchmark, the one first start left so, three starts kept the same fit).
     """
@@ -294,6 +295,17 @@ class RestartPolicy:
     #: 0.54 -> 0.95, the regulatory fork draw 5 (reversed) 0.30 -> 0.78, the dentate
     #: gyrus fixture's worst seed 0.17 -> 0.36
     extra_starts: int = 2
+    #: which of the starts that pass the direction checks is kept: ``'elbo'``, the
+    #: highest validation ELBO; ``'flow'``, the time that agrees best with the evidence
+    #: that sets the direction (the data's flow, or the root or capture times given),
+    #: the ELBO breaking ties. On simulations in the model's ODE family both keep the
+    #: same starts; outside it the ELBO can prefer a start whose order of the cell
+    #: types is worse (``benchmarks/start_selection.py``, see ``benchmarks/RESULTS.md``)
+    rank_by: str = "elbo"
+
+    def __post_init__(self) -> None:
+        if self.rank_by not in ("elbo", "flow"):
+            raise ValueError(f"rank_by must be 'elbo' or 'flow', got {self.rank_by!r}")
 
     def wants_more_starts(self, report: dict) -> bool:
         """Whether a single fit with this direction report should compete with more

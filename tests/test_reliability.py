@@ -19,7 +19,7 @@ import pyro_velo as pv
 import pyro_velo.inference.checkpoint as checkpoint_module
 import pyro_velo.train as train_module
 from pyro_velo._checks import InputError, MissingFileError
-from pyro_velo.inference.restarts import _keep
+from pyro_velo.inference.restarts import _keep, _rank, evidence_agreement
 from pyro_velo.train import DivergenceError
 from pyro_velo.velovae import FORMAT_VERSION
 
@@ -444,7 +444,8 @@ def test_start_agreement_compares_every_start_with_the_kept_one():
     for kept in (0, 3):
         vae = SimpleNamespace(config={"direction": {"status": "forward"}})
         best = (kept, None, None, vae.config, None)
-        _keep(vae, best, 4, ([1.0, 2.0, 3.0, 0.5], ["forward"] * 4, [True] * 4), times)
+        _keep(vae, best, 4, ([1.0, 2.0, 3.0, 0.5], ["forward"] * 4, [True] * 4,
+                             [0.9] * 4), times)
         agreements = vae.config["start_agreements"]
         assert agreements[0] == agreements[3] == pytest.approx(1.0)  # the same order
         assert agreements[1] == pytest.approx(-1.0)
@@ -580,6 +581,48 @@ def test_a_start_that_runs_forward_goes_before_one_with_no_direction(adata, monk
                                   {"status": "reversed", "order_corroborated": False},
                                   losses=losses)
     assert vae.config["start"] == best
+
+
+def test_the_flow_rule_keeps_the_start_that_agrees_best_with_the_flow(adata, monkeypatch):
+    """``RestartPolicy(rank_by='flow')``: among the starts that pass the direction
+    checks, the one whose time agrees best with the data's flow is kept, whatever its
+    ELBO; the default keeps the best ELBO on the same starts."""
+    forward = {"status": "forward", "order_corroborated": True}
+    vae, losses, best, others = _refit_with_reports(
+        adata, monkeypatch, {**forward, "flow_agreement": 0.5},
+        {**forward, "flow_agreement": 0.7})
+    assert vae.config["start"] == best  # the ELBO's choice
+    assert vae.config["start_evidence_agreements"] == [
+        0.5 if k == best else 0.7 for k in range(3)]
+    monkeypatch.undo()
+    monkeypatch.setattr(pv.policies, "RESTARTS", pv.policies.RestartPolicy(rank_by="flow"))
+    vae, *_ = _refit_with_reports(adata, monkeypatch, {**forward, "flow_agreement": 0.5},
+                                  {**forward, "flow_agreement": 0.7}, losses=losses)
+    # the two others tie on the flow: the ELBO breaks the tie
+    assert vae.config["start"] == min(others, key=lambda k: losses[k])
+    assert vae.direction()["flow_agreement"] == 0.7
+    # the direction checks still come first: a start that runs backwards loses
+    monkeypatch.undo()
+    monkeypatch.setattr(pv.policies, "RESTARTS", pv.policies.RestartPolicy(rank_by="flow"))
+    vae, *_ = _refit_with_reports(adata, monkeypatch, {**forward, "flow_agreement": 0.9},
+                                  {"status": "reversed", "order_corroborated": False,
+                                   "flow_agreement": 0.95}, losses=losses)
+    assert vae.config["start"] == best
+
+
+def test_a_given_order_is_the_flow_rules_evidence():
+    """With a root or capture times given, the flow rule ranks by the agreement with
+    that order; a start without a number ranks after every start with one."""
+    reports = [{"given_by": "root", "given_agreement": 0.4, "flow_agreement": 0.9},
+               {"given_by": "root", "given_agreement": 0.8, "flow_agreement": 0.1},
+               {"flow_agreement": float("nan")}]
+    evidence = [evidence_agreement(report) for report in reports]
+    assert evidence[:2] == [0.4, 0.8] and np.isnan(evidence[2])
+    ranks = ([3.0, 2.0, 1.0], ["given", "given", "forward"], [True] * 3, evidence)
+    assert min(range(3), key=lambda k: _rank(k, *ranks, by="flow")) == 1
+    assert min(range(3), key=lambda k: _rank(k, *ranks, by="elbo")) == 2
+    with pytest.raises(ValueError, match="rank_by must be 'elbo' or 'flow'"):
+        pv.policies.RestartPolicy(rank_by="loss")
 
 
 def _fail_second_start(monkeypatch):

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 #: (:class:`~pyro_velo.inference.checkpoint.Checkpointer`)
 TRAINING_RECORDS = ("refine_delta1", "refine_delta2", "refined", "warm_start", "n_starts",
                     "start", "start_losses", "start_directions", "start_corroborated",
-                    "start_agreements", "warm_start_scores", "stage_flow_agreement",
+                    "start_evidence_agreements", "start_agreements", "warm_start_scores",
+                    "stage_flow_agreement",
                     "time_held", "settled_epochs", "direction")
 
 

@@ -13,6 +13,8 @@ that runs forward; and among the others a start whose order the data's flow corr
 by ELBO alone, three starts on the dentate gyrus fixture kept at model seed 2 a start
 that lagged the flow (Spearman with the marker stages 0.25, the fit flagged); the
 corroborated start kept instead gives 0.78, as do the one-start fits of every seed.
+Among the starts that pass these checks, :attr:`~pyro_velo.policies.RestartPolicy.rank_by`
+chooses by the validation ELBO (the default) or by the agreement with the flow.
 
 How far the starts' orders of the cells agree is recorded too: where the data pin the
 order down, starts from different random networks find the same order; where the kept
@@ -28,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from .. import policies
 from .._params import set_seed
 from ..orientation import order_agreement
 from .callbacks import say
@@ -68,10 +71,13 @@ def best_of_starts(vae: Restartable, n_starts: int, seed: int,
     whose direction report is ``'reversed'`` ranks after every start whose report is
     not, and one reported ``'not identified'`` after every start that runs forward;
     among the rest, one whose order the flow does not corroborate ranks after every one
-    whose order it does (:func:`_rank`). The kept
-    start's number and every start's loss, direction and corroboration are recorded in
-    ``config['start']``, ``config['start_losses']``, ``config['start_directions']`` and
-    ``config['start_corroborated']``; ``config['start_agreements']`` holds the Spearman
+    whose order it does; then the lowest loss or, with
+    ``policies.RESTARTS.rank_by == 'flow'``, the highest agreement with the evidence
+    that sets the direction (:func:`_rank`). The kept start's number and every start's
+    loss, direction, corroboration and that agreement are recorded in
+    ``config['start']``, ``config['start_losses']``, ``config['start_directions']``,
+    ``config['start_corroborated']`` and ``config['start_evidence_agreements']``;
+    ``config['start_agreements']`` holds the Spearman
     correlation of every start's latent time with the kept start's over all cells,
     and ``config['direction']['start_agreement']`` the lowest of those of the other
     starts. If a start fails or is interrupted, the best finished start is kept before
@@ -82,7 +88,9 @@ def best_of_starts(vae: Restartable, n_starts: int, seed: int,
     losses: list[float] = []
     directions: list[str] = []
     corroborated: list[bool] = []
-    ranks = (losses, directions, corroborated)
+    evidence: list[float] = []
+    ranks = (losses, directions, corroborated, evidence)
+    by = policies.RESTARTS.rank_by
     times: list[np.ndarray] = []
     best = None
     for k in range(n_starts):
@@ -103,18 +111,29 @@ def best_of_starts(vae: Restartable, n_starts: int, seed: int,
         report = vae.config.get("direction", {})
         directions.append(report.get("status", ""))
         corroborated.append(bool(report.get("order_corroborated", False)))
+        evidence.append(evidence_agreement(report))
         times.append(vae.predictor.encode()["t"].cpu().numpy())
-        if best is None or _rank(k, *ranks) < _rank(best[0], *ranks):
+        if best is None or _rank(k, *ranks, by=by) < _rank(best[0], *ranks, by=by):
             best = (k, vae.model, vae.guide, vae.config, vae.history)
     _keep(vae, best, n_starts, ranks, times)
     return vae.history
 
 
-def _rank(k: int, losses: list[float], directions: list[str],
-          corroborated: list[bool]) -> tuple[bool, bool, bool, float]:
+def evidence_agreement(report: dict) -> float:
+    """A start's agreement with the evidence that sets the direction, from its direction
+    report: the Spearman correlation with the order given (root or capture times) where
+    there is one, else the agreement with the data's flow; NaN without either."""
+    key = "given_agreement" if report.get("given_by") else "flow_agreement"
+    return float(report.get(key, float("nan")))
+
+
+def _rank(k: int, losses: list[float], directions: list[str], corroborated: list[bool],
+          evidence: list[float], by: str = "elbo") -> tuple[bool, bool, bool, float, float]:
     """Sort key of start ``k``: reversed starts last, then starts whose direction the
     flow leaves not identified, then starts whose order the flow does not corroborate,
-    then by validation loss.
+    then by validation loss (``by='elbo'``) or by the highest agreement with the
+    evidence (``by='flow'``; the loss breaks ties, and a NaN agreement ranks after
+    every number).
 
     The flow is the one evidence on the direction that the ELBO lacks, and a start it
     leaves without a direction has less of it than one that runs forward (regulatory
@@ -123,21 +142,27 @@ def _rank(k: int, losses: list[float], directions: list[str],
     and Spearman 0.36). Both flags are thresholds on the same agreement with the same
     flow, so the order they give never contradicts itself.
     """
+    agreement = evidence[k]
+    disagreement = -agreement if by == "flow" and np.isfinite(agreement) else (
+        np.inf if by == "flow" else 0.0)
     return (directions[k] == "reversed", directions[k] == "not identified",
-            not corroborated[k], losses[k])
+            not corroborated[k], disagreement, losses[k])
 
 
 def _keep(vae: Restartable, best: tuple, n_starts: int,
-          ranks: tuple[list[float], list[str], list[bool]], times: list[np.ndarray]) -> None:
+          ranks: tuple[list[float], list[str], list[bool], list[float]],
+          times: list[np.ndarray]) -> None:
     """Install a finished start and record the choice (``ranks``: every start's loss,
-    direction and corroboration, as :func:`_rank` takes them)."""
-    losses, directions, corroborated = ranks
+    direction, corroboration and agreement with the evidence, as :func:`_rank` takes
+    them)."""
+    losses, directions, corroborated, evidence = ranks
     k, vae.model, vae.guide, vae.config, vae.history = best
     vae.is_trained = True
     agreements = [order_agreement(t, times[k]) for t in times]
     others = [a for j, a in enumerate(agreements) if j != k]
     vae.config.update(n_starts=n_starts, start=k, start_losses=list(losses),
                       start_directions=list(directions),
-                      start_corroborated=list(corroborated), start_agreements=agreements)
+                      start_corroborated=list(corroborated),
+                      start_evidence_agreements=list(evidence), start_agreements=agreements)
     if "direction" in vae.config:
         vae.config["direction"]["start_agreement"] = min(others) if others else float("nan")
