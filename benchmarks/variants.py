@@ -39,4 +39,6 @@ VARIANTS = {
     "pyro_velo-50epochs": Variant("max_epochs=50", {"max_epochs": 50}),
     "pyro_velo-settled": Variant(
         "settling stop", policy=("SETTLING", pv.policies.SettlingPolicy(min_cosine=0.99))),
+    "pyro_velo-flowrank": Variant(
+        "starts by flow", policy=("RESTARTS", pv.policies.RestartPolicy(rank_by="flow"))),
 }
