@@ -11,7 +11,8 @@ could follow, on the same starts:
 - ``first``: the first start (what one start gives);
 - ``elbo``: the start the package kept (reversed last, then not identified, then not
   corroborated, then the validation ELBO: ``restarts._rank``);
-- ``flow``: the start whose time agrees best with the data's flow, reversed ones last;
+- ``flow``: the start whose time agrees best with the data's flow, reversed ones last
+  (what ``policies.RestartPolicy(rank_by='flow')`` keeps where no order is given);
 - ``best``: the best start by the target, which no rule can know (the ceiling).
 
 Every start's velocity cosine with the true velocity is recorded too, where the

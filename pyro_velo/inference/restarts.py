@@ -142,9 +142,9 @@ def _rank(k: int, losses: list[float], directions: list[str], corroborated: list
     and Spearman 0.36). Both flags are thresholds on the same agreement with the same
     flow, so the order they give never contradicts itself.
     """
-    agreement = evidence[k]
-    disagreement = -agreement if by == "flow" and np.isfinite(agreement) else (
-        np.inf if by == "flow" else 0.0)
+    disagreement = 0.0  # by the ELBO: the loss alone decides after the flags
+    if by == "flow":
+        disagreement = -evidence[k] if np.isfinite(evidence[k]) else np.inf
     return (directions[k] == "reversed", directions[k] == "not identified",
             not corroborated[k], disagreement, losses[k])
 
