@@ -411,6 +411,7 @@ def test_restarts_keep_the_start_with_the_best_validation_elbo(adata, tmp_path, 
     assert starts.config["n_starts"] == 3 and len(losses) == 3
     assert len(set(losses)) == 3  # different starts, different fits
     assert len(starts.config["start_corroborated"]) == 3
+    assert len(starts.config["start_evidence_agreements"]) == 3
     assert starts.config["start"] == _kept_start(starts.config)
     assert _validation_loss(starts) == losses[starts.config["start"]]
     # how far the starts' times agree with the kept one's: itself exactly, the others
@@ -432,6 +433,8 @@ def test_restarts_keep_the_start_with_the_best_validation_elbo(adata, tmp_path, 
     assert loaded.config["start"] == starts.config["start"]
     assert loaded.config["start_agreements"] == agreements
     assert loaded.config["start_corroborated"] == starts.config["start_corroborated"]
+    np.testing.assert_array_equal(loaded.config["start_evidence_agreements"],
+                                  starts.config["start_evidence_agreements"])
     assert _equal(loaded.get_latent_time(), starts.get_latent_time())
 
 
