@@ -119,16 +119,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", default=None)
     parser.add_argument("--draws", type=int, default=6)
     parser.add_argument("--n-starts", type=int, default=3)
-    parser.add_argument("--jsonl", required=True, help="one line per fit, appended")
+    parser.add_argument("--jsonl", required=True,
+                        help="one line per fit, appended; sets already in it are skipped")
     parser.add_argument("--summary", action="store_true", help="only print the summary")
     args = parser.parse_args(argv)
     path = Path(args.jsonl)
     if not args.summary:
+        done = {(fit["family"], fit["config"], fit["draw"]) for fit in map(
+            json.loads, path.read_text().splitlines())} if path.exists() else set()
         with path.open("a") as handle:
             for draw in range(args.draws):
                 for family in args.families:
                     for config in args.configs or CONFIGS[family]:
-                        if config not in CONFIGS[family]:
+                        if config not in CONFIGS[family] or (family, config, draw) in done:
                             continue
                         adata, target = dataset(family, config, 0 if family == "real"
                                                 else draw, 800, 100)
