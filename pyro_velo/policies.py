@@ -301,8 +301,8 @@ class RestartPolicy:
     #: the ELBO breaking ties. Measured on the same three starts per set
     #: (``benchmarks/start_selection.py``): on our simulator's 2-branch sets both keep
     #: starts of the same time; on 24 sets of 100 cells the worst Spearman is 0.537 by the flow
-    #: and 0.428 by the ELBO, on 12 regulatory-network sets 0.646 and 0.516, but there
-    #: the worst velocity cosine .101 and .176, so the ELBO stays the default
+    #: and 0.428 by the ELBO, on 18 regulatory-network sets 0.646 and 0.122, but there
+    #: the median velocity cosine is .315 and .350, so the ELBO stays the default
     rank_by: str = "elbo"
 
     def __post_init__(self) -> None:
