@@ -11,8 +11,8 @@ could follow, on the same starts:
 - ``first``: the first start (what one start gives);
 - ``elbo``: the start the package kept (reversed last, then not identified, then not
   corroborated, then the validation ELBO: ``restarts._rank``);
-- ``flow``: the start whose time agrees best with the data's flow, reversed ones last
-  (what ``policies.RestartPolicy(rank_by='flow')`` keeps where no order is given);
+- ``flow``: the start whose time agrees best with the data's flow, after the direction
+  checks (what ``policies.RestartPolicy(rank_by='flow')`` keeps, by its own ranking);
 - ``best``: the best start by the target, which no rule can know (the ceiling).
 
 Every start's velocity cosine with the true velocity is recorded too, where the
@@ -42,9 +42,12 @@ import pyro_velo as pv
 from pyro_velo.inference import restarts
 
 
-def _by_flow(start: dict) -> tuple[bool, float]:
-    """Sort key of the ``flow`` rule: reversed starts last, then the highest agreement."""
-    return start["status"] == "reversed", -start["agreement"]
+def kept_by(starts: list[dict], rule: str) -> dict:
+    """The start the package keeps with ``RestartPolicy(rank_by=rule)``, from the
+    starts' records (the package's own ranking, so that the column cannot drift)."""
+    ranks = tuple([start[key] for start in starts]
+                  for key in ("loss", "status", "corroborated", "agreement"))
+    return starts[min(range(len(starts)), key=lambda k: restarts._rank(k, *ranks, by=rule))]
 
 
 def starts_of(adata, target: str, draw: int, n_starts: int) -> tuple[list[dict], int]:
@@ -59,17 +62,13 @@ def starts_of(adata, target: str, draw: int, n_starts: int) -> tuple[list[dict],
     evaluate = restarts.evaluate_loss
 
     def evaluate_and_record(*args, **kwargs):
-        loss = evaluate(*args, **kwargs)
+        loss = evaluate(*args, **kwargs)  # first: the restarts seeded its guide draws
         t = vae.predictor.encode()["t"].cpu().numpy()
-        report = vae.config.get("direction", {})
         cosine = np.nan
         if truth is not None:  # the exported layer: ds/dt on the Ms scale
             (velocity,) = vae.predictor.expected_arrays(("ds",))
             cosine = mean_cosine(velocity, np.asarray(truth, dtype=float))
-        records.append({"loss": loss, "status": report.get("status", ""),
-                        "agreement": report.get("flow_agreement", np.nan),
-                        "corroborated": bool(report.get("order_corroborated", False)),
-                        "spearman": float(spearmanr(t[known], y[known])[0]),
+        records.append({"spearman": float(spearmanr(t[known], y[known])[0]),
                         "cosine": cosine})
         return loss
 
@@ -80,6 +79,13 @@ def starts_of(adata, target: str, draw: int, n_starts: int) -> tuple[list[dict],
             vae.train(progress_bar=False, seed=draw, n_starts=n_starts)
     finally:
         restarts.evaluate_loss = evaluate
+    # what the package records of every start: loss, direction, corroboration and the
+    # agreement with the flow (no order is given here)
+    for k, record in enumerate(records):
+        record.update(loss=vae.config["start_losses"][k],
+                      status=vae.config["start_directions"][k],
+                      corroborated=vae.config["start_corroborated"][k],
+                      agreement=vae.config["start_evidence_agreements"][k])
     return records, int(vae.config["start"])
 
 
@@ -92,7 +98,7 @@ def summary(path: Path) -> str:
         starts = fit["starts"]
         chosen = {"first": starts[0],
                   "elbo": starts[fit["kept"]],  # the package's choice
-                  "flow": min(starts, key=_by_flow),
+                  "flow": kept_by(starts, "flow"),
                   "best": max(starts, key=lambda start: start["spearman"])}
         row = {"family": fit["family"]}
         for rule, start in chosen.items():
